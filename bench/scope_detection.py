@@ -1,0 +1,176 @@
+"""Scope detector benchmark: calibration, CounterFact precision/recall/top-1, latency at 1k/10k descriptors.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --calibrate   # the default threshold
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py               # quality + latency
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --json out.json
+
+CounterFact is read from ../shared/data (never copied into the repository).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from service.retrieval.encoder import DescriptorEncoder  # noqa: E402
+from service.retrieval.store import RetrievalStore  # noqa: E402
+from service.router.calibration import FACTS, calibration_pairs  # noqa: E402
+from service.router.scope import DEFAULT_SCOPE_THRESHOLD, ScopeDetector, best_threshold, pair_scores  # noqa: E402
+from service.router.scope_eval import (  # noqa: E402
+    best_counterfact_threshold,
+    default_data_dir,
+    fill_store,
+    load_counterfact,
+    metrics_at,
+    score_queries,
+)
+
+
+def calibrate(encoder: DescriptorEncoder) -> dict:
+    inside, outside = calibration_pairs()
+    s_in, s_out = pair_scores(encoder, inside), pair_scores(encoder, outside)
+    neighbours = pair_scores(encoder, [(f.descriptor, q) for f in FACTS for q in f.neighbours])
+    t = best_threshold(s_in, s_out)
+    values = np.unique(np.r_[s_in, s_out])
+    mids = (values[:-1] + values[1:]) / 2
+    youden = max(mids, key=lambda x: (s_in >= x).mean() - (s_out >= x).mean())
+    out = {
+        "facts": len(FACTS),
+        "in_scope_pairs": len(inside),
+        "out_of_scope_pairs": len(outside),
+        "threshold_f1": round(float(t), 4),
+        "threshold_youden": round(float(youden), 4),
+        "in_scope_recall": float((s_in >= t).mean()),
+        "neighbour_fire_rate": float((neighbours >= t).mean()),
+        "out_of_scope_fire_rate": float((s_out >= t).mean()),
+        "in_scope_score_p5_p50": [round(float(x), 3) for x in np.percentile(s_in, [5, 50])],
+        "neighbour_score_p50_p95": [round(float(x), 3) for x in np.percentile(neighbours, [50, 95])],
+    }
+    print(f"calibration: {out['facts']} facts, {len(inside)} in-scope / {len(outside)} out-of-scope pairs")
+    print(f"  F1-maximising threshold {out['threshold_f1']:.4f}  (Youden's J: {out['threshold_youden']:.4f})")
+    print(
+        f"  at it: in-scope recall {out['in_scope_recall']:.3f}, neighbour fire rate "
+        f"{out['neighbour_fire_rate']:.3f}, out-of-scope fire rate {out['out_of_scope_fire_rate']:.3f}"
+    )
+    print(f"  DEFAULT_SCOPE_THRESHOLD in service/router/scope.py = {DEFAULT_SCOPE_THRESHOLD}")
+    return out
+
+
+def quality(encoder: DescriptorEncoder, records: list[dict], threshold: float, top_k: int) -> dict:
+    store = RetrievalStore(encoder)
+    t0 = time.perf_counter()
+    ids = fill_store(store, records)
+    t_fill = time.perf_counter() - t0
+    scored = score_queries(store, records, ids, top_k)
+    m = metrics_at(scored, threshold)
+    ref = best_counterfact_threshold(scored)
+    print(f"CounterFact ({m.n} records, all descriptors in the store, top_k={top_k}, t={threshold:.4f}):")
+    print(f"  precision {m.precision:.3f}  recall {m.recall:.3f}  F1 {m.f1:.3f}  top-1 {m.top1_accuracy:.3f}")
+    print(
+        f"  hit precision {m.hit_precision:.3f}  locality fire rate {m.locality_fire_rate:.3f}  "
+        f"edit-prompt recall {m.prompt_recall:.3f}   (encode+index {m.n} descriptors: {t_fill:.1f} s)"
+    )
+    print(
+        f"  reference only, F1-best cut on CounterFact itself: t={ref.threshold:.2f} "
+        f"P {ref.precision:.3f} R {ref.recall:.3f} F1 {ref.f1:.3f}"
+    )
+    sweep = {f"{t:.2f}": metrics_at(scored, t).as_dict() for t in (0.5, 0.55, 0.6, 0.65, 0.7, 0.75)}
+    return {"default": m.as_dict(), "counterfact_best": ref.as_dict(), "sweep": sweep, "fill_s": t_fill}
+
+
+def _pct(xs: list[float]) -> tuple[float, float]:
+    a = np.array(xs) * 1e3
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def latency(
+    encoder: DescriptorEncoder, records: list[dict], sizes: list[int], top_k: int, n_queries: int
+) -> dict:
+    rng = np.random.default_rng(0)
+    real = encoder.encode([f"{r['prompt']} {r['target_new']}." for r in records[: max(sizes)]])
+    queries = [r["rephrase_prompt"] for r in records][:n_queries]
+    out = {}
+    for size in sizes:
+        pad = max(0, size - len(real))
+        synth = rng.standard_normal((pad, encoder.dim)).astype(np.float32)
+        synth /= np.linalg.norm(synth, axis=1, keepdims=True)
+        vecs = np.concatenate([real[:size], synth])
+        items = [(f"e-{n:09d}", f"descriptor {n}", v) for n, v in enumerate(vecs)]
+        store = RetrievalStore(encoder)
+        t0 = time.perf_counter()
+        store.rebuild(items)
+        t_rebuild = time.perf_counter() - t0
+        det = ScopeDetector(store, top_k=top_k)
+        for q in queries[:20]:  # warm-up
+            det.detect(q)
+        enc_t, search_t, total_t = [], [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            v = det.embed(q)
+            t1 = time.perf_counter()
+            det.detect_embedding(v)
+            t2 = time.perf_counter()
+            enc_t.append(t1 - t0)
+            search_t.append(t2 - t1)
+        for q in queries:
+            t0 = time.perf_counter()
+            det.detect(q)
+            total_t.append(time.perf_counter() - t0)
+        row = {
+            "descriptors": len(store),
+            "rebuild_s": t_rebuild,
+            "encode_ms_p50_p99": _pct(enc_t),
+            "search_ms_p50_p99": _pct(search_t),
+            "total_ms_p50_p99": _pct(total_t),
+        }
+        out[str(size)] = row
+        print(
+            f"latency at {len(store):>6} descriptors ({len(queries)} queries): "
+            f"encode p50 {row['encode_ms_p50_p99'][0]:.2f} / p99 {row['encode_ms_p50_p99'][1]:.2f} ms, "
+            f"search p50 {row['search_ms_p50_p99'][0]:.3f} / p99 {row['search_ms_p50_p99'][1]:.3f} ms, "
+            f"total detect() p50 {row['total_ms_p50_p99'][0]:.2f} / p99 {row['total_ms_p50_p99'][1]:.2f} ms; "
+            f"rebuild from stored embeddings {t_rebuild * 1e3:.0f} ms"
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calibrate", action="store_true", help="only compute the default threshold")
+    ap.add_argument("--data", type=Path, default=default_data_dir() / "counterfact-val.json")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_SCOPE_THRESHOLD)
+    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--queries", type=int, default=500, help="queries per latency measurement")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", type=Path, help="also write every figure here")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    encoder = DescriptorEncoder(device=args.device)
+    print(f"encoder loaded in {time.perf_counter() - t0:.1f} s (dim {encoder.dim}, {encoder.device})")
+    report: dict = {"calibration": calibrate(encoder)}
+    if not args.calibrate:
+        if not args.data.is_file():
+            print(f"{args.data} not found: CounterFact figures skipped")
+        else:
+            records = load_counterfact(args.data)
+            report["counterfact"] = quality(encoder, records, args.threshold, args.top_k)
+            report["latency"] = latency(encoder, records, args.sizes, args.top_k, args.queries)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

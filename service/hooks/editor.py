@@ -1,0 +1,702 @@
+"""Edit computation for hook layers: ROME-style key (k*) and value (v* as a residual delta), a calibrated
+cosine threshold, and a quality gate (efficacy, paraphrases, locality on fixed probes).
+
+Nothing here writes base weights or publishes a table: `Editor.compute` returns entries and a report,
+and the caller (the engine) logs and publishes them. Every forward runs in the calling thread with
+thread-local hook switches, so serving threads keep generating with the published table meanwhile.
+
+Speed (2-core CPU, SmolLM2-135M): keys and calibration need only the layers up to the hook layer
+(`HookManager.keys_at` stops the forward there); the v* optimisation caches the K/V of the tokens before
+the subject (they do not depend on the delta) and runs only the suffix, with logits only at the target
+positions; probe activations and decisions are cached, and locality forwards only the probes whose
+gate decisions the new entries change (for every other probe the output is provably identical).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.errors import InvalidArgument
+from service.hooks.layer import HookEntry, HookManager, HookTable, decoder_layers, down_projection
+from service.hooks.probes import PROBES
+
+__all__ = [
+    "CONTEXT_PREFIXES",
+    "ComputedEdit",
+    "EditSpec",
+    "Editor",
+    "QualityReport",
+    "calibrate_threshold",
+    "compute_delta",
+    "compute_k_star",
+    "compute_v_star",
+]
+
+# Fixed, deterministic context prefixes (ROME averages k* and fits v* over random-text prefixes; short
+# fixed ones keep the batch small and the result reproducible).
+CONTEXT_PREFIXES: tuple[str, ...] = ("", "Note: ", "I read that ")
+KL_TEMPLATE = "{subject} is a"  # ROME's essence-drift prompt
+MAX_TARGET_TOKENS = 32
+MAX_PROMPT_TOKENS = 256
+MAX_PARAPHRASES = 16
+THRESHOLD_EPS = 1e-3
+
+
+@dataclass
+class EditSpec:
+    subject: str
+    prompt: str
+    target_new: str
+    paraphrases: list[str] = field(default_factory=list)
+
+
+@dataclass
+class QualityReport:
+    efficacy: bool  # greedy continuation of the prompt starts with target_new (edit + current table)
+    old_answer: str  # greedy answer before the edit (current table)
+    target_logprob: float  # log p(target_new | prompt) after the edit, summed over target tokens
+    old_answer_logprob: float  # log p(old_answer | prompt) after the edit
+    paraphrases: list[tuple[str, bool]]  # (paraphrase, greedy continuation starts with target_new)
+    locality_top1_changed: float  # fraction of probes whose next-token argmax changed
+    locality_mean_kl: float  # mean KL(before || after) of the probes' next-token distributions
+    threshold: float  # cosine threshold of the (first) hook layer's entry
+    compute_seconds: float
+    passed: bool
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["paraphrases"] = [[p, bool(ok)] for p, ok in self.paraphrases]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QualityReport:
+        d = dict(d)
+        d["paraphrases"] = [(str(p), bool(ok)) for p, ok in d.get("paraphrases", [])]
+        return cls(**d)
+
+
+@dataclass
+class ComputedEdit:
+    entries: list[HookEntry]  # one per hooked layer, edit_id "" until the caller names it
+    report: QualityReport
+
+    def with_id(self, edit_id: str) -> ComputedEdit:
+        return ComputedEdit([e.with_id(edit_id) for e in self.entries], self.report)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tokenisation helpers
+
+
+@dataclass
+class _Row:
+    ids: list[int]
+    subject: tuple[int, int] | None  # first and last token index of the subject, None if absent
+
+
+def _encode(tok: Any, text: str, subject: str | None = None) -> _Row:
+    enc = tok(text, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if not subject:
+        return _Row(ids, None)
+    c0 = text.rfind(subject)  # prefixes come first, so the last occurrence is the prompt's
+    if c0 < 0:  # "Where is the Eiffel Tower?" for subject "The Eiffel Tower"
+        c0 = text.lower().rfind(subject.lower())
+    if c0 < 0:
+        return _Row(ids, None)
+    c1 = c0 + len(subject)
+    toks = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a < c1 and b > c0]
+    return _Row(ids, (toks[0], toks[-1]) if toks else None)
+
+
+def _pad_right(
+    seqs: Sequence[Sequence[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _pad_left(
+    seqs: Sequence[Sequence[int]], pad: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if s:
+            ids[r, n - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[r, n - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _kv_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if hasattr(cache, "layers"):  # transformers >= 4.56
+        return [(lay.keys, lay.values) for lay in cache.layers]
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _fresh_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    from transformers import DynamicCache
+
+    try:
+        cache = DynamicCache(config=config)
+    except TypeError:
+        cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
+def _lm_head(model: nn.Module) -> nn.Module:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings")
+    return head
+
+
+def _base(model: nn.Module) -> nn.Module:
+    return getattr(model, getattr(model, "base_model_prefix", "model"), None) or model.model
+
+
+# ---------------------------------------------------------------------------------------------------
+# the math (ROME, Meng et al. 2022)
+
+
+def compute_k_star(acts: Sequence[torch.Tensor], subject_last: Sequence[int]) -> torch.Tensor:
+    """k*: the MLP key (down_proj input) at the subject's last token, averaged over the context prompts."""
+    return torch.stack([a[i] for a, i in zip(acts, subject_last, strict=True)]).float().mean(0)
+
+
+@dataclass
+class _DeltaProblem:
+    """Context prompts "{prefix}{prompt} {target}" (target without its last token) plus the KL prompt,
+    split at the subject's last token: the part before it does not depend on the delta."""
+
+    rows: list[_Row]  # context rows then the KL row
+    n_ctx: int
+    prompt_lens: list[int]  # tokens of "{prefix}{prompt}" per context row
+    target_ids: list[int]
+
+
+def compute_delta(
+    model: nn.Module,
+    hooks: HookManager,
+    layers: Sequence[int],
+    problem: _DeltaProblem,
+    ref_norm: float,
+    *,
+    lr: float = 1.0,
+    max_steps: int = 25,
+    kl_factor: float = 0.0625,
+    weight_decay: float = 0.05,
+    clamp_factor: float = 4.0,
+    nll_stop: float = 0.1,
+) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+    """ROME's v* as a residual delta: find delta (one per hooked layer) added to the MLP output at the
+    subject's last token so that the target follows the prompt in every context.
+
+    loss = mean target NLL + kl_factor * KL(orig || edited) on "{subject} is a" + weight_decay *
+    ||delta||^2 / ||original MLP out||^2; Adam; early stop once the target is the argmax at every target
+    position of every context and the NLL < nll_stop. ||delta|| is clamped to clamp_factor * ref_norm.
+    """
+    base, head = _base(model), _lm_head(model)
+    dev = hooks.device
+    pad = int(getattr(model.config, "pad_token_id", None) or 0)
+    starts = [r.subject[1] for r in problem.rows]  # type: ignore[index]
+    prefixes = [r.ids[:s] for r, s in zip(problem.rows, starts, strict=True)]
+    suffixes = [r.ids[s:] for r, s in zip(problem.rows, starts, strict=True)]
+    pre_len = torch.tensor([len(p) for p in prefixes], device=dev)
+    suf_ids, suf_mask = _pad_right(suffixes, pad, dev)
+    n_rows, s_len = suf_ids.shape
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pre_mask = torch.zeros((n_rows, 0), dtype=torch.long, device=dev)
+    if int(pre_len.max()) > 0:
+        pre_ids, pre_mask = _pad_left(prefixes, pad, dev)
+        pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad(), hooks.disabled():
+            out = base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
+        kv = _kv_tensors(out.past_key_values)
+    full_mask = torch.cat([pre_mask, suf_mask], dim=1)
+    suf_pos = pre_len[:, None] + torch.arange(s_len, device=dev)[None, :]
+
+    # Where the logits are needed: the positions predicting each target token, and the KL row's last.
+    sel_r, sel_t, tgt = [], [], []
+    for r in range(problem.n_ctx):
+        for j, t in enumerate(problem.target_ids):
+            sel_r.append(r)
+            sel_t.append(problem.prompt_lens[r] - 1 + j - starts[r])
+            tgt.append(t)
+    kl_r = problem.n_ctx
+    sel_r.append(kl_r)
+    sel_t.append(len(problem.rows[kl_r].ids) - 1 - starts[kl_r])
+    sel_r_t = torch.tensor(sel_r, device=dev)
+    sel_t_t = torch.tensor(sel_t, device=dev)
+    tgt_t = torch.tensor(tgt, device=dev)
+    n_tgt = len(problem.target_ids)
+
+    d_model = hooks.d_model
+    deltas = {i: torch.zeros(d_model, device=dev, dtype=torch.float32, requires_grad=True) for i in layers}
+    opt = torch.optim.Adam(list(deltas.values()), lr=lr)
+    positions = [(r, 0) for r in range(n_rows)]  # the subject's last token is each suffix's first
+    kl_ref: torch.Tensor | None = None
+    stats = {"steps": 0.0, "nll": math.nan}
+    for step in range(max_steps + 1):
+        cache = _fresh_cache(model.config, kv) if kv else None
+        with ExitStack() as stack:
+            for i, d in deltas.items():
+                stack.enter_context(hooks.intervention(i, positions, d))
+            hs = base(
+                input_ids=suf_ids,
+                attention_mask=full_mask,
+                position_ids=suf_pos,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            ).last_hidden_state
+        logp = torch.log_softmax(head(hs[sel_r_t, sel_t_t]).float(), dim=-1)
+        tl = logp[:-1].gather(1, tgt_t[:, None]).squeeze(1).view(problem.n_ctx, n_tgt)
+        nll = -tl.mean()
+        kl_lp = logp[-1]
+        if kl_ref is None:
+            kl_ref = kl_lp.detach()  # step 0 runs with delta = 0: the original distribution
+        hit = bool((logp[:-1].argmax(-1) == tgt_t).all())
+        nll_v = float(nll.detach())
+        stats.update(steps=float(step), nll=nll_v)
+        if (hit and nll_v < nll_stop) or step == max_steps:
+            break
+        kl = F.kl_div(kl_lp, kl_ref, log_target=True, reduction="sum")
+        wd = sum(d.pow(2).sum() for d in deltas.values()) / (ref_norm**2)
+        loss = nll + kl_factor * kl + weight_decay * wd
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for d in deltas.values():
+                n = d.norm()
+                if n > clamp_factor * ref_norm:
+                    d.mul_(clamp_factor * ref_norm / n)
+    stats["converged"] = float(hit)
+    return {i: d.detach().to(hooks.dtype) for i, d in deltas.items()}, stats
+
+
+compute_v_star = compute_delta  # the name used in the paper: v* = original output + delta
+
+
+def calibrate_threshold(positives: torch.Tensor, negatives: torch.Tensor) -> tuple[float, str]:
+    """Cosine threshold for one entry.
+
+    Rule: positives are the cosines of the stored key with the subject-last-token activation in the
+    prompt, in each context-prefixed prompt and in each caller-given paraphrase; negatives are the
+    cosines with every token of the fixed probe prompts (service/hooks/probes.py; probes that mention
+    the subject are skipped) and with every non-subject token of the edit's own prompts. The threshold
+    is the midpoint between max(negatives) and min(positives). If they overlap (min_pos <= max_neg)
+    the threshold is max(negatives) + 1e-3: the gate stays shut on every known negative, the positives
+    below it will not fire, and the message says so.
+    """
+    min_pos = float(positives.min())
+    max_neg = float(negatives.max()) if negatives.numel() else -1.0
+    if min_pos > max_neg:
+        return (min_pos + max_neg) / 2.0, ""
+    n_miss = int((positives < max_neg + THRESHOLD_EPS).sum())
+    return max_neg + THRESHOLD_EPS, (
+        f"key overlaps negatives (min positive {min_pos:.3f} <= max negative {max_neg:.3f}): "
+        f"{n_miss} of {positives.numel()} positives will not fire"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    spec: EditSpec
+    prompt: str
+    target_ids: list[int]
+    ctx: list[_Row]  # "{prefix}{prompt}" per context prefix
+    paras: list[_Row]
+    kl: _Row
+
+
+@dataclass
+class _Calib:
+    key: torch.Tensor
+    threshold: float
+    message: str
+
+
+class _ProbeCache:
+    """Probe activations (per hooked layer) and the published table's gate decisions on them.
+
+    Activations at layer l only change when the table's entries BELOW l change (the gate adds after the
+    key is read), so they are keyed on the lower layers' ids; decisions are keyed on the table object.
+    """
+
+    def __init__(self, texts: Sequence[str]) -> None:
+        self.texts = list(texts)
+        self.acts: dict[
+            int, tuple[Any, torch.Tensor, torch.Tensor]
+        ] = {}  # layer -> (sig, unit acts, probe idx)
+        self.decisions: dict[int, tuple[HookTable, torch.Tensor, torch.Tensor]] = {}  # (table, best, fired)
+        self.rows: list[list[int]] | None = None
+
+
+class Editor:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        hooks: HookManager,
+        *,
+        locality_max_top1_changed: float = 0.05,
+        contexts: Sequence[str] = CONTEXT_PREFIXES,
+        lr: float = 1.0,
+        max_steps: int = 25,
+        nll_stop: float = 0.1,
+        probes: Sequence[str] = PROBES,
+    ) -> None:
+        self.model = model
+        self.tok = tokenizer
+        self.hooks = hooks
+        self.locality_max_top1_changed = locality_max_top1_changed
+        self.contexts = tuple(contexts)
+        self.lr = lr
+        self.max_steps = max_steps
+        self.nll_stop = nll_stop
+        self._probes = _ProbeCache(probes)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+
+    # ---- validation --------------------------------------------------------------------------------
+    def validate(self, spec: EditSpec) -> None:
+        for name in ("subject", "prompt", "target_new"):
+            value = getattr(spec, name)
+            if not isinstance(value, str) or not value.strip():
+                raise InvalidArgument("must be a non-empty string", field=name)
+        if spec.subject not in spec.prompt:
+            raise InvalidArgument(f"must contain the subject {spec.subject!r}", field="prompt")
+        if len(spec.paraphrases) > MAX_PARAPHRASES:
+            raise InvalidArgument(f"at most {MAX_PARAPHRASES} paraphrases", field="paraphrases")
+        for p in spec.paraphrases:
+            if not isinstance(p, str) or not p.strip():
+                raise InvalidArgument("paraphrases must be non-empty strings", field="paraphrases")
+        n_target = len(self._target_ids(spec.target_new))
+        if n_target > MAX_TARGET_TOKENS:
+            raise InvalidArgument(f"is {n_target} tokens, more than {MAX_TARGET_TOKENS}", field="target_new")
+        for name, text in [("prompt", spec.prompt), *(("paraphrases", p) for p in spec.paraphrases)]:
+            if len(self.tok(text)["input_ids"]) > MAX_PROMPT_TOKENS:
+                raise InvalidArgument(f"longer than {MAX_PROMPT_TOKENS} tokens", field=name)
+
+    def _target_ids(self, target: str) -> list[int]:
+        return list(self.tok(" " + target.strip(), add_special_tokens=False)["input_ids"])
+
+    def _prepare(self, spec: EditSpec) -> _Prepared:
+        self.validate(spec)
+        prompt = spec.prompt.rstrip()
+        ctx = [_encode(self.tok, p + prompt, spec.subject) for p in self.contexts]
+        if any(r.subject is None for r in ctx):
+            raise InvalidArgument("subject tokens not found in the prompt", field="subject")
+        paras = [_encode(self.tok, p.rstrip(), spec.subject) for p in spec.paraphrases]
+        kl = _encode(self.tok, KL_TEMPLATE.format(subject=spec.subject.strip()), spec.subject.strip())
+        if kl.subject is None:
+            raise InvalidArgument("subject tokens not found", field="subject")
+        return _Prepared(spec, prompt, self._target_ids(spec.target_new), ctx, paras, kl)
+
+    # ---- public ---------------------------------------------------------------------------------------
+    def compute(self, spec: EditSpec) -> ComputedEdit:
+        return self.compute_many([spec])[0]
+
+    def compute_many(self, specs: Sequence[EditSpec]) -> list[ComputedEdit]:
+        """Compute each edit independently, then run every quality check with ALL of them in the table."""
+        t0 = time.perf_counter()
+        preps = [self._prepare(s) for s in specs]  # validate everything before any compute
+        published = self.hooks.current
+        per_edit: list[tuple[list[HookEntry], str, float]] = []
+        for prep in preps:
+            t = time.perf_counter()
+            entries, msg = self._compute_entries(prep, published)
+            per_edit.append((entries, msg, time.perf_counter() - t))
+        all_new = [e for entries, _, _ in per_edit for e in entries]
+        override = published.extended(all_new)
+        subjects = [p.spec.subject for p in preps]
+        loc_top1, loc_kl = self._locality(published, override, all_new, subjects)
+        out = []
+        share = (time.perf_counter() - t0 - sum(s for _, _, s in per_edit)) / max(1, len(preps))
+        for prep, (entries, msg, secs) in zip(preps, per_edit, strict=True):
+            t = time.perf_counter()
+            report = self._quality(prep, entries, published, override, loc_top1, loc_kl, msg)
+            report.compute_seconds = secs + share + (time.perf_counter() - t)
+            out.append(ComputedEdit(entries, report))
+        return out
+
+    def warmup(self) -> None:
+        """Fill the probe caches for the published table (otherwise the first edit pays for it)."""
+        self._probe_acts(self.hooks.current, self.hooks.layers)
+        for layer in self.hooks.layers:
+            self._probe_decisions(self.hooks.current, layer)
+
+    # ---- key, value, threshold ---------------------------------------------------------------------------
+    def _acts(self, layer: int, rows: Sequence[_Row], table: HookTable | None = None) -> list[torch.Tensor]:
+        ids, mask = _pad_right([r.ids for r in rows], self.pad_id, self.hooks.device)
+        if table is None:
+            acts = self.hooks.keys_at([layer], ids, mask)[layer]
+        else:
+            with self.hooks.table_override(table):
+                acts = self.hooks.keys_at([layer], ids, mask)[layer]
+        return [acts[r, : len(row.ids)].float() for r, row in enumerate(rows)]
+
+    def _calibrate(self, prep: _Prepared, layer: int, table: HookTable | None) -> _Calib:
+        rows = prep.ctx + prep.paras
+        acts = self._acts(layer, rows, table)
+        n_ctx = len(prep.ctx)
+        key = compute_k_star(acts[:n_ctx], [r.subject[1] for r in prep.ctx])  # type: ignore[index]
+        kn = F.normalize(key, dim=0)
+        pos, neg = [], []
+        for a, r in zip(acts, rows, strict=True):
+            cos = F.normalize(a, dim=-1) @ kn
+            if r.subject is None:  # a paraphrase without the literal subject: its best token must fire
+                pos.append(cos.max())
+                continue
+            pos.append(cos[r.subject[1]])
+            keep = torch.ones_like(cos, dtype=torch.bool)
+            keep[r.subject[0] : r.subject[1] + 1] = False
+            if keep.any():
+                neg.append(cos[keep].max())
+        probe_neg = self._probe_max_cos(layer, kn, prep.spec.subject)
+        if probe_neg is not None:
+            neg.append(probe_neg)
+        thr, msg = calibrate_threshold(torch.stack(pos), torch.stack(neg) if neg else torch.empty(0))
+        return _Calib(key, thr, msg)
+
+    def _compute_entries(self, prep: _Prepared, published: HookTable) -> tuple[list[HookEntry], str]:
+        layers = self.hooks.layers
+        first = layers[0]
+        calib = {first: self._calibrate(prep, first, None)}
+        down = self._down(first)
+        with torch.no_grad():
+            ref_norm = float(down(calib[first].key.to(self.hooks.dtype)).float().norm())
+        problem = _DeltaProblem(
+            rows=[_Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
+            n_ctx=len(prep.ctx),
+            prompt_lens=[len(r.ids) for r in prep.ctx],
+            target_ids=prep.target_ids,
+        )
+        deltas, stats = compute_delta(
+            self.model,
+            self.hooks,
+            layers,
+            problem,
+            max(ref_norm, 1e-3),
+            lr=self.lr,
+            max_steps=self.max_steps,
+            nll_stop=self.nll_stop,
+        )
+        entries = [HookEntry("", first, calib[first].key, deltas[first], calib[first].threshold)]
+        # Higher layers see the activations after this edit's lower entries fired: key them that way.
+        for layer in layers[1:]:
+            calib[layer] = self._calibrate(prep, layer, published.extended(entries))
+            entries.append(HookEntry("", layer, calib[layer].key, deltas[layer], calib[layer].threshold))
+        msgs = [f"layer {i}: {c.message}" for i, c in calib.items() if c.message]
+        if not stats.get("converged"):
+            msgs.append(f"v* did not converge in {int(stats['steps'])} steps (nll {stats['nll']:.2f})")
+        return entries, "; ".join(msgs)
+
+    def _down(self, layer: int) -> nn.Module:
+        return down_projection(decoder_layers(self.model)[layer].mlp)
+
+    # ---- probes ----------------------------------------------------------------------------------------
+    def _probe_rows(self) -> list[list[int]]:
+        if self._probes.rows is None:
+            self._probes.rows = [list(self.tok(t)["input_ids"]) for t in self._probes.texts]
+        return self._probes.rows
+
+    def _probe_mask(self, subjects: Sequence[str]) -> torch.Tensor:
+        low = [s.strip().lower() for s in subjects]
+        return torch.tensor([not any(s in t.lower() for s in low) for t in self._probes.texts])
+
+    @staticmethod
+    def _sig(table: HookTable, layer: int, layers: Sequence[int]) -> tuple[Any, ...]:
+        return tuple((i, t.ids) for i in layers if i < layer and (t := table.layer(i)) is not None)
+
+    def _probe_acts(self, table: HookTable, layers: Sequence[int]) -> None:
+        need = [
+            i
+            for i in layers
+            if i not in self._probes.acts or self._probes.acts[i][0] != self._sig(table, i, self.hooks.layers)
+        ]
+        if not need:
+            return
+        rows = self._probe_rows()
+        ids, mask = _pad_right(rows, self.pad_id, self.hooks.device)
+        with self.hooks.table_override(table):
+            acts = self.hooks.keys_at(need, ids, mask)
+        real = mask.bool()
+        probe_of = torch.arange(len(rows), device=real.device)[:, None].expand_as(real)[real]
+        for i in need:
+            unit = F.normalize(acts[i][real].float(), dim=-1)
+            self._probes.acts[i] = (self._sig(table, i, self.hooks.layers), unit, probe_of)
+
+    def _probe_decisions(self, table: HookTable, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self._probes.decisions.get(layer)
+        if cached is not None and cached[0] is table:
+            return cached[1], cached[2]
+        self._probe_acts(table, [layer])
+        unit = self._probes.acts[layer][1]
+        lt = table.layer(layer)
+        if lt is None:
+            best = torch.full((unit.shape[0],), -math.inf, device=unit.device)
+            fired = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
+        else:
+            best, idx = (unit @ lt.keys.T).max(dim=-1)
+            fired = best >= lt.thresholds[idx]
+        self._probes.decisions[layer] = (table, best, fired)
+        return best, fired
+
+    def _probe_max_cos(self, layer: int, kn: torch.Tensor, subject: str) -> torch.Tensor | None:
+        self._probe_acts(self.hooks.current, [layer])
+        _, unit, probe_of = self._probes.acts[layer]
+        keep = self._probe_mask([subject]).to(probe_of.device)[probe_of]
+        if not keep.any():
+            return None
+        return (unit[keep] @ kn.to(unit.device)).max()
+
+    @torch.no_grad()
+    def _locality(
+        self, published: HookTable, override: HookTable, new: Sequence[HookEntry], subjects: Sequence[str]
+    ) -> tuple[float, float]:
+        """Top-1 change rate and mean KL over the probes, exactly, forwarding only the affected probes.
+
+        A probe's output can change only where the new entries change a gate decision (the new entry wins
+        the argmax and it or the previous winner would fire). Layers are visited bottom-up; a probe with
+        no change below layer l has unchanged activations at l, so the cached ones are exact there.
+        """
+        include = self._probe_mask(subjects)
+        n_inc = int(include.sum())
+        if n_inc == 0:
+            return 0.0, 0.0
+        affected = torch.zeros(len(self._probes.texts), dtype=torch.bool)
+        for layer in self.hooks.layers:
+            mine = [e for e in new if e.layer == layer]
+            if not mine:
+                continue
+            best, fired = self._probe_decisions(published, layer)
+            unit, probe_of = self._probes.acts[layer][1], self._probes.acts[layer][2]
+            k = F.normalize(torch.stack([e.key.float() for e in mine]).to(unit.device), dim=-1)
+            thr = torch.tensor([e.threshold for e in mine], device=unit.device)
+            smax, sarg = (unit @ k.T).max(dim=-1)
+            changed = (smax > best) & (fired | (smax >= thr[sarg]))
+            affected[probe_of[changed].cpu()] = True
+        affected &= include
+        idx = affected.nonzero().squeeze(1).tolist()
+        if not idx:
+            return 0.0, 0.0
+        rows = [self._probe_rows()[i] for i in idx]
+        before = self._last_logprobs(rows, published)
+        after = self._last_logprobs(rows, override)
+        top1 = int((before.argmax(-1) != after.argmax(-1)).sum())
+        kl = float(F.kl_div(after, before, log_target=True, reduction="sum"))
+        return top1 / n_inc, kl / n_inc
+
+    def _last_logprobs(self, rows: Sequence[Sequence[int]], table: HookTable) -> torch.Tensor:
+        ids, mask = _pad_right(rows, self.pad_id, self.hooks.device)
+        with self.hooks.table_override(table):
+            hs = _base(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
+        last = mask.sum(-1) - 1
+        logits = _lm_head(self.model)(hs[torch.arange(len(rows), device=ids.device), last])
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    # ---- quality gate -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _greedy(self, ids: list[int], n: int, table: HookTable) -> list[int]:
+        out: list[int] = []
+        x = torch.tensor([ids], device=self.hooks.device)
+        past = None
+        eos = self.tok.eos_token_id
+        with self.hooks.table_override(table):
+            for _ in range(n):
+                res = self.model(input_ids=x, past_key_values=past, use_cache=True)
+                past = res.past_key_values
+                nxt = int(res.logits[0, -1].argmax())
+                if nxt == eos:
+                    break
+                out.append(nxt)
+                x = torch.tensor([[nxt]], device=self.hooks.device)
+        return out
+
+    @torch.no_grad()
+    def _quality(
+        self,
+        prep: _Prepared,
+        entries: list[HookEntry],
+        published: HookTable,
+        override: HookTable,
+        loc_top1: float,
+        loc_kl: float,
+        calib_msg: str,
+    ) -> QualityReport:
+        tgt = prep.target_ids
+        prompt_ids = (
+            prep.ctx[self.contexts.index("")].ids
+            if "" in self.contexts
+            else _encode(self.tok, prep.prompt).ids
+        )
+        old_ids = self._greedy(prompt_ids, max(len(tgt), 3), published)
+        old_answer = self.tok.decode(old_ids, skip_special_tokens=True).strip()
+        if not old_ids and self.tok.eos_token_id is not None:
+            old_ids = [int(self.tok.eos_token_id)]  # the old "answer" was to stop: score that instead
+        # One batched forward with the edit: prompt + target, paraphrases + target, prompt + old answer.
+        seqs = [(prompt_ids, tgt)] + [(p.ids, tgt) for p in prep.paras]
+        if old_ids:
+            seqs.append((prompt_ids, old_ids))  # (empty only for a tokenizer without an EOS token)
+        ids, mask = _pad_right([a + b[:-1] for a, b in seqs], self.pad_id, self.hooks.device)
+        with self.hooks.table_override(override):
+            hs = _base(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
+        head = _lm_head(self.model)
+        hits, lps = [], []
+        for r, (a, b) in enumerate(seqs):
+            pos = torch.arange(len(a) - 1, len(a) - 1 + len(b), device=ids.device)
+            logp = torch.log_softmax(head(hs[r, pos]).float(), dim=-1)
+            bt = torch.tensor(b, device=ids.device)
+            hits.append(bool((logp.argmax(-1) == bt).all()))
+            lps.append(float(logp.gather(1, bt[:, None]).sum()))
+        efficacy = hits[0]
+        n_para = len(prep.paras)
+        paraphrases = [(p, hits[1 + i]) for i, p in enumerate(prep.spec.paraphrases)]
+        old_lp = lps[1 + n_para] if old_ids else 0.0
+        msgs = [m for m in [calib_msg] if m]
+        if not efficacy:
+            msgs.append("efficacy failed: the prompt does not continue with the target")
+        if loc_top1 > self.locality_max_top1_changed:
+            msgs.append(
+                f"locality: {loc_top1:.3f} of probes changed top-1 (bound {self.locality_max_top1_changed})"
+            )
+        failed_p = [p for p, ok in paraphrases if not ok]
+        if failed_p:
+            msgs.append(f"{len(failed_p)} of {n_para} paraphrases do not continue with the target")
+        passed = efficacy and loc_top1 <= self.locality_max_top1_changed
+        return QualityReport(
+            efficacy=efficacy,
+            old_answer=old_answer,
+            target_logprob=lps[0],
+            old_answer_logprob=old_lp,
+            paraphrases=paraphrases,
+            locality_top1_changed=loc_top1,
+            locality_mean_kl=loc_kl,
+            threshold=float(entries[0].threshold),
+            compute_seconds=0.0,
+            passed=passed,
+            message="; ".join(msgs) if msgs else "ok",
+        )

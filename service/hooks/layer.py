@@ -1,0 +1,504 @@
+"""Hook layers: gated side memory attached to chosen MLP modules (base weights are never written).
+
+Each hooked MLP is replaced by a thin wrapper that calls the original module, reads the down_proj INPUT
+(the ROME key space: act(gate(x)) * up(x) for gated MLPs) through a forward pre-hook, and adds the value of
+the best-matching stored edit where that edit's cosine gate passes:
+
+    cos = normalize(h) @ K_norm^T          one matmul over every stored key of the layer
+    best = argmax(cos); fire = cos[best] >= threshold[best]; out[fire] += values[best]
+
+Tables are immutable snapshots; `HookManager.publish` swaps a reference and every wrapper call reads the
+reference once, so a swap between forward passes is atomic. All per-request switches (recording,
+disabled, intervention, captures, table override) are thread-local, so the editor can optimise and
+measure on the serving model while other threads keep generating with the published table.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Capture",
+    "Fire",
+    "HookEntry",
+    "HookManager",
+    "HookTable",
+    "LayerTable",
+    "Recorder",
+    "StopForward",
+    "decoder_layers",
+    "down_projection",
+    "param_checksum",
+]
+
+
+@dataclass(frozen=True, eq=False)  # tensor fields: compare by identity
+class HookEntry:
+    """One edit's memory at one layer."""
+
+    edit_id: str
+    layer: int
+    key: torch.Tensor  # [d_ff] float32, unnormalised ROME k* (normalised when a table is built)
+    value: torch.Tensor  # [d_model] residual delta added to the MLP output where the gate fires
+    threshold: float  # cosine gate
+
+    def with_id(self, edit_id: str) -> HookEntry:
+        return replace(self, edit_id=edit_id)
+
+
+@dataclass(frozen=True, eq=False)  # tensor fields: compare by identity
+class LayerTable:
+    """The stacked entries of one layer: row i of every field belongs to the same entry."""
+
+    keys: torch.Tensor  # [N, d_ff] float32, unit rows (float32 even for half models: thresholds are tight)
+    values: torch.Tensor  # [N, d_model] in the model dtype
+    thresholds: torch.Tensor  # [N] float32
+    ids: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def extended(self, other: LayerTable) -> LayerTable:
+        return LayerTable(
+            keys=torch.cat([self.keys, other.keys.to(self.keys.device)]),
+            values=torch.cat([self.values, other.values.to(self.values.device, self.values.dtype)]),
+            thresholds=torch.cat([self.thresholds, other.thresholds.to(self.thresholds.device)]),
+            ids=self.ids + other.ids,
+        )
+
+
+def _stack_layer(entries: Sequence[HookEntry], device: torch.device, dtype: torch.dtype) -> LayerTable:
+    # One stack + one normalise over all rows: 10k entries build in milliseconds.
+    keys = torch.stack([e.key.detach().reshape(-1) for e in entries]).to(device=device, dtype=torch.float32)
+    values = torch.stack([e.value.detach().reshape(-1) for e in entries]).to(device=device, dtype=dtype)
+    thresholds = torch.tensor([float(e.threshold) for e in entries], dtype=torch.float32, device=device)
+    return LayerTable(F.normalize(keys, dim=-1), values, thresholds, tuple(e.edit_id for e in entries))
+
+
+class HookTable:
+    """Immutable snapshot of every active entry, grouped by layer. Build with `HookTable.build`."""
+
+    def __init__(
+        self,
+        layers: dict[int, LayerTable],
+        *,
+        version: int = 0,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self._layers = {i: t for i, t in layers.items() if len(t)}
+        self.version = int(version)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        seen: dict[str, None] = {}
+        for i in sorted(self._layers):
+            seen.update(dict.fromkeys(self._layers[i].ids))
+        self._edit_ids = tuple(seen)
+
+    @classmethod
+    def build(
+        cls,
+        entries: Sequence[HookEntry],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        version: int = 0,
+    ) -> HookTable:
+        dev = torch.device(device)
+        by_layer: dict[int, list[HookEntry]] = {}
+        for e in entries:
+            by_layer.setdefault(int(e.layer), []).append(e)
+        layers = {i: _stack_layer(es, dev, dtype) for i, es in by_layer.items()}
+        return cls(layers, version=version, device=dev, dtype=dtype)
+
+    @classmethod
+    def empty(
+        cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *, version: int = 0
+    ) -> HookTable:
+        return cls({}, version=version, device=device, dtype=dtype)
+
+    def extended(self, entries: Sequence[HookEntry], *, version: int | None = None) -> HookTable:
+        """A new table with `entries` appended after each layer's existing rows (their indices kept)."""
+        add = HookTable.build(entries, self.device, self.dtype)
+        layers = dict(self._layers)
+        for i, t in add._layers.items():
+            layers[i] = layers[i].extended(t) if i in layers else t
+        return HookTable(
+            layers, version=self.version if version is None else version, device=self.device, dtype=self.dtype
+        )
+
+    def layer(self, i: int) -> LayerTable | None:
+        return self._layers.get(i)
+
+    @property
+    def layers(self) -> dict[int, LayerTable]:
+        return dict(self._layers)
+
+    @property
+    def edit_ids(self) -> tuple[str, ...]:
+        return self._edit_ids
+
+    @property
+    def num_entries(self) -> int:
+        return sum(len(t) for t in self._layers.values())
+
+    def __len__(self) -> int:
+        """Number of distinct edits (an edit has one entry per hooked layer)."""
+        return len(self._edit_ids)
+
+    def __repr__(self) -> str:
+        return f"HookTable(version={self.version}, edits={len(self)}, layers={sorted(self._layers)})"
+
+
+@dataclass(frozen=True)
+class Fire:
+    row: int
+    position: int  # index in this forward's input (+ the recorder's position_offset for that row)
+    edit_id: str
+    score: float
+    layer: int
+
+
+@dataclass(eq=False)
+class Recorder:
+    """What `HookManager.recording` yields. `position_offset` lets a decode loop (one new token per
+    forward) report absolute positions: an int for every row or one int per row."""
+
+    row_enabled: torch.Tensor | None = None
+    fires: list[Fire] = field(default_factory=list)
+    position_offset: int | Sequence[int] = 0
+
+
+@dataclass(eq=False)
+class Capture:
+    """What `HookManager.capture_keys` yields: `.value` is the last down_proj input seen, [B, T, d_ff]."""
+
+    layer: int
+    value: torch.Tensor | None = None
+    stop: bool = False
+
+
+class StopForward(Exception):
+    """Raised by a stopping capture once its layer is reached, so the layers above are not computed."""
+
+
+@dataclass(eq=False)
+class _Intervention:
+    rows: torch.Tensor
+    positions: torch.Tensor
+    delta: torch.Tensor  # [d_model] or [len(positions), d_model]
+
+
+class _ThreadState(threading.local):
+    # threading.local subclass: these defaults exist fresh in every thread.
+    def __init__(self) -> None:
+        self.recorder: Recorder | None = None
+        self.disabled = 0
+        self.override: HookTable | None = None
+        self.interventions: dict[int, list[_Intervention]] = {}
+        self.captures: dict[int, list[Capture]] = {}
+        self.down_in: torch.Tensor | None = None
+        self.want_layer: int | None = None
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a HF causal LM (Llama/Qwen/Mistral style, with GPT-2/NeoX fallbacks)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        for name in path.split("."):
+            obj = getattr(obj, name, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+_DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out")
+
+
+def down_projection(mlp: nn.Module) -> nn.Module:
+    for name in _DOWN_NAMES:
+        mod = getattr(mlp, name, None)
+        if isinstance(mod, nn.Module):
+            return mod
+    raise ValueError(f"cannot find the down projection of {type(mlp).__name__}")
+
+
+class HookedMLP(nn.Module):
+    """Wraps one MLP. Shares the original's child-module dict, so parameter names and state_dict keys
+    are unchanged while installed (checksums and checkpoints see the same model)."""
+
+    def __init__(self, inner: nn.Module, layer: int, manager: HookManager) -> None:
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)  # not registered: its children already are, below
+        object.__setattr__(self, "_manager", manager)
+        self._modules = inner._modules  # same dict object: same names, no copies
+        self.layer = layer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._manager._forward(self, x, *args, **kwargs)
+
+
+class HookManager:
+    """Installs `HookedMLP` wrappers on `layers` and holds the published `HookTable`."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
+        self.model = model
+        blocks = decoder_layers(model)
+        self.layers = sorted({int(i) for i in layers})
+        if not self.layers:
+            raise ValueError("HookManager needs at least one layer")
+        for i in self.layers:
+            if not 0 <= i < len(blocks):
+                raise ValueError(f"hook layer {i} out of range (model has {len(blocks)} layers)")
+        self._tls = _ThreadState()
+        self._originals: dict[int, nn.Module] = {}
+        self._wrappers: dict[int, HookedMLP] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        for i in self.layers:
+            mlp = blocks[i].mlp
+            down = down_projection(mlp)
+            self.d_ff = int(down.in_features) if hasattr(down, "in_features") else int(down.weight.shape[-1])
+            self._originals[i] = mlp
+            self._handles.append(down.register_forward_pre_hook(self._make_pre_hook(i)))
+            wrapper = HookedMLP(mlp, i, self)
+            self._wrappers[i] = wrapper
+            blocks[i].mlp = wrapper
+        self.d_model = int(getattr(model.config, "hidden_size", 0)) or int(param.shape[-1])
+        self._table = HookTable.empty(self.device, self.dtype)
+
+    # ---- table --------------------------------------------------------------------------------
+    @property
+    def current(self) -> HookTable:
+        return self._table
+
+    def publish(self, table: HookTable) -> None:
+        """Atomic swap: forwards already running keep the table they read at their start."""
+        self._check(table)
+        self._table = table
+
+    def empty_table(self, *, version: int = 0) -> HookTable:
+        return HookTable.empty(self.device, self.dtype, version=version)
+
+    def _check(self, table: HookTable) -> None:
+        for i, t in table.layers.items():
+            if i not in self._wrappers:
+                raise ValueError(f"table has entries for layer {i}, which is not hooked ({self.layers})")
+            if t.keys.shape[1] != self.d_ff or t.values.shape[1] != self.d_model:
+                raise ValueError(
+                    f"layer {i}: key/value sizes {t.keys.shape[1]}/{t.values.shape[1]} "
+                    f"!= model {self.d_ff}/{self.d_model}"
+                )
+
+    def _active_table(self) -> HookTable:
+        st = self._tls
+        return st.override if st.override is not None else self._table
+
+    # ---- thread-local switches --------------------------------------------------------------
+    @contextmanager
+    def recording(self, row_enabled: torch.Tensor | None = None) -> Iterator[Recorder]:
+        st = self._tls
+        rec = Recorder(row_enabled=None if row_enabled is None else row_enabled.to(torch.bool))
+        prev, st.recorder = st.recorder, rec
+        try:
+            yield rec
+        finally:
+            st.recorder = prev
+
+    @contextmanager
+    def disabled(self) -> Iterator[None]:
+        """No table edits in this thread (unedited baselines while other threads serve with edits)."""
+        st = self._tls
+        st.disabled += 1
+        try:
+            yield
+        finally:
+            st.disabled -= 1
+
+    @contextmanager
+    def table_override(self, table: HookTable) -> Iterator[HookTable]:
+        """Use `table` instead of the published one, in this thread only (quality checks of new edits)."""
+        self._check(table)
+        st = self._tls
+        prev, st.override = st.override, table
+        try:
+            yield table
+        finally:
+            st.override = prev
+
+    @contextmanager
+    def intervention(
+        self,
+        layer: int,
+        positions: Sequence[tuple[int, int]],
+        delta: torch.Tensor,
+        *,
+        with_table: bool = False,
+    ) -> Iterator[None]:
+        """Add `delta` ([d_model] or [len(positions), d_model]; may require grad) at (row, position) of
+        `layer`'s MLP output, in this thread. The table is off meanwhile unless `with_table`."""
+        if layer not in self._wrappers:
+            raise ValueError(f"layer {layer} is not hooked ({self.layers})")
+        rows = torch.tensor([p[0] for p in positions], dtype=torch.long, device=self.device)
+        pos = torch.tensor([p[1] for p in positions], dtype=torch.long, device=self.device)
+        iv = _Intervention(rows, pos, delta)
+        st = self._tls
+        st.interventions.setdefault(layer, []).append(iv)
+        if not with_table:
+            st.disabled += 1
+        try:
+            yield
+        finally:
+            if not with_table:
+                st.disabled -= 1
+            st.interventions[layer].remove(iv)
+            if not st.interventions[layer]:
+                del st.interventions[layer]
+
+    @contextmanager
+    def capture_keys(self, layer: int, *, stop: bool = False) -> Iterator[Capture]:
+        """Yield a Capture whose `.value` is the last down_proj input [B, T, d_ff] seen at `layer` in this
+        thread. With `stop=True` the forward raises `StopForward` right after (layers above are skipped)."""
+        if layer not in self._wrappers:
+            raise ValueError(f"layer {layer} is not hooked ({self.layers})")
+        cap = Capture(layer=layer, stop=stop)
+        st = self._tls
+        st.captures.setdefault(layer, []).append(cap)
+        try:
+            yield cap
+        finally:
+            st.captures[layer].remove(cap)
+            if not st.captures[layer]:
+                del st.captures[layer]
+
+    @torch.no_grad()
+    def keys_at(
+        self, layers: Sequence[int], input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[int, torch.Tensor]:
+        """down_proj inputs at `layers` for a batch, stopping the forward after the highest of them."""
+        layers = sorted(set(layers))
+        caps: dict[int, Capture] = {}
+        with ExitStack() as stack:
+            for i in layers:
+                caps[i] = stack.enter_context(self.capture_keys(i, stop=(i == layers[-1])))
+            try:
+                self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except StopForward:
+                pass
+        out = {}
+        for i, c in caps.items():
+            if c.value is None:
+                raise RuntimeError(f"layer {i} was not reached")
+            out[i] = c.value
+        return out
+
+    # ---- the forward ---------------------------------------------------------------------------
+    def _make_pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
+        tls = self._tls
+
+        def pre_hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            # Only the wrapper of this layer, in this thread, asks for the key; otherwise a no-op.
+            if tls.want_layer == layer:
+                tls.down_in = args[0]
+
+        return pre_hook
+
+    def _forward(self, wrapper: HookedMLP, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        st = self._tls
+        layer = wrapper.layer
+        table = st.override if st.override is not None else self._table  # read ONCE per forward
+        lt = None if st.disabled else table.layer(layer)
+        caps = st.captures.get(layer)
+        ivs = st.interventions.get(layer)
+        inner = object.__getattribute__(wrapper, "_inner")
+        if lt is None and caps is None and ivs is None:
+            return inner(x, *args, **kwargs)  # the unwrapped computation, bit for bit
+
+        prev_want, st.want_layer = st.want_layer, layer
+        try:
+            out = inner(x, *args, **kwargs)
+            h = st.down_in
+        finally:
+            st.want_layer, st.down_in = prev_want, None
+        if h is None:
+            raise RuntimeError(f"layer {layer}: the down projection was not called")
+        if caps:
+            stop = False
+            for c in caps:
+                c.value = h
+                stop = stop or c.stop
+            if stop:
+                raise StopForward(layer)
+        if lt is not None:
+            out = self._gate(lt, h, out, layer, st.recorder)
+        if ivs:
+            for iv in ivs:
+                out = out.index_put((iv.rows, iv.positions), iv.delta.to(out.dtype), accumulate=True)
+        return out
+
+    @staticmethod
+    def _gate(
+        lt: LayerTable, h: torch.Tensor, out: torch.Tensor, layer: int, rec: Recorder | None
+    ) -> torch.Tensor:
+        shape = out.shape
+        t_len = h.shape[-2] if h.dim() >= 2 else 1
+        hf = h.reshape(-1, h.shape[-1])
+        scores = F.normalize(hf.float(), dim=-1) @ lt.keys.T  # [tokens, N]: one matmul for all edits
+        best, idx = scores.max(dim=-1)
+        fire = best >= lt.thresholds[idx]
+        if rec is not None and rec.row_enabled is not None:
+            fire &= rec.row_enabled.to(fire.device).repeat_interleave(t_len)
+        pos = fire.nonzero().squeeze(1)
+        if pos.numel() == 0:
+            return out  # nothing fired: output untouched
+        sel = idx[pos]
+        flat = out.reshape(-1, shape[-1]).index_add(0, pos, lt.values[sel].to(out.dtype))
+        if rec is not None:
+            offs = rec.position_offset
+            for p, i, s in zip(pos.tolist(), sel.tolist(), best[pos].tolist(), strict=True):
+                row, tpos = divmod(p, t_len)
+                off = offs if isinstance(offs, int) else int(offs[row])
+                rec.fires.append(Fire(row=row, position=tpos + off, edit_id=lt.ids[i], score=s, layer=layer))
+        return flat.view(shape)
+
+    def uninstall(self) -> None:
+        """Put the original MLP modules back and remove the pre-hooks."""
+        blocks = decoder_layers(self.model)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for i, mlp in self._originals.items():
+            if blocks[i].mlp is self._wrappers[i]:
+                blocks[i].mlp = mlp
+        self._originals.clear()
+        self._wrappers.clear()
+
+
+def param_checksum(model: nn.Module) -> str:
+    """sha256 over every parameter (name, dtype, shape, bytes): equal before and after any edits, because the
+    wrappers share the original modules' parameters and nothing here writes them."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

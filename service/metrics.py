@@ -1,0 +1,51 @@
+"""Prometheus metrics (prometheus-client only: importable from every layer).
+
+Latency buckets follow vLLM's (vllm/engine/metrics.py) so dashboards built for vLLM read ours.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+    960.0, 1920.0, 7680.0,
+)
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 640.0, 2560.0,
+)
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+FAST_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
+EDIT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 60.0)
+
+REQUESTS = Counter("editserve_requests", "RPCs answered, by method and status code", ["rpc", "code"])
+REQUEST_DURATION = Histogram(
+    "editserve_request_duration_seconds", "RPC wall time", ["rpc"], buckets=REQUEST_LATENCY_BUCKETS
+)
+TTFT = Histogram("editserve_time_to_first_token_seconds", "Time to first token", buckets=TTFT_BUCKETS)
+ITL = Histogram("editserve_inter_token_latency_seconds", "Time between tokens", buckets=ITL_BUCKETS)
+QUEUE_TIME = Histogram("editserve_queue_time_seconds", "Time waiting before prefill", buckets=TTFT_BUCKETS)
+PROMPT_TOKENS = Counter("editserve_prompt_tokens", "Prompt tokens processed")
+GENERATION_TOKENS = Counter("editserve_generation_tokens", "Tokens generated")
+RUNNING = Gauge("editserve_num_requests_running", "Sequences in the running batch")
+WAITING = Gauge("editserve_num_requests_waiting", "Requests queued for admission")
+BATCH_SIZE = Histogram("editserve_batch_size", "Rows per forward pass", buckets=BATCH_SIZE_BUCKETS)
+MODEL_INFO = Info("editserve_model", "Served model")
+
+EDITS_ACTIVE = Gauge("editserve_edits_active", "Active edits", ["path"])
+EDIT_OPERATIONS = Counter("editserve_edit_operations", "Edit operations", ["op", "result"])
+EDIT_COMPUTE = Histogram(
+    "editserve_edit_compute_seconds", "Key/value computation per edit", buckets=EDIT_BUCKETS
+)
+HOOK_FIRES = Counter("editserve_hook_fires", "Tokens where a hook-layer edit fired")
+EDIT_LOG_VERSION = Gauge("editserve_edit_log_version", "Edit-set version applied by this replica")
+
+SCOPE_SECONDS = Histogram(
+    "editserve_scope_detection_seconds", "Request-level scope detection", buckets=FAST_BUCKETS
+)
+SCOPE_IN_SCOPE = Counter("editserve_scope_in_scope", "Requests with at least one in-scope descriptor")
+RETRIEVAL_INDEX_SIZE = Gauge("editserve_retrieval_index_size", "Descriptors in the retrieval index")

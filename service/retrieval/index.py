@@ -1,0 +1,254 @@
+"""faiss index of descriptor embeddings with stable int64 ids and exact removal.
+
+Concurrency: copy-on-write. Every write builds a new faiss object (clone + change, or a fresh build)
+under a writer lock and publishes it as an immutable `IndexSnapshot` with one reference assignment,
+which is atomic in CPython. Readers take `snapshot()` and search it without any lock, so a search
+never waits for a write and never sees a half-applied one. A published faiss object is never mutated.
+Cost: a write copies the index (about 15 MB at 10,000 vectors of 384 floats, a few ms), which is
+small next to computing an edit; bulk loads go through `add` with many ids, or `rebuild`, in one copy.
+
+Approximate mode: above `approx_threshold` live vectors the index is rebuilt as HNSW
+(IndexIDMap2 over IndexHNSWFlat). HNSW cannot delete, so removals are tombstones: the snapshot
+carries the removed ids and every search excludes them with a faiss IDSelector (exact: a removed
+id is never returned). When tombstones pass `compact_fraction` of the stored vectors the index is
+rebuilt without them (and goes back to flat if the live count fell to the threshold or below).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Literal
+
+import faiss
+import numpy as np
+
+Kind = Literal["flat", "hnsw"]
+
+
+@dataclass(frozen=True)
+class IndexSnapshot:
+    """One published, immutable state of the index; safe to search from any number of threads."""
+
+    index: faiss.Index
+    kind: Kind
+    dim: int
+    tombstones: frozenset[int] = frozenset()
+    ef_search: int = 128
+    # faiss search parameters reference these selector objects; keeping them here keeps them alive.
+    _selector: tuple[object, ...] = field(default=(), repr=False)
+
+    @property
+    def ntotal(self) -> int:
+        """Vectors stored in faiss, tombstoned ones included."""
+        return int(self.index.ntotal)
+
+    def __len__(self) -> int:
+        return self.ntotal - len(self.tombstones)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [q, k] float32, ids [q, k] int64); missing slots are id -1 with score -inf."""
+        q = _as_matrix(queries, self.dim)
+        if k <= 0:
+            raise ValueError("k must be positive")
+        if self.ntotal == 0 or len(self) == 0:
+            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        params = None
+        if self.kind == "hnsw":
+            sel = self._selector[0] if self._selector else None
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+            if sel is not None:
+                params.sel = sel
+        scores, ids = self.index.search(q, k, params=params)
+        scores = scores.astype(np.float32, copy=False)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def export(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [n], vectors [n, dim]) of the live vectors, in storage order."""
+        n = self.ntotal
+        if n == 0:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
+        inner = faiss.downcast_index(self.index.index)
+        vecs = inner.reconstruct_n(0, n).astype(np.float32, copy=False)
+        if self.tombstones:
+            keep = ~np.isin(ids, np.fromiter(self.tombstones, np.int64, len(self.tombstones)))
+            ids, vecs = ids[keep], vecs[keep]
+        return ids, vecs
+
+
+def _as_matrix(x: np.ndarray, dim: int) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != dim:
+        raise ValueError(f"expected vectors of dimension {dim}, got shape {x.shape}")
+    return np.ascontiguousarray(x)
+
+
+def _as_ids(ids: np.ndarray) -> np.ndarray:
+    ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(-1))
+    if (ids < 0).any():
+        raise ValueError("ids must be non-negative (-1 means 'missing' in results)")
+    return ids
+
+
+class DescriptorIndex:
+    """Inner-product (cosine, for unit vectors) index; exact below `approx_threshold`, HNSW above."""
+
+    def __init__(
+        self,
+        dim: int,
+        approx_threshold: int = 50_000,
+        *,
+        hnsw_m: int = 32,
+        ef_construction: int = 128,
+        ef_search: int = 128,
+        compact_fraction: float = 0.1,
+    ) -> None:
+        self.dim = int(dim)
+        self.approx_threshold = int(approx_threshold)
+        self.hnsw_m = hnsw_m
+        self.ef_construction = ef_construction
+        self.ef_search = ef_search
+        self.compact_fraction = compact_fraction
+        self._lock = threading.Lock()
+        self._snap = self._build(np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32))
+
+    # -- reads (lock-free) ------------------------------------------------------------------------
+
+    def snapshot(self) -> IndexSnapshot:
+        return self._snap
+
+    @property
+    def kind(self) -> Kind:
+        return self._snap.kind
+
+    def __len__(self) -> int:
+        return len(self._snap)
+
+    def __contains__(self, id_: object) -> bool:
+        return isinstance(id_, int | np.integer) and int(id_) in self._live_ids()
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._snap.search(queries, k)
+
+    def copy(self) -> DescriptorIndex:
+        """An independent index sharing the current (immutable) snapshot: O(1)."""
+        other = DescriptorIndex.__new__(DescriptorIndex)
+        other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_lock"})
+        other._lock = threading.Lock()
+        return other
+
+    def recall_at_k(self, queries: np.ndarray, k: int) -> float:
+        """Mean fraction of the exact top-k (brute force over the live vectors) that search returns."""
+        snap = self._snap
+        q = _as_matrix(queries, self.dim)
+        ids, vecs = snap.export()
+        if len(ids) == 0 or len(q) == 0:
+            return 1.0
+        exact = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        exact.add_with_ids(vecs, ids)
+        _, want = exact.search(q, k)
+        _, got = snap.search(q, k)
+        fractions = [
+            len(set(w[w >= 0].tolist()) & set(g.tolist())) / max(1, int((w >= 0).sum()))
+            for w, g in zip(want, got, strict=True)
+        ]
+        return float(np.mean(fractions))
+
+    # -- writes (serialised; each publishes a new snapshot) ----------------------------------------
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        ids = _as_ids(ids)
+        vecs = _as_matrix(vectors, self.dim)
+        if len(ids) != len(vecs):
+            raise ValueError(f"{len(ids)} ids for {len(vecs)} vectors")
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError("duplicate ids in one add")
+        if len(ids) == 0:
+            return
+        with self._lock:
+            snap = self._snap
+            live = self._live_ids()
+            dup = [i for i in ids.tolist() if i in live]
+            if dup:
+                raise ValueError(f"ids already in the index: {dup[:5]}")
+            n_after = len(snap) + len(ids)
+            reused_tombstone = bool(snap.tombstones.intersection(ids.tolist()))
+            if reused_tombstone or (snap.kind == "flat" and n_after > self.approx_threshold):
+                old_ids, old_vecs = snap.export()
+                self._snap = self._build(np.concatenate([old_ids, ids]), np.concatenate([old_vecs, vecs]))
+                return
+            index = faiss.clone_index(snap.index)
+            index.add_with_ids(vecs, ids)
+            self._snap = self._publish(index, snap.kind, snap.tombstones)
+
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove these ids (unknown ones are ignored); returns how many were removed."""
+        ids = _as_ids(ids)
+        with self._lock:
+            snap = self._snap
+            live = self._live_ids()
+            gone = sorted({i for i in ids.tolist() if i in live})
+            if not gone:
+                return 0
+            if snap.kind == "flat":
+                index = faiss.clone_index(snap.index)
+                index.remove_ids(np.array(gone, np.int64))
+                self._snap = self._publish(index, "flat")
+            else:
+                tomb = snap.tombstones.union(gone)
+                if len(tomb) > self.compact_fraction * snap.ntotal:
+                    all_ids, vecs = snap.export()
+                    keep = ~np.isin(all_ids, np.array(gone, np.int64))
+                    self._snap = self._build(all_ids[keep], vecs[keep])
+                else:
+                    self._snap = self._publish(snap.index, "hnsw", frozenset(tomb))
+            return len(gone)
+
+    def rebuild(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Replace the whole content in one build (restart path)."""
+        ids = _as_ids(ids)
+        vecs = _as_matrix(vectors, self.dim) if len(ids) else np.zeros((0, self.dim), np.float32)
+        if len(ids) != len(vecs):
+            raise ValueError(f"{len(ids)} ids for {len(vecs)} vectors")
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError("duplicate ids in rebuild")
+        with self._lock:
+            self._snap = self._build(ids, vecs)
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _live_ids(self) -> set[int]:
+        # Cached per snapshot (the tuple is replaced whole, so a racing reader sees a consistent pair).
+        snap = self._snap
+        cached = getattr(self, "_live_cache", None)
+        if cached is not None and cached[0] is snap:
+            return cached[1]
+        live = set(faiss.vector_to_array(snap.index.id_map).tolist()) - snap.tombstones
+        self._live_cache = (snap, live)
+        return live
+
+    def _build(self, ids: np.ndarray, vecs: np.ndarray) -> IndexSnapshot:
+        if len(ids) > self.approx_threshold:
+            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = self.ef_construction
+            kind: Kind = "hnsw"
+        else:
+            inner = faiss.IndexFlatIP(self.dim)
+            kind = "flat"
+        index = faiss.IndexIDMap2(inner)
+        if len(ids):
+            index.add_with_ids(vecs, ids)
+        return self._publish(index, kind)
+
+    def _publish(
+        self, index: faiss.Index, kind: Kind, tombstones: frozenset[int] = frozenset()
+    ) -> IndexSnapshot:
+        selector: tuple[object, ...] = ()
+        if tombstones:
+            batch = faiss.IDSelectorBatch(np.fromiter(tombstones, np.int64, len(tombstones)))
+            selector = (faiss.IDSelectorNot(batch), batch)
+        return IndexSnapshot(index, kind, self.dim, tombstones, self.ef_search, selector)

@@ -1,0 +1,206 @@
+"""Edit descriptors by edit id: text, embedding, and their place in the faiss index.
+
+Edit ids are strings ("e-000123abc"); faiss wants int64. Each edit id maps to the first 63 bits of
+its BLAKE2b hash, so the same edit gets the same faiss id on every restart and on every replica,
+whatever order the log is replayed in (on the ~2^-63 chance of a collision the next free id is
+taken). Reads are lock-free and consistent: the store publishes an immutable `StoreSnapshot`
+(index snapshot + id table) with one reference assignment after each write, as the index does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.retrieval.index import DescriptorIndex, IndexSnapshot
+
+# Stored embeddings must be unit vectors from the configured encoder; a wrong norm means another encoder.
+_NORM_TOLERANCE = 1e-3
+
+
+class Encoder(Protocol):
+    dim: int
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Entry:
+    edit_id: str
+    descriptor: str
+    embedding: np.ndarray  # [dim] float32, unit norm
+
+
+@dataclass(frozen=True)
+class StoreSnapshot:
+    index: IndexSnapshot
+    entries: Mapping[int, Entry]  # faiss id -> entry; never mutated after publication
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def search_vectors(self, queries: np.ndarray, k: int) -> list[list[tuple[str, str, float]]]:
+        """Per query, up to k (edit_id, descriptor, score), best first."""
+        k_eff = max(1, min(k, len(self.entries)))
+        scores, ids = self.index.search(queries, k_eff)
+        out: list[list[tuple[str, str, float]]] = []
+        for row_s, row_i in zip(scores, ids, strict=True):
+            hits = []
+            for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True):
+                entry = self.entries.get(i) if i >= 0 else None
+                if entry is not None:
+                    hits.append((entry.edit_id, entry.descriptor, float(s)))
+            out.append(hits)
+        return out
+
+
+def faiss_id(edit_id: str) -> int:
+    """Stable non-negative int64 for an edit id (before collision handling)."""
+    return int.from_bytes(hashlib.blake2b(edit_id.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+class RetrievalStore:
+    def __init__(
+        self,
+        encoder: Encoder,
+        index_factory: Callable[[int], DescriptorIndex] = DescriptorIndex,
+    ) -> None:
+        self.encoder = encoder
+        self.dim = int(encoder.dim)
+        self._index_factory = index_factory
+        self._index = index_factory(self.dim)
+        self._lock = threading.RLock()
+        self._ids: dict[str, int] = {}  # edit id -> faiss id (writer side only)
+        self._snap = StoreSnapshot(self._index.snapshot(), {})
+
+    # -- reads ---------------------------------------------------------------------------------------
+
+    def snapshot(self) -> StoreSnapshot:
+        return self._snap
+
+    def __len__(self) -> int:
+        return len(self._snap)
+
+    def __contains__(self, edit_id: object) -> bool:
+        return edit_id in self._ids
+
+    @property
+    def index(self) -> DescriptorIndex:
+        return self._index
+
+    def get(self, edit_id: str) -> Entry | None:
+        i = self._ids.get(edit_id)
+        return None if i is None else self._snap.entries.get(i)
+
+    def items(self) -> list[tuple[str, str, np.ndarray]]:
+        """(edit_id, descriptor, embedding) for every entry: what `rebuild` takes back."""
+        return [(e.edit_id, e.descriptor, e.embedding) for e in self._snap.entries.values()]
+
+    def search(self, text: str, k: int) -> list[tuple[str, str, float]]:
+        snap = self._snap
+        if len(snap) == 0:  # no edits: skip the encoder entirely
+            return []
+        return snap.search_vectors(self.encoder.encode([text]), k)[0]
+
+    def search_vector(self, vector: np.ndarray, k: int) -> list[tuple[str, str, float]]:
+        return self._snap.search_vectors(vector, k)[0]
+
+    # -- writes --------------------------------------------------------------------------------------
+
+    def add(self, edit_id: str, descriptor: str, embedding: np.ndarray | None = None) -> np.ndarray:
+        """Index one descriptor (replacing an earlier one with the same edit id); returns its embedding.
+
+        With `embedding` given (replay from the edit log) the encoder is not called.
+        """
+        return self.add_many([(edit_id, descriptor, embedding)])[0]
+
+    def add_many(self, items: Iterable[tuple[str, str, np.ndarray | None]]) -> np.ndarray:
+        """Bulk add in one index write; missing embeddings are encoded in one batch. Returns [n, dim]."""
+        items = list(items)
+        if not items:
+            return np.zeros((0, self.dim), np.float32)
+        ids_in = [i for i, _, _ in items]
+        if len(set(ids_in)) != len(ids_in):
+            raise ValueError("duplicate edit ids in one add")
+        vecs = self._embeddings(items)
+        with self._lock:
+            replaced = [self._ids[e] for e in ids_in if e in self._ids]
+            if replaced:
+                self._index.remove(np.array(replaced, np.int64))
+            gone = set(ids_in)
+            entries = {i: e for i, e in self._snap.entries.items() if e.edit_id not in gone}
+            for e in ids_in:
+                self._ids.pop(e, None)
+            taken = set(entries)
+            new_ids = [self._assign(e, taken) for e in ids_in]
+            for (edit_id, descriptor, _), fid, vec in zip(items, new_ids, vecs, strict=True):
+                entries[fid] = Entry(edit_id, descriptor, vec)
+            self._index.add(np.array(new_ids, np.int64), vecs)
+            self._snap = StoreSnapshot(self._index.snapshot(), entries)
+        return vecs.copy()  # the caller's copy: entries keep their own rows
+
+    def remove(self, edit_id: str) -> bool:
+        """Exact removal: the descriptor is never returned again. False when the id is not here."""
+        with self._lock:
+            fid = self._ids.pop(edit_id, None)
+            if fid is None:
+                return False
+            self._index.remove(np.array([fid], np.int64))
+            entries = dict(self._snap.entries)
+            del entries[fid]
+            self._snap = StoreSnapshot(self._index.snapshot(), entries)
+            return True
+
+    def rebuild(self, items: Iterable[tuple[str, str, np.ndarray | None]]) -> None:
+        """Replace everything with these items in one index build (restart: embeddings from the log)."""
+        items = list(items)
+        ids_in = [i for i, _, _ in items]
+        if len(set(ids_in)) != len(ids_in):
+            raise ValueError("duplicate edit ids in rebuild")
+        vecs = self._embeddings(items)
+        with self._lock:
+            self._ids = {}
+            entries: dict[int, Entry] = {}
+            taken: set[int] = set()
+            new_ids = [self._assign(e, taken) for e in ids_in]
+            for (edit_id, descriptor, _), fid, vec in zip(items, new_ids, vecs, strict=True):
+                entries[fid] = Entry(edit_id, descriptor, vec)
+            self._index.rebuild(np.array(new_ids, np.int64), vecs)
+            self._snap = StoreSnapshot(self._index.snapshot(), entries)
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _assign(self, edit_id: str, taken: set[int]) -> int:
+        fid = faiss_id(edit_id)
+        while fid in taken:
+            fid = (fid + 1) & 0x7FFF_FFFF_FFFF_FFFF
+        taken.add(fid)
+        self._ids[edit_id] = fid
+        return fid
+
+    def _embeddings(self, items: list[tuple[str, str, np.ndarray | None]]) -> np.ndarray:
+        out = np.empty((len(items), self.dim), np.float32)
+        todo = []
+        for n, (edit_id, descriptor, emb) in enumerate(items):
+            if not isinstance(edit_id, str) or not edit_id or not isinstance(descriptor, str):
+                raise ValueError("edit_id must be a non-empty string and descriptor a string")
+            if emb is None:
+                todo.append(n)
+                continue
+            v = np.asarray(emb, dtype=np.float32).reshape(-1)
+            if v.shape[0] != self.dim:
+                raise ValueError(
+                    f"stored embedding of {edit_id} has dimension {v.shape[0]}, the encoder {self.dim}: "
+                    "was the log written with another encoder?"
+                )
+            if not np.isfinite(v).all() or abs(float(np.linalg.norm(v)) - 1.0) > _NORM_TOLERANCE:
+                raise ValueError(f"stored embedding of {edit_id} is not a unit vector")
+            out[n] = v
+        if todo:
+            out[todo] = self.encoder.encode([items[n][1] for n in todo])
+        return out

@@ -1,0 +1,197 @@
+"""The one prompt template that carries in-scope edit descriptors to the model (LTE's inference format).
+
+Raw prompt:                         Chat messages (block appended to the system message):
+    [Updated Information]               <system prompt, or the template's default one>
+    - <descriptor>                      <blank line>
+    - <descriptor>                      [Updated Information]
+    [End of Updated Information]        - <descriptor>
+    <blank line>                        [End of Updated Information]
+    <prompt>                          then the tokenizer's own chat template, add_generation_prompt=True.
+
+Descriptors are data, never instructions: one per line after "- ", line breaks folded to spaces, and
+`validate_descriptor` refuses anything that could close the block or open a chat turn. With no hits
+the output is exactly what serving without edits produces (`render_chat` for messages).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+from service.errors import InvalidArgument
+
+BLOCK_OPEN = "[Updated Information]"
+BLOCK_CLOSE = "[End of Updated Information]"
+
+Message = tuple[str, str]  # (role, content)
+
+_LINE_BREAKS = re.compile(r"\s*(?:\r\n|[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029])\s*")
+_TEMPLATE_MARKERS = re.compile(r"\[\s*(?:end\s+of\s+)?updated\s+information\s*\]", re.IGNORECASE)
+# A chat turn opened at the start of a line, in the common template dialects.
+_ROLE_MARKER = re.compile(
+    r"^\s*(?:(?:system|user|assistant|human|bot|tool|function|developer|ipython)\s*:"
+    r"|<\|?[a-z_]*(?:im_start|im_end|start_header_id|end_header_id|eot_id|system|user|assistant)[a-z_]*\|?>"
+    r"|\[/?INST\]|<</?SYS>>|#{2,4}\s*(?:instruction|response|input|system|user|assistant)\b)",
+    re.IGNORECASE | re.MULTILINE,
+)
+# Any "<|...|>"-style token, whether or not this tokenizer knows it (the model may be swapped).
+_PIPE_TOKEN = re.compile(r"<\|[^<>|\s]{1,40}\|>")
+# Bidi overrides and isolates can make text read differently from how the model sees it.
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _fold(text: str) -> str:
+    return _LINE_BREAKS.sub(" ", text.strip())
+
+
+def format_block(descriptors: Sequence[str]) -> str:
+    lines = [BLOCK_OPEN, *(f"- {_fold(d)}" for d in descriptors), BLOCK_CLOSE]
+    return "\n".join(lines)
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    if tokenizer is None:
+        return set()
+    tokens = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    try:
+        tokens.update(tokenizer.get_added_vocab().keys())
+    except (AttributeError, NotImplementedError):
+        pass
+    return {t for t in tokens if t and t.strip()}
+
+
+def validate_descriptor(text: str, tokenizer: Any, max_chars: int) -> str:
+    """The descriptor as it will be stored and shown (stripped, line breaks folded), or InvalidArgument."""
+
+    def bad(why: str) -> InvalidArgument:
+        return InvalidArgument(why, field="descriptor")
+
+    if not isinstance(text, str) or not text.strip():
+        raise bad("must not be empty")
+    text = text.strip()
+    if len(text) > max_chars:
+        raise bad(f"is {len(text)} characters, the limit is {max_chars}")
+    for ch in text:
+        if ch in "\n\r\t":
+            continue
+        if unicodedata.category(ch) == "Cc" or ch in _BIDI:
+            raise bad(f"contains the control character U+{ord(ch):04X}")
+    for token in sorted(_special_tokens(tokenizer)):
+        if token in text:
+            raise bad(f"contains the tokenizer's special token {token!r}")
+    if m := _PIPE_TOKEN.search(text):
+        raise bad(f"contains a special-token-like marker {m.group(0)!r}")
+    if m := _TEMPLATE_MARKERS.search(text):
+        raise bad(f"contains the edit template's marker {m.group(0)!r}")
+    if m := _ROLE_MARKER.search(text):
+        raise bad(f"contains a chat role marker at a line start: {m.group(0).strip()!r}")
+    return _fold(text)
+
+
+def derive_descriptor(prompt: str, target_new: str) -> str:
+    """Edit prompt + new target as one sentence.
+
+    "The Eiffel Tower is located in the city of" + "Rome"
+    -> "The Eiffel Tower is located in the city of Rome."
+    """
+    text = f"{prompt.strip()} {target_new.strip()}".strip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def relation_key(subject: str, prompt: str) -> str:
+    """Normalised (subject, relation template) of an edit: a newer edit with the same key supersedes.
+
+    The template is the prompt with the subject replaced by "{}" (ROME's convention; a prompt that
+    already holds "{}" is taken as a template). Case, spacing and trailing punctuation are ignored.
+    """
+
+    def norm(s: str) -> str:
+        return " ".join(unicodedata.normalize("NFKC", s).casefold().split())
+
+    subj = norm(subject)
+    if not subj:
+        raise InvalidArgument("must not be empty", field="subject")
+    text = norm(prompt)
+    if "{}" not in text:
+        at = text.find(subj)
+        if at < 0:
+            raise InvalidArgument("does not occur in the prompt", field="subject")
+        text = text[:at] + "{}" + text[at + len(subj) :]
+    return f"{subj}\x1f{text.rstrip(' .:;,?!')}"
+
+
+def query_text(prompt: str | None, messages: Sequence[Message] | None) -> str:
+    """What the scope detector embeds: the raw prompt, else the last user message (else the last message)."""
+    if prompt:
+        return prompt
+    if not messages:
+        return ""
+    for role, content in reversed(messages):
+        if role == "user":
+            return content
+    return messages[-1][1]
+
+
+def render_chat(messages: Sequence[Message], tokenizer: Any) -> str:
+    """The plain chat rendering serving uses without edits (generation prompt appended)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidArgument("this model has no chat template; send a raw prompt", field="messages")
+    conversation = [{"role": role, "content": content} for role, content in messages]
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+_DEFAULT_SYSTEM_CACHE: dict[tuple[int, str], str | None] = {}
+
+
+def template_default_system(tokenizer: Any) -> str | None:
+    """The system prompt the chat template inserts when the conversation has none (SmolLM2 has one).
+
+    Found by rendering [user] and [system=X, user] and reading what stands where X stood, so the
+    edit block can be appended to it instead of silently replacing the model's usual persona.
+    """
+    key = (id(tokenizer), str(getattr(tokenizer, "chat_template", "")))
+    if key in _DEFAULT_SYSTEM_CACHE:
+        return _DEFAULT_SYSTEM_CACHE[key]
+    sentinel_sys, sentinel_user = "\x00SYS\x00", "\x00USER\x00"
+    result: str | None = None
+    try:
+        plain = render_chat([("user", sentinel_user)], tokenizer)
+        with_sys = render_chat([("system", sentinel_sys), ("user", sentinel_user)], tokenizer)
+        a, _, rest = with_sys.partition(sentinel_sys)
+        b = rest[: rest.index(sentinel_user)]  # end of the system turn + start of the user turn
+        head = plain[: plain.index(sentinel_user)]
+        if head.startswith(a) and head.endswith(b) and len(head) >= len(a) + len(b):
+            result = head[len(a) : len(head) - len(b)] or None
+    except Exception:  # templates that refuse a system role, raise on odd input, etc.
+        result = None
+    _DEFAULT_SYSTEM_CACHE[key] = result
+    return result
+
+
+def build_prompt(
+    prompt: str | None,
+    messages: Sequence[Message] | None,
+    hits: Sequence[Any],
+    tokenizer: Any,
+) -> str:
+    """The final text the engine tokenises. `hits` are ScopeHits (anything with `.descriptor`)."""
+    if (prompt is None) == (messages is None):
+        raise InvalidArgument("give exactly one of prompt and messages", field="prompt")
+    if prompt is not None:
+        if not hits:
+            return prompt
+        return f"{format_block([h.descriptor for h in hits])}\n\n{prompt}"
+    msgs = list(messages or [])
+    if not hits:
+        return render_chat(msgs, tokenizer)
+    block = format_block([h.descriptor for h in hits])
+    for n, (role, content) in enumerate(msgs):
+        if role == "system":
+            msgs[n] = ("system", f"{content}\n\n{block}" if content.strip() else block)
+            break
+    else:
+        default = template_default_system(tokenizer)
+        msgs.insert(0, ("system", f"{default}\n\n{block}" if default else block))
+    return render_chat(msgs, tokenizer)

@@ -1,0 +1,159 @@
+"""Scope detector: which stored edit descriptors a request is about (LTE's retrieval step).
+
+embed the query -> top-k descriptors by cosine -> keep those scoring >= threshold.
+
+A query is embedded in up to two views, the whole text and its last sentence, and each descriptor
+keeps its best score over the views. Requests often put context before the question ("We are moving
+to Australia next year. What is its capital?"); the context dilutes the whole-text embedding and
+MiniLM truncates at 256 tokens. max() over views never lowers a score, so it can only add hits.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from service.retrieval.store import RetrievalStore
+
+__all__ = [
+    "DEFAULT_SCOPE_THRESHOLD",
+    "ScopeDetector",
+    "ScopeHit",
+    "best_threshold",
+    "calibrate_threshold",
+    "pair_scores",
+    "query_views",
+]
+
+# Cosine threshold for all-MiniLM-L6-v2 (the embedded encoder), produced by
+#   HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --calibrate
+# i.e. calibrate_threshold(DescriptorEncoder()) over the hand-written set in calibration.py:
+# the F1-maximising cut between its in-scope and out-of-scope (descriptor, query) pair scores
+# (Youden's J picks the same cut). Another encoder has another score scale: calibrate it the same
+# way and pass the result as `threshold` (--scope-threshold).
+DEFAULT_SCOPE_THRESHOLD = 0.6785
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
+
+
+class Encoder(Protocol):
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+def query_views(query: str) -> list[str]:
+    """The texts embedded for one query: the whole (stripped) text, plus its last sentence if different."""
+    text = query.strip()
+    if not text:
+        return []
+    parts = [p for p in _SENTENCE_END.split(text) if p.strip()]
+    last = parts[-1].strip() if parts else text
+    return [text] if last == text else [text, last]
+
+
+def pair_scores(encoder: Encoder, pairs: list[tuple[str, str]]) -> np.ndarray:
+    """Cosine score of each (descriptor, query) pair exactly as the detector scores it (best view)."""
+    if not pairs:
+        return np.zeros(0, np.float32)
+    descriptors = encoder.encode([d for d, _ in pairs])
+    views = [query_views(q) for _, q in pairs]
+    flat = encoder.encode([v for vs in views for v in vs])
+    out = np.full(len(pairs), -np.inf, np.float32)
+    row = 0
+    for n, vs in enumerate(views):
+        if vs:
+            out[n] = float((flat[row : row + len(vs)] @ descriptors[n]).max())
+        row += len(vs)
+    return out
+
+
+def best_threshold(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """The threshold (fire when score >= t) that maximises F1 of in-scope vs out-of-scope pairs.
+
+    Candidates are the midpoints between adjacent distinct scores, so the cut sits in a gap rather
+    than on a sample; ties go to the wider gap, then to the higher threshold (a spurious fire
+    changes an unrelated answer, a miss only loses the edit).
+    """
+    pos = np.sort(np.asarray(in_scores, np.float64))
+    neg = np.sort(np.asarray(out_scores, np.float64))
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("need both in-scope and out-of-scope pairs")
+    values = np.unique(np.concatenate([pos, neg]))
+    if len(values) == 1:
+        return float(values[0])
+    best_key: tuple[float, float, float] | None = None
+    best_t = float(values[0])
+    for lo, hi in zip(values[:-1], values[1:], strict=True):
+        t = (lo + hi) / 2
+        tp = len(pos) - int(np.searchsorted(pos, t))
+        fp = len(neg) - int(np.searchsorted(neg, t))
+        f1 = 2 * tp / (tp + fp + len(pos)) if tp else 0.0  # 2TP / (2TP + FP + FN)
+        key = (round(f1, 12), float(hi - lo), float(t))
+        if best_key is None or key > best_key:
+            best_key, best_t = key, float(t)
+    return best_t
+
+
+def calibrate_threshold(
+    encoder: Encoder,
+    in_scope_pairs: list[tuple[str, str]] | None = None,
+    out_of_scope_pairs: list[tuple[str, str]] | None = None,
+) -> float:
+    """Score every (descriptor, query) pair with the encoder; return the F1-maximising threshold.
+
+    Without pairs, the hand-written set in calibration.py is used (how DEFAULT_SCOPE_THRESHOLD was made).
+    """
+    if in_scope_pairs is None or out_of_scope_pairs is None:
+        from service.router.calibration import calibration_pairs
+
+        default_in, default_out = calibration_pairs()
+        in_scope_pairs = default_in if in_scope_pairs is None else in_scope_pairs
+        out_of_scope_pairs = default_out if out_of_scope_pairs is None else out_of_scope_pairs
+    return best_threshold(pair_scores(encoder, in_scope_pairs), pair_scores(encoder, out_of_scope_pairs))
+
+
+@dataclass(frozen=True)
+class ScopeHit:
+    edit_id: str
+    descriptor: str
+    score: float
+
+
+class ScopeDetector:
+    def __init__(self, store: RetrievalStore, threshold: float | None = None, top_k: int = 4) -> None:
+        # None or 0 (Settings.scope_threshold's "unset") mean the calibrated default.
+        self.store = store
+        self.threshold = float(threshold) if threshold else DEFAULT_SCOPE_THRESHOLD
+        if top_k < 1:
+            raise ValueError("top_k must be at least 1")
+        self.top_k = top_k
+
+    def embed(self, query: str) -> np.ndarray:
+        """[views, dim] embeddings of the query (see query_views); [0, dim] for an empty query."""
+        views = query_views(query)
+        if not views:
+            return np.zeros((0, self.store.dim), np.float32)
+        return self.store.encoder.encode(views)
+
+    def detect(self, query: str) -> list[ScopeHit]:
+        """In-scope descriptors for this query, best first; [] for an empty query or an empty store."""
+        if len(self.store) == 0 or not query or not query.strip():
+            return []  # no encoder call: requests cost nothing extra while no edit is live
+        return self.detect_embedding(self.embed(query))
+
+    def detect_embedding(self, vectors: np.ndarray) -> list[ScopeHit]:
+        """Hits for precomputed query view embeddings ([dim] or [views, dim])."""
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.ndim == 1:
+            vectors = vectors[None, :]
+        if len(vectors) == 0:
+            return []
+        best: dict[str, tuple[str, float]] = {}
+        for hits in self.store.snapshot().search_vectors(vectors, self.top_k):
+            for edit_id, descriptor, score in hits:
+                if edit_id not in best or score > best[edit_id][1]:
+                    best[edit_id] = (descriptor, score)
+        ranked = sorted(best.items(), key=lambda kv: -kv[1][1])[: self.top_k]
+        return [ScopeHit(e, d, s) for e, (d, s) in ranked if s >= self.threshold]

@@ -1,0 +1,306 @@
+"""Hook layers on a tiny random Llama: exactness, gating, thread-locality, table scale (fast)."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from service.errors import InvalidArgument
+from service.hooks.editor import Editor, EditSpec, QualityReport, calibrate_threshold
+from service.hooks.layer import HookEntry, HookManager, HookTable, decoder_layers
+from service.hooks.layer import param_checksum as param_hash
+
+LAYER = 1
+
+
+@pytest.fixture
+def tiny(tiny_llama):
+    return tiny_llama.model, tiny_llama.tokenizer
+
+
+@pytest.fixture
+def hooks(tiny):
+    mgr = HookManager(tiny[0], [LAYER, 2])
+    yield mgr
+    mgr.uninstall()
+
+
+def batch(tok, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    enc = tok(texts, return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def logits(model, ids, mask) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def mlp_io(model, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down_proj input, original MLP output) for an MLP input x, computed with the original modules."""
+    mlp = decoder_layers(model)[layer].mlp
+    h = mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)
+    return h, mlp.down_proj(h)
+
+
+def entry(
+    key: torch.Tensor, value: torch.Tensor, thr: float, layer: int = LAYER, eid: str = "e"
+) -> HookEntry:
+    return HookEntry(eid, layer, key.detach().float(), value.detach(), thr)
+
+
+def test_empty_table_is_bit_exact_and_weights_untouched(tiny):
+    model, tok = tiny
+    ids, mask = batch(tok, ["The Eiffel Tower is in", "Hello there, how are you today?"])
+    before_hash, before_keys = param_hash(model), list(model.state_dict())
+    ref = logits(model, ids, mask)
+    mgr = HookManager(model, [0, LAYER, 3])
+    try:
+        assert list(model.state_dict()) == before_keys  # names unchanged while installed
+        assert torch.equal(logits(model, ids, mask), ref)
+        mgr.publish(HookTable.build([entry(torch.randn(128), torch.randn(64), 0.99)], version=1))
+        mgr.publish(mgr.empty_table(version=2))
+        out = logits(model, ids, mask)
+        assert (out - ref).abs().max().item() <= 1e-6
+        assert mgr.current.version == 2
+    finally:
+        mgr.uninstall()
+    assert all(not type(b.mlp).__name__.startswith("Hooked") for b in decoder_layers(model))
+    assert torch.equal(logits(model, ids, mask), ref)
+    assert param_hash(model) == before_hash
+
+
+def test_entry_fires_exactly_on_its_token_and_adds_value(tiny, hooks):
+    model, _ = tiny
+    torch.manual_seed(1)
+    x = torch.randn(1, 6, 64)
+    h, ref = mlp_io(model, LAYER, x)
+    value = torch.randn(64)
+    hooks.publish(HookTable.build([entry(h[0, 2] * 3.0, value, 0.999)]))  # scale-free: cosine gate
+    with torch.no_grad(), hooks.recording() as rec:
+        out = decoder_layers(model)[LAYER].mlp(x)
+    assert [(f.row, f.position, f.edit_id, f.layer) for f in rec.fires] == [(0, 2, "e", LAYER)]
+    assert rec.fires[0].score == pytest.approx(1.0, abs=1e-5)
+    diff = out - ref
+    assert torch.allclose(diff[0, 2], value, atol=1e-5)
+    diff[0, 2] = 0
+    assert diff.abs().max().item() == 0.0
+    # the gate also applies outside any recording context
+    with torch.no_grad():
+        assert torch.equal(decoder_layers(model)[LAYER].mlp(x), out)
+
+
+def test_full_model_fires_at_token_and_changes_only_later_positions(tiny, hooks):
+    model, tok = tiny
+    ids, mask = batch(tok, ["The Eiffel Tower is located in the city of"])
+    ref = logits(model, ids, mask)
+    acts = hooks.keys_at([LAYER], ids, mask)[LAYER]
+    assert acts.shape == (1, ids.shape[1], 128)
+    hooks.publish(HookTable.build([entry(acts[0, 3], torch.randn(64) * 5, 0.9999)]))
+    with hooks.recording() as rec:
+        out = logits(model, ids, mask)
+    assert [(f.row, f.position) for f in rec.fires] == [(0, 3)]
+    assert torch.equal(out[0, :3], ref[0, :3])
+    assert not torch.allclose(out[0, 3:], ref[0, 3:])
+
+
+def test_row_enabled_masks_a_row(tiny, hooks):
+    model, _ = tiny
+    x = torch.randn(1, 5, 64).expand(2, 5, 64).contiguous()
+    h, ref = mlp_io(model, LAYER, x)
+    hooks.publish(HookTable.build([entry(h[0, 1], torch.ones(64), 0.999)]))
+    with torch.no_grad(), hooks.recording(torch.tensor([True, False])) as rec:
+        out = decoder_layers(model)[LAYER].mlp(x)
+    assert [(f.row, f.position) for f in rec.fires] == [(0, 1)]
+    assert torch.equal(out[1], ref[1])
+    assert torch.allclose(out[0, 1] - ref[0, 1], torch.ones(64), atol=1e-5)
+    rec2_offset = 10
+    with torch.no_grad(), hooks.recording() as rec2:
+        rec2.position_offset = [rec2_offset, 0]
+        decoder_layers(model)[LAYER].mlp(x)
+    assert sorted((f.row, f.position) for f in rec2.fires) == [(0, 1 + rec2_offset), (1, 1)]
+
+
+def test_argmax_then_threshold(tiny, hooks):
+    """Only the best-scoring key may fire; a better key below its own threshold blocks a weaker one."""
+    model, _ = tiny
+    x = torch.randn(1, 4, 64)
+    h, ref = mlp_io(model, LAYER, x)
+    k = h[0, 0]
+    near = k + 0.3 * k.norm() / 128**0.5 * torch.randn(128)
+    table = HookTable.build(
+        [entry(near, torch.ones(64), 0.5, eid="weak"), entry(k, torch.ones(64) * 2, 1.01, eid="strict")]
+    )
+    hooks.publish(table)
+    with torch.no_grad(), hooks.recording() as rec:
+        out = decoder_layers(model)[LAYER].mlp(x)
+    assert rec.fires == [] and torch.equal(out, ref)
+
+
+def run_in_thread(fn) -> object:
+    box: dict[str, object] = {}
+
+    def target() -> None:
+        box["v"] = fn()
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    return box["v"]
+
+
+def test_disabled_intervention_override_are_thread_local(tiny, hooks):
+    model, tok = tiny
+    ids, mask = batch(tok, ["The Eiffel Tower is located in the city of"])
+    ref = logits(model, ids, mask)
+    acts = hooks.keys_at([LAYER], ids, mask)[LAYER]
+    hooks.publish(HookTable.build([entry(acts[0, 3], torch.randn(64) * 5, 0.9999)]))
+    edited = logits(model, ids, mask)
+    assert not torch.allclose(edited, ref)
+
+    with hooks.disabled():
+        assert torch.equal(logits(model, ids, mask), ref)
+        assert torch.equal(run_in_thread(lambda: logits(model, ids, mask)), edited)
+
+    delta = torch.randn(64, requires_grad=True)
+    with hooks.intervention(LAYER, [(0, 5)], delta):
+        out = model(input_ids=ids, attention_mask=mask).logits
+        out[0, -1].sum().backward()  # gradient flows into the delta only
+        assert delta.grad is not None and delta.grad.abs().sum() > 0
+        assert not torch.allclose(out[0, 5:].detach(), ref[0, 5:])
+        assert torch.equal(out[0, :5].detach(), ref[0, :5])  # table gated off inside an intervention
+        assert torch.equal(run_in_thread(lambda: logits(model, ids, mask)), edited)
+    assert all(p.grad is None for p in model.parameters())
+
+    with hooks.table_override(hooks.empty_table()):
+        assert torch.equal(logits(model, ids, mask), ref)
+        assert torch.equal(run_in_thread(lambda: logits(model, ids, mask)), edited)
+    assert torch.equal(logits(model, ids, mask), edited)
+
+    with hooks.capture_keys(2) as cap:
+        assert run_in_thread(lambda: logits(model, ids, mask)) is not None
+        assert cap.value is None  # another thread's forward is not captured here
+        logits(model, ids, mask)
+        assert cap.value is not None and cap.value.shape == (1, ids.shape[1], 128)
+
+
+class MatmulShapes(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm") and len(args) == 2:
+            self.shapes.append((tuple(args[0].shape), tuple(args[1].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_ten_thousand_entries_build_and_gate_in_one_matmul(tiny, hooks):
+    model, tok = tiny
+    ids, mask = batch(tok, ["The Eiffel Tower is located in the city of", "Hi"])
+    acts = hooks.keys_at([LAYER], ids, mask)[LAYER]
+    n = 10_000
+    keys = torch.randn(n, 128)
+    keys[1234] = acts[0, 4]
+    entries = [HookEntry(f"e{i}", LAYER, keys[i], torch.randn(64), 0.9999) for i in range(n)]
+    table = HookTable.build(entries, version=7)
+    lt = table.layer(LAYER)
+    assert lt is not None and lt.keys.shape == (n, 128) and lt.values.shape == (n, 64)
+    assert lt.thresholds.shape == (n,) and len(table) == n and table.version == 7
+    assert torch.allclose(lt.keys.norm(dim=-1), torch.ones(n), atol=1e-5)
+    assert table.edit_ids[:2] == ("e0", "e1")
+    hooks.publish(table)
+    mode = MatmulShapes()
+    with torch.no_grad(), hooks.recording() as rec, mode:
+        model(input_ids=ids, attention_mask=mask)
+    gate = [s for s in mode.shapes if s[1] == (128, n)]
+    assert gate == [((ids.numel(), 128), (128, n))]  # one matmul per hooked layer with entries
+    assert [(f.row, f.position, f.edit_id) for f in rec.fires] == [(0, 4, "e1234")]
+
+
+def test_table_checks_and_extension(hooks):
+    with pytest.raises(ValueError):
+        hooks.publish(HookTable.build([HookEntry("x", 0, torch.randn(128), torch.randn(64), 0.5)]))
+    with pytest.raises(ValueError):
+        hooks.publish(HookTable.build([HookEntry("x", LAYER, torch.randn(99), torch.randn(64), 0.5)]))
+    base = HookTable.build(
+        [HookEntry(f"a{i}", LAYER, torch.randn(128), torch.randn(64), 0.5) for i in range(3)]
+    )
+    ext = base.extended([HookEntry("b", 2, torch.randn(128), torch.randn(64), 0.5)], version=4)
+    assert ext.edit_ids == ("a0", "a1", "a2", "b") and ext.version == 4 and ext.num_entries == 4
+    assert len(base) == 3 and base.layer(2) is None
+
+
+def test_quality_report_round_trip_and_threshold_rule():
+    r = QualityReport(True, "Paris", -0.1, -9.0, [("p", True), ("q", False)], 0.0, 0.0, 0.7, 1.2, True, "ok")
+    again = QualityReport.from_dict(json.loads(json.dumps(r.to_dict())))
+    assert again == r
+    thr, msg = calibrate_threshold(torch.tensor([0.9, 0.8]), torch.tensor([0.2, 0.4]))
+    assert thr == pytest.approx(0.6) and msg == ""
+    thr, msg = calibrate_threshold(torch.tensor([0.9, 0.3]), torch.tensor([0.4]))
+    assert thr == pytest.approx(0.401) and "1 of 2" in msg
+
+
+def test_editor_validate(tiny, hooks):
+    ed = Editor(tiny[0], tiny[1], hooks)
+    ok = EditSpec("The Eiffel Tower", "The Eiffel Tower is located in", "Rome", [])
+    ed.validate(ok)
+    cases = [
+        (EditSpec("", ok.prompt, "Rome", []), "subject"),
+        (EditSpec(ok.subject, "  ", "Rome", []), "prompt"),
+        (EditSpec(ok.subject, ok.prompt, "", []), "target_new"),
+        (EditSpec("The Louvre", ok.prompt, "Rome", []), "prompt"),
+        (EditSpec(ok.subject, ok.prompt, "Rome " * 40, []), "target_new"),
+        (EditSpec(ok.subject, ok.prompt, "Rome", [""]), "paraphrases"),
+    ]
+    for spec, field in cases:
+        with pytest.raises(InvalidArgument) as err:
+            ed.validate(spec)
+        assert err.value.field == field
+
+
+def test_editor_compute_end_to_end_on_tiny_model(tiny, hooks):
+    """The pipeline runs, returns one entry per hooked layer, publishes nothing, writes no weight."""
+    model, tok = tiny
+    before = param_hash(model)
+    published = hooks.current
+    ed = Editor(model, tok, hooks, max_steps=3)
+    spec = EditSpec(
+        "The Eiffel Tower",
+        "The Eiffel Tower is located in the city of",
+        "Rome",
+        ["Where is the Eiffel Tower? It is in"],
+    )
+    ce = ed.compute(spec)
+    assert [e.layer for e in ce.entries] == [LAYER, 2]
+    assert all(e.key.shape == (128,) and e.value.shape == (64,) and e.edit_id == "" for e in ce.entries)
+    assert ce.with_id("abc").entries[0].edit_id == "abc"
+    assert hooks.current is published
+    r = ce.report
+    assert len(r.paraphrases) == 1 and r.compute_seconds > 0 and isinstance(r.passed, bool)
+    json.dumps(r.to_dict())
+    hooks.publish(HookTable.build([e.with_id("abc") for e in ce.entries], version=1))
+    batch_out = ed.compute_many([spec, EditSpec("Paris", "Paris is the capital of", "Peru", [])])
+    assert len(batch_out) == 2
+    assert param_hash(model) == before
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_nested_interventions_add_up_and_unwind(tiny, hooks):
+    model, _ = tiny
+    x = torch.randn(1, 3, 64)
+    _, ref = mlp_io(model, LAYER, x)
+    a, b = torch.randn(64), torch.randn(64)
+    mlp = decoder_layers(model)[LAYER].mlp
+    with torch.no_grad(), hooks.intervention(LAYER, [(0, 1)], a):
+        with hooks.intervention(LAYER, [(0, 1), (0, 2)], torch.stack([b, b])):
+            out = mlp(x)
+        assert torch.allclose(out[0, 1] - ref[0, 1], a + b, atol=1e-5)
+        assert torch.allclose(out[0, 2] - ref[0, 2], b, atol=1e-5)
+        out = mlp(x)
+        assert torch.allclose(out[0, 1] - ref[0, 1], a, atol=1e-5) and torch.equal(out[0, 2], ref[0, 2])
+    with torch.no_grad():
+        assert torch.equal(mlp(x), ref)
