@@ -1,0 +1,253 @@
+"""The data plane: everything a request does below the transport (KServe's DataPlane, transport-neutral).
+
+    Generate: validate -> router (scope detection, prompt, token ids) -> engine (batched decoding, hook gate)
+    Edit:     edit manager (compute off the event loop, quality gate, edit log, atomic publish)
+
+The gRPC servicers call these coroutines with `service.types` dataclasses and map the domain errors raised
+here to status codes. Nothing here knows about grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from service import __version__, metrics
+from service.config import Settings
+from service.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from service.router.routing import Route, Router
+from service.router.scope import ScopeDetector
+from service.router.validation import Limits, validate_generate, validate_score
+from service.types import (
+    AppliedEdit,
+    BatchEditInput,
+    BatchEditResult,
+    EditInput,
+    EditResult,
+    GenerateChunk,
+    GenerateInput,
+    GenerateResult,
+    ListEditsInput,
+    RollbackInput,
+    RollbackResult,
+    RollbackToInput,
+    RollbackToResult,
+    ScoreInput,
+    ScoreResult,
+    ServerInfo,
+    TokenLogprob,
+)
+
+if TYPE_CHECKING:
+    from service.editlog import EditView
+    from service.edits import EditManager
+    from service.engine import Engine
+    from service.engine.loader import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+class DataPlane:
+    def __init__(self, settings: Settings, loaded: LoadedModel, manager: EditManager, engine: Engine) -> None:
+        self.settings = settings
+        self.loaded = loaded
+        self.manager = manager
+        self.engine = engine
+        scope = (
+            ScopeDetector(manager.store, settings.scope_threshold, settings.retrieval_top_k)
+            if settings.retrieval_enabled
+            else None
+        )
+        limits = Limits(settings.max_prompt_tokens, settings.max_new_tokens_limit,
+                        settings.default_max_new_tokens)
+        self.router = Router(loaded.tokenizer, scope, limits)
+        self._ready = False
+        metrics.MODEL_INFO.info({
+            "model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": str(loaded.device), "hook_layers": ",".join(map(str, manager.hooks.layers)),
+        })
+
+    @classmethod
+    def load(cls, settings: Settings, loaded: LoadedModel | None = None) -> DataPlane:
+        """Blocking (~30 s cold): model, encoder, edit-log replay. `loaded` lets tests share one model."""
+        from service.edits import EditManager
+        from service.engine import Engine
+        from service.engine.loader import load_model
+
+        if loaded is None:
+            loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+        manager = EditManager(loaded, settings)
+        try:
+            engine = Engine(loaded, manager.hooks, max_batch_size=settings.max_batch_size,
+                            max_queue=settings.max_queue)
+        except Exception:
+            manager.close()
+            raise
+        return cls(settings, loaded, manager, engine)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self._ready = True
+
+    async def shutdown(self, grace_s: float) -> None:
+        self._ready = False
+        try:
+            await self.engine.stop(grace_s)
+        finally:
+            # Edits in flight finish their log commit under the manager's lock before it closes.
+            await asyncio.to_thread(self.manager.close)
+
+    def _require_ready(self) -> None:
+        if not self._ready:
+            raise Unavailable("the server is starting or shutting down")
+
+    def _require_version(self, min_version: int) -> None:
+        current = self.manager.version
+        if min_version > current:
+            raise FailedPrecondition(
+                f"this replica serves edit version {current}, below the requested {min_version}",
+                field="min_version",
+            )
+
+    # ------------------------------------------------------------------------------------ generation
+
+    async def generate(self, request: GenerateInput) -> GenerateResult:
+        pieces: list[str] = []
+        last: GenerateChunk | None = None
+        async for chunk in self.generate_stream(request):
+            pieces.append(chunk.text)
+            last = chunk
+        assert last is not None and last.finish_reason is not None  # the stream always ends with one
+        return GenerateResult(
+            text="".join(pieces),
+            prompt_tokens=last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
+            finish_reason=last.finish_reason,
+            edit_version=last.edit_version,
+            applied_edits=last.applied_edits,
+        )
+
+    async def generate_stream(self, request: GenerateInput) -> AsyncIterator[GenerateChunk]:
+        from service.engine import EngineRequest, SamplingParams
+
+        self._require_ready()
+        max_new = validate_generate(request, self.router.limits)
+        self._require_version(request.min_version)
+        version = self.manager.version
+        route = await self._route(request)
+        params = SamplingParams(
+            max_new_tokens=max_new,
+            temperature=request.temperature,
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop=list(request.stop),
+        )
+        engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
+                                       deadline=request.deadline)
+        stream = self.engine.stream(engine_request)
+        try:
+            async for event in stream:
+                final = event.finish_reason is not None
+                yield GenerateChunk(
+                    text=event.text,
+                    token_ids=list(event.token_ids),
+                    finish_reason=event.finish_reason,
+                    prompt_tokens=event.prompt_tokens,
+                    completion_tokens=event.completion_tokens,
+                    edit_version=max(version, event.edit_version),
+                    applied_edits=_applied(route, event.hook_fires) if final else [],
+                )
+        finally:
+            # Closing the engine's stream frees the batch slot when our caller stops early (cancel).
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def _route(self, request: GenerateInput) -> Route:
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            raise DeadlineExceeded("the deadline passed before the request was routed")
+        # Scope detection runs the sentence encoder: keep it off the event loop.
+        return await asyncio.to_thread(
+            self.router.route_generate, request.prompt, request.messages, request.use_edits,
+            request.edit_paths,
+        )
+
+    async def score(self, request: ScoreInput) -> ScoreResult:
+        self._require_ready()
+        validate_score(request)
+        self._require_version(request.min_version)
+        version = self.manager.version
+        route, continuation_ids = await asyncio.to_thread(
+            self.router.route_score, request.prompt, request.continuation, request.use_edits,
+            request.edit_paths,
+        )
+        out = await self.engine.score(route.prompt_ids, continuation_ids, use_hooks=route.use_hooks)
+        tokenizer = self.loaded.tokenizer
+        tokens = [
+            TokenLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp, is_greedy=g)
+            for t, lp, g in zip(continuation_ids, out.logprobs, out.greedy, strict=True)
+        ]
+        return ScoreResult(
+            tokens=tokens,
+            total_logprob=float(sum(out.logprobs)),
+            edit_version=max(version, out.edit_version),
+            prompt_tokens=len(route.prompt_ids),
+            applied_edits=_applied(route, out.hook_fires),
+        )
+
+    # ------------------------------------------------------------------------------------ editing
+
+    async def edit(self, request: EditInput) -> EditResult:
+        self._require_ready()
+        return await asyncio.to_thread(self.manager.edit, request)
+
+    async def batch_edit(self, request: BatchEditInput) -> BatchEditResult:
+        self._require_ready()
+        return await asyncio.to_thread(self.manager.batch_edit, request)
+
+    async def get_edit(self, edit_id: str) -> EditView:
+        return await asyncio.to_thread(self.manager.get, edit_id)
+
+    async def list_edits(self, request: ListEditsInput) -> tuple[list[EditView], str]:
+        return await asyncio.to_thread(self.manager.list, request)
+
+    async def rollback(self, request: RollbackInput) -> RollbackResult:
+        self._require_ready()
+        return await asyncio.to_thread(self.manager.rollback, request)
+
+    async def rollback_to(self, request: RollbackToInput) -> RollbackToResult:
+        self._require_ready()
+        return await asyncio.to_thread(self.manager.rollback_to, request)
+
+    async def server_info(self) -> ServerInfo:
+        counts = self.manager.counts()
+        return ServerInfo(
+            model_name=self.loaded.name,
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+            device=str(self.loaded.device),
+            hook_layers=list(self.manager.hooks.layers),
+            edit_version=self.manager.version,
+            active_edits=counts.active,
+            active_hook_edits=counts.active_hook,
+            active_descriptor_edits=counts.active_descriptor,
+            total_edits=counts.total,
+            server_version=__version__,
+            max_batch_size=self.settings.max_batch_size,
+        )
+
+
+def _applied(route: Route, hook_fires: dict[str, float]) -> list[AppliedEdit]:
+    """Retrieval hits first (they shaped the prompt), then hook edits that fired, best score first."""
+    hooks = [AppliedEdit(edit_id, "hook", score)
+             for edit_id, score in sorted(hook_fires.items(), key=lambda kv: -kv[1])]
+    return route.retrieval_edits() + hooks

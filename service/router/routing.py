@@ -1,0 +1,87 @@
+"""Request-level routing: which edit paths apply, which descriptors are in scope, and the final token ids.
+
+    request -> validate -> (retrieval on?) scope detector -> prompt template -> token ids for the engine
+
+Out-of-scope requests (and requests with edits off) are rendered exactly as serving without edits would
+render them, so they reach the engine byte-identical. Hook-layer edits gate themselves per token inside
+the model; here we only decide whether the hook path is on for the request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from service import metrics
+from service.errors import InvalidArgument
+from service.router.prompt import build_prompt, query_text
+from service.router.scope import ScopeDetector, ScopeHit
+from service.router.validation import Limits, check_prompt_tokens
+from service.types import AppliedEdit, ChatMessage
+
+
+@dataclass(frozen=True)
+class Route:
+    prompt_ids: list[int]
+    hits: list[ScopeHit]  # in-scope descriptors injected into the prompt
+    use_hooks: bool
+
+    def retrieval_edits(self) -> list[AppliedEdit]:
+        return [AppliedEdit(h.edit_id, "retrieval", h.score) for h in self.hits]
+
+
+class Router:
+    def __init__(self, tokenizer: Any, scope: ScopeDetector | None, limits: Limits) -> None:
+        self.tokenizer = tokenizer
+        self.scope = scope  # None: the retrieval path is switched off for this server
+        self.limits = limits
+
+    def paths(self, use_edits: bool, edit_paths: Sequence[str]) -> tuple[bool, bool]:
+        """(hook path on, retrieval path on) for one request."""
+        use_hooks = use_edits and "hook" in edit_paths
+        use_retrieval = use_edits and "retrieval" in edit_paths and self.scope is not None
+        return use_hooks, use_retrieval
+
+    def detect(self, query: str, use_retrieval: bool) -> list[ScopeHit]:
+        if not use_retrieval or self.scope is None:
+            return []
+        started = time.perf_counter()
+        hits = self.scope.detect(query)
+        if len(self.scope.store):
+            # Only requests that actually consulted the index count: an empty store costs nothing.
+            metrics.SCOPE_SECONDS.observe(time.perf_counter() - started)
+            if hits:
+                metrics.SCOPE_IN_SCOPE.inc()
+        return hits
+
+    def route_generate(
+        self, prompt: str, messages: Sequence[ChatMessage], use_edits: bool, edit_paths: Sequence[str]
+    ) -> Route:
+        use_hooks, use_retrieval = self.paths(use_edits, edit_paths)
+        pairs = [(m.role, m.content) for m in messages] or None
+        raw = None if pairs else prompt
+        field = "messages" if pairs else "prompt"
+        # A rendered chat already holds the template's special tokens; a raw prompt gets the tokenizer's
+        # usual ones (BOS for models that want it; SmolLM2 adds none).
+        special = pairs is None
+        plain_ids = self._encode(build_prompt(raw, pairs, [], self.tokenizer), special)
+        # The limit applies to what the caller sent; injected descriptors are ours to pay for.
+        check_prompt_tokens(len(plain_ids), self.limits, field)
+        hits = self.detect(query_text(raw, pairs), use_retrieval)
+        ids = self._encode(build_prompt(raw, pairs, hits, self.tokenizer), special) if hits else plain_ids
+        return Route(ids, hits, use_hooks)
+
+    def route_score(
+        self, prompt: str, continuation: str, use_edits: bool, edit_paths: Sequence[str]
+    ) -> tuple[Route, list[int]]:
+        route = self.route_generate(prompt, [], use_edits, edit_paths)
+        continuation_ids = self._encode(continuation, False)
+        if not continuation_ids:
+            raise InvalidArgument("encodes to no tokens", field="continuation")
+        check_prompt_tokens(len(continuation_ids), self.limits, "continuation")
+        return route, continuation_ids
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
