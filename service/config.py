@@ -1,9 +1,23 @@
-"""Server settings: one dataclass, filled from CLI flags, each also readable from EDITSERVE_<NAME>."""
+"""Server settings: one dataclass, filled from CLI flags, each also readable from EDITSERVE_<NAME>.
+
+`service/cli.py` builds the flags from these fields (a new field gets a flag and an env var for free);
+`Settings.validate()` is the one check of the values, run before anything is loaded.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot work; the CLI prints it and exits 2 before loading anything."""
 
 
 @dataclass
@@ -44,3 +58,56 @@ class Settings:
     insecure_edits: bool = False
 
     log_level: str = "INFO"
+
+    def validate(self) -> None:
+        """Raise SettingsError naming the first bad setting (by its flag)."""
+        for name in ("port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise SettingsError(f"--{_flag(name)} must be 0..65535, got {getattr(self, name)}")
+        if self.device not in DEVICES:
+            raise SettingsError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_new_tokens_limit",
+                     "default_max_new_tokens", "max_edits", "retrieval_top_k", "max_descriptor_chars"):
+            if getattr(self, name) < 1:
+                raise SettingsError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise SettingsError(
+                f"--default-max-new-tokens ({self.default_max_new_tokens}) exceeds "
+                f"--max-new-tokens-limit ({self.max_new_tokens_limit})"
+            )
+        if self.grace_period_s < 0:
+            raise SettingsError(f"--grace-period-s must be >= 0, got {self.grace_period_s}")
+        if any(layer < 0 for layer in self.hook_layers):
+            raise SettingsError(f"--hook-layers must be layer indices >= 0, got {self.hook_layers}")
+        if not 0.0 <= self.locality_max_top1_changed <= 1.0:
+            raise SettingsError("--locality-max-top1-changed is a share: 0..1")
+        if not self.admin_token and not self.insecure_edits and not is_loopback(self.host):
+            raise SettingsError(
+                f"refusing to listen on non-loopback host {self.host!r} without an admin token: anyone who "
+                "can reach the port could edit the model. Set --admin-token (or EDITSERVE_ADMIN_TOKEN), "
+                "or pass --insecure-edits to accept that risk."
+            )
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelNamesMapping()[self.log_level.upper()]
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses; a wildcard ("0.0.0.0", "::", "") or any other name is
+    reachable from elsewhere."""
+    bare = host.strip().strip("[]")
+    if bare.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:
+        return False
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -419,11 +419,16 @@ class Editor:
     def compute(self, spec: EditSpec) -> ComputedEdit:
         return self.compute_many([spec])[0]
 
-    def compute_many(self, specs: Sequence[EditSpec]) -> list[ComputedEdit]:
-        """Compute each edit independently, then run every quality check with ALL of them in the table."""
+    def compute_many(self, specs: Sequence[EditSpec], base: HookTable | None = None) -> list[ComputedEdit]:
+        """Compute each edit independently, then run every quality check with ALL of them in the table.
+
+        `base` replaces the published table as "the table before these edits" (the caller passes the
+        published one minus the edits the new ones supersede, whose near-identical keys would otherwise
+        win the gate during the quality checks).
+        """
         t0 = time.perf_counter()
         preps = [self._prepare(s) for s in specs]  # validate everything before any compute
-        published = self.hooks.current
+        published = self.hooks.current if base is None else base
         per_edit: list[tuple[list[HookEntry], str, float]] = []
         for prep in preps:
             t = time.perf_counter()

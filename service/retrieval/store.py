@@ -121,26 +121,33 @@ class RetrievalStore:
 
     def add_many(self, items: Iterable[tuple[str, str, np.ndarray | None]]) -> np.ndarray:
         """Bulk add in one index write; missing embeddings are encoded in one batch. Returns [n, dim]."""
-        items = list(items)
-        if not items:
-            return np.zeros((0, self.dim), np.float32)
+        return self.update(add=items)
+
+    def update(
+        self, remove: Iterable[str] = (), add: Iterable[tuple[str, str, np.ndarray | None]] = ()
+    ) -> np.ndarray:
+        """Remove and add (replacing same ids) as ONE published change: a reader sees the old set or the
+        new one, never a mix (a superseding edit swaps descriptors without a moment with neither or both).
+        Unknown ids in `remove` are ignored. Returns the added embeddings, [n, dim]."""
+        items = list(add)
         ids_in = [i for i, _, _ in items]
         if len(set(ids_in)) != len(ids_in):
             raise ValueError("duplicate edit ids in one add")
-        vecs = self._embeddings(items)
+        vecs = self._embeddings(items) if items else np.zeros((0, self.dim), np.float32)
         with self._lock:
-            replaced = [self._ids[e] for e in ids_in if e in self._ids]
-            if replaced:
-                self._index.remove(np.array(replaced, np.int64))
-            gone = set(ids_in)
+            gone = set(remove) | set(ids_in)  # replaced ids leave first
+            dropped = [self._ids.pop(e) for e in gone if e in self._ids]
+            if not dropped and not items:
+                return vecs
+            if dropped:
+                self._index.remove(np.array(dropped, np.int64))
             entries = {i: e for i, e in self._snap.entries.items() if e.edit_id not in gone}
-            for e in ids_in:
-                self._ids.pop(e, None)
             taken = set(entries)
             new_ids = [self._assign(e, taken) for e in ids_in]
             for (edit_id, descriptor, _), fid, vec in zip(items, new_ids, vecs, strict=True):
                 entries[fid] = Entry(edit_id, descriptor, vec)
-            self._index.add(np.array(new_ids, np.int64), vecs)
+            if new_ids:
+                self._index.add(np.array(new_ids, np.int64), vecs)
             self._snap = StoreSnapshot(self._index.snapshot(), entries)
         return vecs.copy()  # the caller's copy: entries keep their own rows
 

@@ -1,0 +1,106 @@
+"""Edit requests checked and turned into plans, before anything is computed or stored.
+
+Every caller mistake becomes InvalidArgument naming the field ("edits[2].prompt" inside a batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from service.editlog import request_digest
+from service.errors import InvalidArgument
+from service.hooks import Editor, EditSpec
+from service.router.prompt import derive_descriptor, relation_key, validate_descriptor
+from service.types import BatchEditInput, EditInput
+
+EditKind = Literal["triple", "descriptor"]
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    kind: EditKind
+    spec: EditSpec | None  # triple edits only
+    descriptor: str  # as stored and injected: validated, line breaks folded
+    relation_key: str  # "" for descriptor-only edits (they never supersede)
+    force: bool
+
+
+def plan_edit(
+    req: EditInput,
+    editor: Editor,
+    tokenizer: Any,
+    max_descriptor_chars: int,
+    *,
+    force: bool | None = None,
+    field_prefix: str = "",
+) -> EditPlan:
+    try:
+        return _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force)
+    except InvalidArgument as exc:
+        if not field_prefix:
+            raise
+        raise _prefixed(exc, field_prefix) from exc
+
+
+def _plan(req: EditInput, editor: Editor, tokenizer: Any, max_chars: int, force: bool) -> EditPlan:
+    subject, prompt, target = (req.subject or ""), (req.prompt or ""), (req.target_new or "")
+    paraphrases = list(req.paraphrases or [])
+    descriptor = req.descriptor or ""
+    if not (subject.strip() or prompt.strip() or target.strip()):
+        if not descriptor.strip():
+            raise InvalidArgument(
+                "must be a non-empty string (or send only `descriptor` for a retrieval-only edit)",
+                field="subject",
+            )
+        if paraphrases:
+            raise InvalidArgument("are only for subject/prompt/target_new edits", field="paraphrases")
+        text = validate_descriptor(descriptor, tokenizer, max_chars)
+        return EditPlan("descriptor", None, text, "", force)
+
+    spec = EditSpec(subject, prompt, target, paraphrases)
+    editor.validate(spec)
+    if descriptor.strip():
+        text = validate_descriptor(descriptor, tokenizer, max_chars)
+    else:
+        try:
+            text = validate_descriptor(derive_descriptor(prompt, target), tokenizer, max_chars)
+        except InvalidArgument as exc:
+            # The derived descriptor carries the prompt into the retrieval template: its faults are the
+            # prompt's (a special token, a role marker, too long to inject).
+            raise InvalidArgument(
+                f"the descriptor derived from prompt and target_new is refused ({_bare(exc)}); "
+                "send a shorter `descriptor` or fix the prompt",
+                field="prompt",
+            ) from exc
+    return EditPlan("triple", spec, text, relation_key(subject, prompt), force)
+
+
+def edit_digest(req: EditInput) -> str:
+    """What "the same content" means for an idempotent retry (the actor is who, not what)."""
+    return request_digest({"op": "edit", **_content(req)})
+
+
+def batch_digest(req: BatchEditInput) -> str:
+    return request_digest(
+        {"op": "batch_edit", "force": bool(req.force), "edits": [_content(e) for e in req.edits]}
+    )
+
+
+def _content(req: EditInput) -> dict[str, Any]:
+    return {
+        "subject": req.subject or "",
+        "prompt": req.prompt or "",
+        "target_new": req.target_new or "",
+        "paraphrases": list(req.paraphrases or []),
+        "descriptor": req.descriptor or "",
+        "force": bool(req.force),
+    }
+
+
+def _bare(exc: InvalidArgument) -> str:
+    return str(exc).removeprefix(f"{exc.field}: ") if exc.field else str(exc)
+
+
+def _prefixed(exc: InvalidArgument, prefix: str) -> InvalidArgument:
+    return InvalidArgument(_bare(exc), field=f"{prefix}.{exc.field}" if exc.field else prefix)

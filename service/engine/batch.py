@@ -1,0 +1,204 @@
+"""The model side of the engine: left-padded KV caches and the forward passes over them.
+
+Layout invariant: in every cache, row i's real tokens are the rightmost `lengths[i]` columns (left padding).
+Prefill pads prompts on the left, decode appends one column for every row, merging pads the narrower cache
+on the left, and dropping rows trims the leading columns no remaining row needs. So the attention mask is a
+pure function of (width, lengths), and position ids are each row's own count of real tokens: padding never
+shifts a row's positions and padded keys get exactly zero attention weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from service.engine.loader import LoadedModel
+from service.hooks.layer import HookManager, Recorder
+
+
+def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_from(config: object, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    cache = DynamicCache(config=config)
+    for layer, (k, v) in zip(cache.layers, kv, strict=True):
+        if type(layer) is DynamicLayer:
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v  # adopt the tensors: `update` would copy them once more
+        else:
+            layer.update(k, v)
+    return cache
+
+
+@dataclass
+class KVState:
+    """A left-padded cache over some rows and each row's number of real (cached) tokens."""
+
+    cache: DynamicCache
+    lengths: list[int]
+
+    @property
+    def width(self) -> int:
+        return self.cache.get_seq_length()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def select(self, rows: Sequence[int], config: object) -> KVState:
+        """Only `rows`, in that order, without the leading columns that are padding for all of them."""
+        lengths = [self.lengths[r] for r in rows]
+        cut = self.width - max(lengths)
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.cache.layers[0].keys.device)
+        kv = [
+            (k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
+            for k, v in _layer_tensors(self.cache)
+        ]
+        return KVState(_cache_from(config, kv), lengths)
+
+    def concat(self, other: KVState, config: object) -> KVState:
+        """Rows of self then rows of other; the narrower cache is padded on the left with zeros."""
+        width = max(self.width, other.width)
+
+        def left_pad(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 0, width - t.shape[2], 0)) if t.shape[2] < width else t
+
+        kv = [
+            (torch.cat([left_pad(k1), left_pad(k2)]), torch.cat([left_pad(v1), left_pad(v2)]))
+            for (k1, v1), (k2, v2) in zip(
+                _layer_tensors(self.cache), _layer_tensors(other.cache), strict=True
+            )
+        ]
+        return KVState(_cache_from(config, kv), self.lengths + other.lengths)
+
+
+@dataclass
+class ForwardOutput:
+    logits: torch.Tensor  # [B, V] float32: the next-token logits of every row
+    fires: list[dict[str, float]]  # per row: edit_id -> best gate score at this forward's real tokens
+    fired_tokens: list[int]  # per row: real tokens of this forward where some edit fired
+    edit_version: int  # version of the hook table this forward used (0 without hooks)
+
+
+@dataclass
+class ScoreOutput:
+    logprobs: list[float]  # log p of each continuation token given everything before it
+    greedy: list[bool]  # whether each continuation token was the argmax at its position
+    edit_version: int
+    hook_fires: dict[str, float]
+
+
+class ModelRunner:
+    """Runs prefill, decode and teacher-forced forwards; must be called from one thread at a time."""
+
+    def __init__(self, loaded: LoadedModel, hooks: HookManager | None) -> None:
+        self.model = loaded.model
+        self.config = loaded.model.config
+        self.device = loaded.device
+        self.hooks = hooks
+        pad = loaded.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else 0)  # any id works: padded columns are masked out
+
+    # ---- hooks --------------------------------------------------------------------------------
+    @contextmanager
+    def _hook_scope(
+        self, enabled: Sequence[bool], offsets: Sequence[int]
+    ) -> Iterator[tuple[Recorder | None, int]]:
+        """Pin one table snapshot for the whole forward (a publish mid-forward cannot mix two versions across
+        layers) and record fires with per-row position offsets (negative over left padding)."""
+        if self.hooks is None:
+            yield None, 0
+            return
+        table = self.hooks.current
+        row_enabled = torch.tensor(list(enabled), dtype=torch.bool, device=self.device)
+        with self.hooks.table_override(table), self.hooks.recording(row_enabled=row_enabled) as rec:
+            rec.position_offset = list(offsets)
+            yield rec, table.version
+
+    @staticmethod
+    def _collect(rec: Recorder | None, rows: int) -> tuple[list[dict[str, float]], list[int]]:
+        fires: list[dict[str, float]] = [{} for _ in range(rows)]
+        fired_positions: list[set[int]] = [set() for _ in range(rows)]
+        if rec is not None:
+            for f in rec.fires:
+                if f.position < 0:
+                    continue  # a padding column, not one of the row's tokens
+                best = fires[f.row].get(f.edit_id)
+                if best is None or f.score > best:
+                    fires[f.row][f.edit_id] = f.score
+                fired_positions[f.row].add(f.position)
+        return fires, [len(p) for p in fired_positions]
+
+    # ---- forwards -----------------------------------------------------------------------------
+    def prefill(
+        self, prompts: Sequence[Sequence[int]], hooks_enabled: Sequence[bool]
+    ) -> tuple[ForwardOutput, KVState]:
+        lengths = [len(p) for p in prompts]
+        width = max(lengths)
+        pads = [width - n for n in lengths]
+        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        for row, (prompt, pad) in enumerate(zip(prompts, pads, strict=True)):
+            input_ids[row, pad:] = torch.tensor(list(prompt), dtype=torch.long)
+        columns = torch.arange(width)
+        pad_t = torch.tensor(pads)
+        mask = (columns[None, :] >= pad_t[:, None]).long()
+        positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
+        cache = DynamicCache(config=self.config)
+        with self._hook_scope(hooks_enabled, [-p for p in pads]) as (rec, version):
+            out = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=positions.to(self.device),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,  # only the last column's logits are needed: skips most of the LM head
+            )
+        fires, fired = self._collect(rec, len(prompts))
+        logits = out.logits[:, -1, :].float()
+        return ForwardOutput(logits, fires, fired, version), KVState(out.past_key_values, lengths)
+
+    def decode(
+        self, state: KVState, last_tokens: Sequence[int], hooks_enabled: Sequence[bool]
+    ) -> ForwardOutput:
+        """One new token per row; `state` grows by one column and every length by one."""
+        width = state.width
+        lengths = torch.tensor(state.lengths)
+        columns = torch.arange(width + 1)
+        mask = (columns[None, :] >= (width - lengths)[:, None]).long()  # the new column is real for every row
+        with self._hook_scope(hooks_enabled, state.lengths) as (rec, version):
+            out = self.model(
+                input_ids=torch.tensor(list(last_tokens), dtype=torch.long)[:, None].to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=lengths[:, None].to(self.device),
+                past_key_values=state.cache,
+                use_cache=True,
+            )
+        state.cache = out.past_key_values
+        state.lengths = [n + 1 for n in state.lengths]
+        fires, fired = self._collect(rec, len(last_tokens))
+        return ForwardOutput(out.logits[:, -1, :].float(), fires, fired, version)
+
+    def score(
+        self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], use_hooks: bool
+    ) -> ScoreOutput:
+        """Teacher forcing: one forward over prompt + continuation."""
+        ids = list(prompt_ids) + list(continuation_ids)
+        n = len(continuation_ids)
+        with self._hook_scope([use_hooks], [0]) as (rec, version):
+            out = self.model(
+                input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                use_cache=False,
+                logits_to_keep=n + 1,  # the positions predicting each continuation token (and the last)
+            )
+        fires, _ = self._collect(rec, 1)
+        logprobs = out.logits[0, :-1, :].float().log_softmax(dim=-1)
+        target = torch.tensor(list(continuation_ids), dtype=torch.long, device=logprobs.device)
+        picked = logprobs.gather(1, target[:, None]).squeeze(1)
+        greedy = logprobs.argmax(dim=-1) == target
+        return ScoreOutput(picked.tolist(), greedy.tolist(), version, fires[0])

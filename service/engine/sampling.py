@@ -1,0 +1,77 @@
+"""Next-token selection: greedy at temperature 0, else temperature / top-k / top-p with a per-sequence seed.
+
+Each sampled sequence owns a `torch.Generator` seeded from its own `seed`, so its random draws depend only on
+its own seed and step, never on which other sequences share the batch: same seed + same prompt -> same text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from service.errors import InvalidArgument
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int = 0  # used when temperature > 0
+    stop: list[str] = field(default_factory=list)  # text is cut before the first stop string found
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgument("must be at least 1", field="max_new_tokens")
+        if not self.temperature >= 0.0:  # also rejects NaN
+            raise InvalidArgument("must be >= 0", field="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument("must be in (0, 1]", field="top_p")
+        if self.top_k < 0:
+            raise InvalidArgument("must be >= 0", field="top_k")
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    """The sequence's own random stream (None for greedy: no randomness needed)."""
+    if params.greedy:
+        return None
+    # manual_seed wants a value in [-2**63, 2**64); mask so any Python int (negative, huge) is accepted.
+    return torch.Generator(device="cpu").manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """-inf everywhere except the k largest logits of each row (ties at the k-th value are kept)."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """-inf outside the nucleus: the smallest set of most likely tokens whose probability reaches p. The most
+    likely token is always kept."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked strictly above
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from one row of logits [V]."""
+    if params.greedy:
+        return int(logits.argmax())
+    scaled = logits.float() / params.temperature
+    scaled = top_p_filter(top_k_filter(scaled, params.top_k), params.top_p)
+    probs = scaled.softmax(dim=-1)
+    return int(torch.multinomial(probs.to("cpu"), 1, generator=generator))

@@ -1,0 +1,418 @@
+"""The Engine: one bounded queue, one worker thread, continuous batching.
+
+Each step of the worker thread:
+  1. drops sequences whose consumer went away or whose deadline passed (their batch slots free at once),
+  2. runs queued Score requests (one teacher-forced forward each),
+  3. admits waiting requests into free slots: one left-padded prefill forward for the newcomers, whose KV
+     cache is then merged onto the running batch's cache,
+  4. runs one decode forward for every running row and streams each row's new token to its consumer.
+
+Forward passes never run on the asyncio event loop; events cross back with `loop.call_soon_threadsafe`, once
+per loop per phase. An exception in a forward fails only the requests in that forward, never the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from service import metrics
+from service.engine.batch import ForwardOutput, KVState, ModelRunner, ScoreOutput
+from service.engine.loader import LoadedModel
+from service.engine.sampling import sample_row
+from service.engine.sequence import EngineError, EngineRequest, SequenceState, TokenEvent, TokenStream
+from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from service.hooks.layer import HookManager
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_TOKENS = 2048  # when the model config names no max_position_embeddings
+
+
+@dataclass(eq=False)
+class _ScoreJob:
+    prompt_ids: list[int]
+    continuation_ids: list[int]
+    use_hooks: bool
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[ScoreOutput]
+
+
+def _deliver(items: list[tuple[asyncio.Queue, TokenEvent | BaseException]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _settle(future: asyncio.Future, result: ScoreOutput | BaseException) -> None:
+    if future.done():  # the caller was cancelled meanwhile
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
+
+
+class _Outbox:
+    """Events produced by one phase of a step, handed to each event loop in one thread-safe call."""
+
+    def __init__(self) -> None:
+        self._items: list[tuple[SequenceState, TokenEvent | BaseException]] = []
+
+    def put(self, seq: SequenceState, item: TokenEvent | BaseException) -> None:
+        self._items.append((seq, item))
+
+    def flush(self) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[SequenceState, TokenEvent | BaseException]]] = {}
+        for seq, item in self._items:
+            by_loop.setdefault(seq.loop, []).append((seq, item))
+        self._items = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, [(seq.queue, item) for seq, item in items])
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                for seq, _ in items:
+                    seq.cancelled = True
+
+
+def _eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured is not None:
+        ids.update(int(i) for i in configured)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+class Engine:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        hooks: HookManager | None = None,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_context_tokens: int | None = None,
+        max_prefill_tokens: int = 4096,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
+            raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
+        self.loaded = loaded
+        self.hooks = hooks
+        self._runner = ModelRunner(loaded, hooks)
+        self._config = loaded.model.config
+        # Default: the generation config's end tokens and the tokenizer's EOS (chat models can have several)
+        self._eos_ids = (
+            frozenset(int(t) for t in eos_token_ids) if eos_token_ids is not None else _eos_token_ids(loaded)
+        )
+        self._vocab_size = int(loaded.model.get_input_embeddings().num_embeddings)
+        self._max_batch_size = max_batch_size
+        self._max_queue = max_queue
+        self._max_context = int(
+            max_context_tokens
+            or getattr(self._config, "max_position_embeddings", 0)
+            or DEFAULT_CONTEXT_TOKENS
+        )
+        # Padded tokens (rows x longest prompt) per prefill forward: bounds its memory and how long the
+        # running rows wait for it. One request is always admitted, however long.
+        self._max_prefill_tokens = max_prefill_tokens
+
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._waiting: deque[SequenceState] = deque()  # guarded by _lock
+        self._scores: deque[_ScoreJob] = deque()  # guarded by _lock
+        self._accepting = False
+        self._cancel_all = False  # shutdown past its grace: end everything with finish_reason "cancelled"
+        self._exit = False
+        self._thread: threading.Thread | None = None
+        # Worker-thread state: the running rows, aligned with the rows of the running KV cache.
+        self._rows: list[SequenceState] = []
+        self._kv: KVState | None = None
+        self._num_running = 0
+
+    # ---- public API ------------------------------------------------------------------------------
+    @property
+    def max_batch_size(self) -> int:
+        return self._max_batch_size
+
+    @property
+    def num_running(self) -> int:
+        return self._num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self._max_context
+
+    async def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            self._accepting, self._cancel_all, self._exit = True, False, False
+        self._thread = threading.Thread(target=self._run, name="editserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop admitting, let queued and running sequences finish for up to grace_s, then cancel the rest
+        (their streams end with finish_reason "cancelled") and end the worker thread."""
+        with self._lock:
+            self._accepting = False
+        end = time.monotonic() + max(0.0, grace_s)
+        while self._busy() and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        with self._lock:
+            self._cancel_all = True
+            self._exit = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    def stream(self, request: EngineRequest) -> TokenStream:
+        """Queue a generation; iterate the result for its TokenEvents. Raises (synchronously) InvalidArgument,
+        Unavailable when not serving, ResourceExhausted when the queue is full."""
+        self._check_prompt(request.prompt_ids, "prompt_ids")
+        request.params.validate()
+        seq = SequenceState(
+            request, asyncio.get_running_loop(), self.loaded.tokenizer, self._eos_ids, self._max_context
+        )
+        self._enqueue(self._waiting, seq)
+        return TokenStream(seq)
+
+    async def score(
+        self, prompt_ids: list[int], continuation_ids: list[int], use_hooks: bool = True
+    ) -> ScoreOutput:
+        """log p of each continuation token given the prompt and the tokens before it (teacher forcing)."""
+        self._check_prompt(prompt_ids, "prompt_ids")
+        self._check_ids(continuation_ids, "continuation_ids")
+        if len(prompt_ids) + len(continuation_ids) > self._max_context:
+            raise InvalidArgument(
+                f"prompt + continuation is {len(prompt_ids) + len(continuation_ids)} tokens; "
+                f"the context holds {self._max_context}",
+                field="continuation_ids",
+            )
+        if not continuation_ids:
+            version = self.hooks.current.version if self.hooks is not None else 0
+            return ScoreOutput([], [], version, {})
+        loop = asyncio.get_running_loop()
+        job = _ScoreJob(list(prompt_ids), list(continuation_ids), use_hooks, loop, loop.create_future())
+        self._enqueue(self._scores, job)
+        return await job.future
+
+    # ---- admission -------------------------------------------------------------------------------
+    def _check_ids(self, ids: Sequence[int], field: str) -> None:
+        if any(not 0 <= int(t) < self._vocab_size for t in ids):
+            raise InvalidArgument(f"token ids must be in [0, {self._vocab_size})", field=field)
+
+    def _check_prompt(self, ids: Sequence[int], field: str) -> None:
+        if not ids:
+            raise InvalidArgument("must not be empty", field=field)
+        self._check_ids(ids, field)
+        if len(ids) >= self._max_context:
+            raise InvalidArgument(f"{len(ids)} tokens; the context holds {self._max_context}", field=field)
+
+    def _enqueue(self, queue: deque, item: SequenceState | _ScoreJob) -> None:
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable("the engine is not serving (not started or shutting down)")
+            if len(self._waiting) + len(self._scores) >= self._max_queue:
+                raise ResourceExhausted(f"the request queue is full ({self._max_queue} waiting)")
+            queue.append(item)
+            self._wakeup.notify()
+            metrics.WAITING.set(len(self._waiting))
+
+    def _busy(self) -> bool:
+        return bool(self._num_running or self._waiting or self._scores)
+
+    # ---- the worker thread -----------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not (self._waiting or self._scores or self._rows or self._exit):
+                        self._wakeup.wait()
+                    if self._exit and not (self._waiting or self._scores or self._rows):
+                        break
+                try:
+                    self._step()
+                except Exception as exc:  # a bug outside the forwards: fail the running rows, keep serving
+                    log.exception("engine step failed")
+                    outbox = _Outbox()
+                    for seq in self._rows:
+                        outbox.put(seq, EngineError(f"engine step failed: {exc!r}"))
+                    outbox.flush()
+                    self._rows, self._kv = [], None
+                self._num_running = len(self._rows)
+                metrics.RUNNING.set(self._num_running)
+                metrics.WAITING.set(len(self._waiting))
+
+    def _step(self) -> None:
+        outbox = _Outbox()
+        self._reap(outbox)
+        outbox.flush()
+        self._run_scores()
+        newcomers = self._admit()
+        if newcomers:
+            self._prefill(newcomers, outbox)
+            outbox.flush()  # first tokens go out before the decode forward
+        if self._rows:
+            self._decode(outbox)
+            outbox.flush()
+
+    def _reap(self, outbox: _Outbox) -> None:
+        """Drop cancelled and expired sequences, waiting or running; at shutdown, end them all."""
+        now = time.monotonic()
+
+        def verdict(seq: SequenceState) -> TokenEvent | BaseException | bool:
+            if seq.cancelled:
+                return True  # nobody to tell
+            if self._cancel_all:
+                return seq.finish_cancelled()
+            if seq.request.deadline is not None and now >= seq.request.deadline:
+                return DeadlineExceeded("deadline passed before the generation finished")
+            return False
+
+        with self._lock:
+            kept: deque[SequenceState] = deque()
+            for seq in self._waiting:
+                v = verdict(seq)
+                if v is False:
+                    kept.append(seq)
+                elif v is not True:
+                    outbox.put(seq, v)
+            self._waiting = kept
+            if self._cancel_all:
+                for job in self._scores:
+                    job.loop.call_soon_threadsafe(_settle, job.future, Unavailable("the engine shut down"))
+                self._scores.clear()
+        survivors = []
+        for row, seq in enumerate(self._rows):
+            v = verdict(seq)
+            if v is False:
+                survivors.append(row)
+            elif v is not True:
+                outbox.put(seq, v)
+        self._keep_rows(survivors)
+
+    def _keep_rows(self, rows: list[int]) -> None:
+        if len(rows) == len(self._rows):
+            return
+        self._rows = [self._rows[r] for r in rows]
+        self._kv = self._kv.select(rows, self._config) if rows and self._kv is not None else None
+        self._num_running = len(self._rows)
+
+    def _run_scores(self) -> None:
+        with self._lock:
+            jobs = list(self._scores)
+            self._scores.clear()
+        for job in jobs:
+            if job.future.cancelled():
+                continue
+            try:
+                result: ScoreOutput | BaseException = self._runner.score(
+                    job.prompt_ids, job.continuation_ids, job.use_hooks
+                )
+                metrics.BATCH_SIZE.observe(1)
+            except Exception as exc:
+                log.exception("score forward failed")
+                result = EngineError(f"score forward failed: {exc!r}")
+            try:
+                job.loop.call_soon_threadsafe(_settle, job.future, result)
+            except RuntimeError:
+                pass  # the caller's loop is closed
+
+    def _admit(self) -> list[SequenceState]:
+        free = self._max_batch_size - len(self._rows)
+        taken: list[SequenceState] = []
+        width = 0
+        with self._lock:
+            while self._waiting and len(taken) < free:
+                next_width = max(width, len(self._waiting[0].prompt_ids))
+                if taken and next_width * (len(taken) + 1) > self._max_prefill_tokens:
+                    break
+                taken.append(self._waiting.popleft())
+                width = next_width
+        now = time.monotonic()
+        for seq in taken:
+            metrics.QUEUE_TIME.observe(now - seq.submitted_at)
+        self._num_running = len(self._rows) + len(taken)
+        return taken
+
+    def _prefill(self, newcomers: list[SequenceState], outbox: _Outbox) -> None:
+        try:
+            out, kv = self._runner.prefill(
+                [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers]
+            )
+        except Exception as exc:
+            log.exception("prefill forward failed")
+            for seq in newcomers:
+                outbox.put(seq, EngineError(f"prefill forward failed: {exc!r}"))
+            return
+        metrics.BATCH_SIZE.observe(len(newcomers))
+        metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in newcomers))
+        keep = self._advance(newcomers, out, outbox)
+        if not keep:
+            return
+        if len(keep) < len(newcomers):
+            kv = kv.select(keep, self._config)
+        self._kv = kv if self._kv is None else self._kv.concat(kv, self._config)
+        self._rows.extend(newcomers[i] for i in keep)
+
+    def _decode(self, outbox: _Outbox) -> None:
+        rows = self._rows
+        assert self._kv is not None
+        try:
+            out = self._runner.decode(
+                self._kv, [s.last_token for s in rows], [s.request.use_hooks for s in rows]
+            )
+        except Exception as exc:
+            # The cache may be half-updated: every row of this batch fails, later requests start clean.
+            log.exception("decode forward failed")
+            for seq in rows:
+                outbox.put(seq, EngineError(f"decode forward failed: {exc!r}"))
+            self._rows, self._kv = [], None
+            return
+        metrics.BATCH_SIZE.observe(len(rows))
+        self._keep_rows(self._advance(rows, out, outbox))
+
+    def _advance(self, seqs: list[SequenceState], out: ForwardOutput, outbox: _Outbox) -> list[int]:
+        """Sample each row's next token and queue its event; returns the rows that keep running."""
+        greedy_tokens = out.logits.argmax(dim=-1).tolist()
+        keep: list[int] = []
+        generated = fired = 0
+        for row, seq in enumerate(seqs):
+            if seq.cancelled:
+                continue
+            try:
+                seq.record_forward(out.fires[row], out.edit_version)
+                token = (
+                    greedy_tokens[row]
+                    if seq.params.greedy
+                    else sample_row(out.logits[row], seq.params, seq.generator)
+                )
+                event = seq.append(token)
+            except Exception as exc:  # this row only (e.g. NaN probabilities, a tokenizer error)
+                log.exception("sampling failed")
+                outbox.put(seq, EngineError(f"sampling failed: {exc!r}"))
+                continue
+            generated += 1
+            fired += out.fired_tokens[row]
+            outbox.put(seq, event)
+            if not seq.finished:
+                keep.append(row)
+        metrics.GENERATION_TOKENS.inc(generated)
+        if fired:
+            metrics.HOOK_FIRES.inc(fired)
+        return keep

@@ -1,0 +1,127 @@
+"""`editserve eval`: the evaluation harness's command line (registered by service/cli.py).
+
+  editserve eval --data FILE --format counterfact|zsre|knowedit [--n N] [--sequential T [T ...]]
+                 [--methods ...] [--server ADDR] [--out DIR] [--seed S]
+
+Without --server a real server is started in this process. Re-running the same command resumes from
+--out; adding T values or methods to an --out extends it, and the report covers everything in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from service.eval.datasets import FORMATS
+from service.eval.runner import METHODS, EvalConfig
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="records file (JSON array or JSON Lines)")
+    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True, help="record format")
+    parser.add_argument("--n", type=int, default=None, help="evaluate the first N parsable records (all)")
+    parser.add_argument(
+        "--sequential",
+        type=int,
+        nargs="+",
+        default=[1],
+        metavar="T",
+        help="edits applied before evaluating (WISE's protocol); 1 = single: edit, evaluate, "
+        "roll back. Several values run one after another (default 1)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=list(METHODS),
+        help="methods to evaluate (default: all)",
+    )
+    parser.add_argument(
+        "--server",
+        default=None,
+        metavar="ADDR",
+        help="drive a running service at host:port (default: start one in this process)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("EDITSERVE_ADMIN_TOKEN", ""),
+        help="token for --server's EditService (default: $EDITSERVE_ADMIN_TOKEN)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("eval-out"), help="results and progress (eval-out)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds ROME's covariance text and --sample")
+    parser.add_argument(
+        "--sample", action="store_true", help="a seeded random sample of N records, not the first N"
+    )
+    parser.add_argument(
+        "--concurrency", type=int, default=16, help="requests in flight (the server batches them)"
+    )
+    parser.add_argument(
+        "--no-generate",
+        dest="generate",
+        action="store_false",
+        help="skip the greedy-generation companions of the metrics (faster)",
+    )
+    parser.add_argument("--model", default="embedded", help="model for the in-process server and ROME's copy")
+    parser.add_argument("--device", default="cpu", help="device for the in-process server and ROME")
+    parser.add_argument(
+        "--rome-layer", type=int, default=None, help="ROME's edited layer (default: hook layer)"
+    )
+    parser.add_argument(
+        "--rome-cov-tokens",
+        type=int,
+        default=40_000,
+        help="sampled tokens for ROME's key covariance (cached under --out)",
+    )
+    parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out and exit")
+
+
+def config_from(args: argparse.Namespace, argv: list[str] | None = None) -> EvalConfig:
+    return EvalConfig(
+        data=args.data,
+        fmt=args.fmt,
+        out=args.out,
+        n=args.n,
+        sequential=list(dict.fromkeys(args.sequential)),
+        methods=list(dict.fromkeys(args.methods)),
+        server=args.server,
+        admin_token=args.admin_token,
+        seed=args.seed,
+        sample=args.sample,
+        concurrency=args.concurrency,
+        generate=args.generate,
+        model=args.model,
+        device=args.device,
+        rome_layer=args.rome_layer,
+        rome_cov_tokens=args.rome_cov_tokens,
+        command=["editserve", "eval", *(argv if argv is not None else _eval_argv())],
+    )
+
+
+def _eval_argv() -> list[str]:
+    argv = sys.argv[1:]
+    return argv[argv.index("eval") + 1 :] if "eval" in argv else argv
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if not args.data.exists():
+        print(f"editserve eval: error: --data {args.data} does not exist", file=sys.stderr)
+        return 2
+    cfg = config_from(args)
+    if args.report_only:
+        from service.eval.datasets import load_records
+        from service.eval.report import write_report
+
+        data = load_records(cfg.data, cfg.fmt, cfg.n, sample_seed=cfg.seed if cfg.sample else None)
+        write_report(cfg, data)
+    else:
+        from service.eval.runner import run_eval_sync
+
+        run_eval_sync(cfg)
+    print(f"wrote {cfg.out / 'results.json'}, {cfg.out / 'summary.md'}, {cfg.out / 'plot.png'}")
+    return 0

@@ -1,0 +1,129 @@
+"""Server interceptors, outermost first: metrics -> exception-to-status -> auth.
+
+The exception interceptor is the ONE place that turns domain errors (`service.errors`) into gRPC
+status codes; servicers and the data plane only ever raise. Auth raises domain errors too, so it
+sits inside the exception interceptor; metrics sits outside both and sees the final code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
+from grpc import aio
+from grpc_interceptor.exception_to_status import AsyncExceptionToStatusInterceptor
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from service import metrics
+from service.errors import EditServeError, PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/editserve.v1."
+EDIT_SERVICE_PREFIX = "/editserve.v1.EditService/"
+
+
+class ErrorToStatusInterceptor(AsyncExceptionToStatusInterceptor):
+    """EditServeError -> its `.code`; anything else -> INTERNAL with the traceback in the server log."""
+
+    async def handle_exception(
+        self, ex: Exception, request_or_iterator: Any, context: aio.ServicerContext, method_name: str
+    ) -> NoReturn:
+        if isinstance(ex, aio.AbortError):  # a servicer or inner interceptor already set the status
+            raise ex
+        if isinstance(ex, EditServeError):
+            code = getattr(grpc.StatusCode, ex.code, grpc.StatusCode.INTERNAL)
+            await context.abort(code, ex.message)
+        # A bug, not a caller mistake: the details stay in our log, the caller gets no internals.
+        log.exception("unhandled error in %s", method_name)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method_name} (see server log)")
+
+
+class AuthInterceptor(AsyncServerInterceptor):
+    """With an admin token configured, every EditService call needs `authorization: Bearer <token>`."""
+
+    def __init__(self, admin_token: str) -> None:
+        self._token = admin_token.encode()
+
+    async def intercept(
+        self, method: Callable, request_or_iterator: Any, context: aio.ServicerContext, method_name: str
+    ) -> Any:
+        if self._token and method_name.startswith(EDIT_SERVICE_PREFIX):
+            self._check(context)
+        response = method(request_or_iterator, context)
+        return response if hasattr(response, "__aiter__") else await response
+
+    def _check(self, context: aio.ServicerContext) -> None:
+        header = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value if isinstance(value, str) else value.decode(errors="replace")
+                break
+        scheme, _, presented = header.strip().partition(" ")
+        if not header or scheme.lower() != "bearer" or not presented.strip():
+            raise Unauthenticated("EditService needs metadata 'authorization: Bearer <admin token>'")
+        # Constant-time: the comparison must not tell an attacker how many leading bytes matched.
+        if not hmac.compare_digest(presented.strip().encode(), self._token):
+            raise PermissionDenied("the admin token is not valid")
+
+
+class MetricsInterceptor(AsyncServerInterceptor):
+    """`editserve_requests_total{rpc,code}` and `editserve_request_duration_seconds{rpc}` per API call,
+    streams measured until their last message. Health and reflection calls are not counted (probes
+    would drown the real traffic)."""
+
+    async def intercept(
+        self, method: Callable, request_or_iterator: Any, context: aio.ServicerContext, method_name: str
+    ) -> Any:
+        if not method_name.startswith(API_PREFIX):
+            response = method(request_or_iterator, context)
+            return response if hasattr(response, "__aiter__") else await response
+        rpc = method_name.removeprefix("/editserve.v1.")
+        start = time.perf_counter()
+        try:
+            response = method(request_or_iterator, context)
+            if hasattr(response, "__aiter__"):
+                return self._measure_stream(response, rpc, start, context)
+            result = await response
+        except BaseException as exc:
+            _observe(rpc, _code_of(exc, context), start)
+            raise
+        _observe(rpc, _code_of(None, context), start)
+        return result
+
+    async def _measure_stream(
+        self, stream: AsyncIterator[Any], rpc: str, start: float, context: aio.ServicerContext
+    ) -> AsyncIterator[Any]:
+        error: BaseException | None = None
+        try:
+            async for item in stream:
+                yield item
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            _observe(rpc, _code_of(error, context), start)
+
+
+def _observe(rpc: str, code: str, start: float) -> None:
+    metrics.REQUESTS.labels(rpc=rpc, code=code).inc()
+    metrics.REQUEST_DURATION.labels(rpc=rpc).observe(time.perf_counter() - start)
+
+
+def _code_of(exc: BaseException | None, context: aio.ServicerContext) -> str:
+    code = context.code()
+    if code is not None and code != grpc.StatusCode.OK:
+        return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    if exc is None:
+        return "OK"
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    if isinstance(exc, EditServeError):
+        return exc.code
+    return "UNKNOWN"

@@ -1,0 +1,245 @@
+"""The grpc.aio server: API services, health, reflection, Prometheus endpoint, and its lifecycle.
+
+Lifecycle: bind and answer at once (health NOT_SERVING, API calls UNAVAILABLE "model loading") ->
+load the data plane in a thread (~30 s: model, encoder, edit-log replay) -> health SERVING. A failed
+load stops the process (never a partial state). SIGTERM/SIGINT: health NOT_SERVING, refuse new
+calls, drain in-flight ones within the grace period, shut the data plane down, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE_NAME
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from service._proto.editserve.v1 import editserve_pb2 as pb
+from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+from service.config import Settings
+from service.errors import EditLogCorrupted, EditServeError
+from service.types import DataPlaneProtocol
+
+from .interceptors import AuthInterceptor, ErrorToStatusInterceptor, MetricsInterceptor
+from .servicers import EditServicer, GenerateServicer, InfoServicer, PlaneSlot
+
+log = logging.getLogger(__name__)
+
+API_SERVICES: tuple[str, ...] = tuple(
+    pb.DESCRIPTOR.services_by_name[name].full_name
+    for name in ("GenerateService", "EditService", "InfoService")
+)
+REFLECTED_SERVICES: tuple[str, ...] = (*API_SERVICES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
+_HEALTH_NAMES = ("", *API_SERVICES)  # "" is the whole server, as grpc-health-probe asks by default
+
+EXIT_OK = 0
+EXIT_LOAD_FAILED = 1
+
+
+class ServablePlane(DataPlaneProtocol, Protocol):
+    """A data plane the server can start once it is built (service.dataplane.DataPlane is one)."""
+
+    async def start(self) -> None: ...
+
+
+PlaneFactory = Callable[[], ServablePlane]
+_T = TypeVar("_T")
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+class EditServeServer:
+    """One server instance; `serve()` drives it from a process, tests drive it directly."""
+
+    def __init__(self, settings: Settings, plane_factory: PlaneFactory) -> None:
+        self.settings = settings
+        self._plane_factory = plane_factory
+        self._slot = PlaneSlot()
+        self._health = health_aio.HealthServicer()
+        self._server: aio.Server | None = None
+        self._metrics_http: Any = None
+        self._stopped = asyncio.Event()
+        self._stopping = False
+        self.port = 0  # the bound gRPC port (settings.port, or the one picked for port 0)
+        self.metrics_port = 0  # the bound metrics port; 0 = disabled
+
+    @property
+    def address(self) -> str:
+        return format_address(self.settings.host, self.port)
+
+    @property
+    def plane(self) -> DataPlaneProtocol | None:
+        return self._slot.plane
+
+    async def start(self) -> None:
+        """Bind both ports and start answering; health stays NOT_SERVING until `load_plane`."""
+        interceptors: list[aio.ServerInterceptor] = [MetricsInterceptor(), ErrorToStatusInterceptor()]
+        if self.settings.admin_token:
+            interceptors.append(AuthInterceptor(self.settings.admin_token))
+        # so_reuseport off: a second server on a taken port must fail, not silently share it.
+        server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(self._slot), server)
+        pb_grpc.add_EditServiceServicer_to_server(EditServicer(self._slot), server)
+        pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(self._slot), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(REFLECTED_SERVICES, server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.port = server.add_insecure_port(format_address(self.settings.host, self.settings.port))
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind gRPC to {self.address}: {exc}") from exc
+        if self.settings.metrics_port:
+            self._start_metrics_http()
+        await server.start()
+        self._server = server
+        log.info("gRPC listening on %s (health NOT_SERVING while loading)", self.address)
+
+    def _start_metrics_http(self) -> None:
+        from prometheus_client import start_http_server
+
+        httpd, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+        self._metrics_http = httpd
+        self.metrics_port = httpd.server_address[1]
+        log.info("Prometheus metrics on http://%s/metrics",
+                 format_address(self.settings.host, self.metrics_port))
+
+    async def load_plane(self) -> None:
+        """Build the data plane off the event loop, start it, then flip health to SERVING."""
+        started = time.monotonic()
+        plane = await _in_daemon_thread(self._plane_factory)
+        await plane.start()
+        if self._stopping:  # a signal arrived while loading: do not advertise a server going away
+            await plane.shutdown(0.0)
+            return
+        self._slot.plane = plane
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("ready after %.1f s: health SERVING on %s", time.monotonic() - started, self.address)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Graceful stop: NOT_SERVING, refuse new calls, drain within the grace, then the data plane."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            log.info("draining in-flight calls (grace %.1f s)", grace)
+            await self._server.stop(grace)
+        plane = self._slot.plane
+        if plane is not None:
+            await plane.shutdown(max(0.0, deadline - time.monotonic()))
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def _set_health(self, status: int) -> None:
+        for name in _HEALTH_NAMES:
+            await self._health.set(name, status)
+
+
+async def _in_daemon_thread(fn: Callable[[], _T]) -> _T:
+    """Run a blocking call in a daemon thread: unlike the default executor, a process asked to stop
+    mid-load does not wait ~30 s for the model to finish loading before it can exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        if not future.done():
+            setter(value)
+
+    def target() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            with contextlib.suppress(RuntimeError):  # loop already closed: nobody is waiting
+                loop.call_soon_threadsafe(deliver, future.set_exception, exc)
+        else:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(deliver, future.set_result, result)
+
+    threading.Thread(target=target, name="editserve-load", daemon=True).start()
+    return await future
+
+
+async def serve(settings: Settings, plane_factory: PlaneFactory, stop: asyncio.Event | None = None) -> int:
+    """Run a server until SIGTERM/SIGINT (or `stop` is set); returns the process exit code."""
+    stop = stop or asyncio.Event()
+    server = EditServeServer(settings, plane_factory)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("%s", exc)
+        await server.stop(0.0)
+        return EXIT_LOAD_FAILED
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / platform
+            loop.add_signal_handler(sig, _on_signal, sig, stop)
+    try:
+        return await _run(server, stop, settings)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+async def _run(server: EditServeServer, stop: asyncio.Event, settings: Settings) -> int:
+    loading = asyncio.create_task(server.load_plane(), name="editserve-load")
+    stop_requested = asyncio.create_task(stop.wait(), name="editserve-stop")
+    await asyncio.wait({loading, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+    if loading.done() and loading.exception() is not None:
+        _log_load_failure(loading.exception(), settings)
+        stop_requested.cancel()
+        await server.stop(0.0)
+        return EXIT_LOAD_FAILED
+    await stop_requested
+    if not loading.done():
+        log.info("stop requested while loading; exiting without serving")
+        loading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loading
+    await server.stop()
+    return EXIT_OK
+
+
+def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
+    log.info("received %s: shutting down gracefully", sig.name)
+    stop.set()
+
+
+def _log_load_failure(exc: BaseException | None, settings: Settings) -> None:
+    if isinstance(exc, EditLogCorrupted):
+        where = settings.edit_log_url or f"SQLite under {settings.data_dir}"
+        log.error("edit log (%s) is corrupted or unreadable: %s. Refusing to serve a partial state; "
+                  "restore the log from a backup or point --data-dir / --edit-log-url elsewhere.", where, exc)
+    elif isinstance(exc, EditServeError):
+        log.error("cannot start: %s", exc)
+    else:
+        log.error("cannot start: loading the model and edit log failed", exc_info=exc)
+
+
+__all__ = [
+    "API_SERVICES",
+    "EXIT_LOAD_FAILED",
+    "EXIT_OK",
+    "EditServeServer",
+    "PlaneFactory",
+    "REFLECTED_SERVICES",
+    "ServablePlane",
+    "serve",
+]

@@ -1,0 +1,436 @@
+"""The generation engine on a tiny random Llama (fast): sampling, streaming text, stop conditions, queueing,
+cancellation, deadlines, continuous batching, hooks, scoring and failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+import torch
+from prometheus_client import REGISTRY
+
+from service.engine import Engine, EngineError, EngineRequest, SamplingParams, TokenEvent
+from service.engine.sampling import make_generator, sample_row, top_k_filter, top_p_filter
+from service.engine.text import IncrementalDetokenizer, StopMatcher
+from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from service.hooks.layer import HookEntry, HookManager, HookTable
+
+PROMPTS = [
+    "Hello",
+    "The capital of France is",
+    "Once upon a time, in a land far away, there lived a",
+    "x",
+    "def fibonacci(n):\n    return",
+    "The quick brown fox jumps over the lazy dog and then keeps on running until",
+]
+
+
+@contextlib.asynccontextmanager
+async def running(loaded, hooks=None, **kwargs) -> AsyncIterator[Engine]:
+    engine = Engine(loaded, hooks, **kwargs)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop(grace_s=0)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(tiny_llama) -> AsyncIterator[Engine]:
+    async with running(tiny_llama, max_batch_size=8) as eng:
+        yield eng
+
+
+def ids_of(loaded, text: str) -> list[int]:
+    return loaded.tokenizer(text)["input_ids"]
+
+
+async def collect(engine: Engine, request: EngineRequest) -> list[TokenEvent]:
+    return [ev async for ev in engine.stream(request)]
+
+
+def tokens_of(events: list[TokenEvent]) -> list[int]:
+    return [t for ev in events for t in ev.token_ids]
+
+
+def text_of(events: list[TokenEvent]) -> str:
+    return "".join(ev.text for ev in events)
+
+
+def greedy(loaded, text: str, n: int, **kwargs) -> EngineRequest:
+    return EngineRequest(ids_of(loaded, text), SamplingParams(max_new_tokens=n, **kwargs))
+
+
+async def wait_until(predicate, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def reference_greedy(loaded, prompt_ids: list[int], n: int) -> list[int]:
+    """Plain greedy decoding without a cache: the ground truth for the engine's incremental decoding."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(loaded.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt_ids) :]
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    out = top_k_filter(logits, 2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+def test_top_p_keeps_the_smallest_nucleus_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.15]])
+    logits = probs.log()
+    assert torch.isfinite(top_p_filter(logits, 0.75)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [[True, False, True, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.81)).tolist() == [[True, False, True, True]]
+    assert torch.isfinite(top_p_filter(logits, 0.01)).tolist() == [[True, False, False, False]]
+
+
+def test_sample_row_greedy_seeded_and_restricted():
+    torch.manual_seed(0)
+    logits = torch.randn(1000)
+    assert sample_row(logits, SamplingParams(1), None) == int(logits.argmax())
+    params = SamplingParams(1, temperature=1.5, seed=42)
+    draws = [sample_row(logits, params, make_generator(params)) for _ in range(3)]
+    assert len(set(draws)) == 1  # a fresh generator with the same seed draws the same token
+    gen = make_generator(params)
+    many = {sample_row(logits, params, gen) for _ in range(50)}
+    assert len(many) > 5  # but it does sample
+    top5 = set(torch.topk(logits, 5).indices.tolist())
+    k_params = SamplingParams(1, temperature=2.0, top_k=5, seed=1)
+    gen = make_generator(k_params)
+    assert {sample_row(logits, k_params, gen) for _ in range(100)} <= top5
+
+
+def test_sampling_params_are_validated():
+    for bad in (
+        SamplingParams(0),
+        SamplingParams(1, temperature=-1),
+        SamplingParams(1, top_p=0),
+        SamplingParams(1, top_k=-1),
+    ):
+        with pytest.raises(InvalidArgument):
+            bad.validate()
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+
+def test_incremental_detokenizer_matches_full_decode_and_never_splits_a_char(tiny_llama):
+    tok = tiny_llama.tokenizer
+    text = "naïve café — 東京タワー 🚀🎉 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # some characters really are split across tokens
+    detok = IncrementalDetokenizer(tok, tok("Say:")["input_ids"])
+    pieces = [detok.add(t) for t in ids]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    torch.manual_seed(0)
+    random_ids = torch.randint(0, len(tok), (200,)).tolist()  # arbitrary byte soup
+    detok = IncrementalDetokenizer(tok, [])
+    joined = "".join(detok.add(t) for t in random_ids) + detok.flush()
+    assert joined == tok.decode(random_ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_stop_matcher_holds_back_possible_prefixes():
+    m = StopMatcher(["STOP", "\n\n"])
+    assert m.feed("Hello S") == ("Hello ", False)  # "S" could start "STOP"
+    assert m.feed("T") == ("", False)
+    assert m.feed("ay") == ("STay", False)  # not a stop after all: released
+    assert m.feed("line\n") == ("line", False)
+    assert m.feed("\nmore") == ("", True)  # "\n\n" split across two pieces
+    m = StopMatcher(["abc"])
+    assert m.feed("xxab") == ("xx", False)
+    assert m.flush() == "ab"
+    assert StopMatcher([]).feed("abc") == ("abc", False)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+async def test_greedy_stream_matches_uncached_reference(engine, tiny_llama):
+    prompt = ids_of(tiny_llama, PROMPTS[1])
+    events = await collect(engine, EngineRequest(prompt, SamplingParams(max_new_tokens=12)))
+    assert tokens_of(events) == reference_greedy(tiny_llama, prompt, 12)
+    assert [len(ev.token_ids) for ev in events] == [1] * 12  # streamed one token per event
+    last = events[-1]
+    assert last.finish_reason == "length" and all(ev.finish_reason is None for ev in events[:-1])
+    assert (last.prompt_tokens, last.completion_tokens) == (len(prompt), 12)
+    assert text_of(events) == tiny_llama.tokenizer.decode(tokens_of(events), skip_special_tokens=True)
+
+
+async def test_seeded_sampling_is_reproducible(engine, tiny_llama):
+    def req(seed: int) -> EngineRequest:
+        return greedy(tiny_llama, PROMPTS[0], 16, temperature=1.0, top_p=0.95, seed=seed)
+
+    a, b, c = await asyncio.gather(collect(engine, req(7)), collect(engine, req(7)), collect(engine, req(8)))
+    assert tokens_of(a) == tokens_of(b)
+    assert tokens_of(a) != tokens_of(c)
+
+
+async def test_stop_string_split_across_tokens(engine, tiny_llama):
+    tok = tiny_llama.tokenizer
+    base = tokens_of(await collect(engine, greedy(tiny_llama, PROMPTS[2], 20)))
+    pieces = [tok.decode([t]) for t in base]
+    # A stop string made of the end of one token's text and the start of the next one's.
+    k = next(
+        i
+        for i in range(3, 19)
+        if min(len(pieces[i]), len(pieces[i + 1])) >= 2 and "\ufffd" not in pieces[i] + pieces[i + 1]
+    )
+    stop = pieces[k][-2:] + pieces[k + 1][:2]
+    full = tok.decode(base)
+    needed = next(n for n in range(1, 21) if stop in tok.decode(base[:n]))
+    events = await collect(engine, greedy(tiny_llama, PROMPTS[2], 20, stop=[stop]))
+    assert events[-1].finish_reason == "stop"
+    assert text_of(events) == full[: full.index(stop)]
+    assert events[-1].completion_tokens == needed  # ended on the token that completed the stop string
+    assert all(stop not in ev.text for ev in events)
+
+
+async def test_max_new_tokens_and_eos(tiny_llama):
+    prompt = ids_of(tiny_llama, PROMPTS[3])
+    expected = reference_greedy(tiny_llama, prompt, 8)
+    eos = expected[4]
+    async with running(tiny_llama, eos_token_ids=[eos]) as eng:
+        events = await collect(eng, EngineRequest(prompt, SamplingParams(max_new_tokens=8)))
+    n = expected.index(eos) + 1
+    assert tokens_of(events) == expected[:n]
+    assert events[-1].finish_reason == "eos" and events[-1].completion_tokens == n
+    async with running(tiny_llama, eos_token_ids=[]) as eng:
+        events = await collect(eng, EngineRequest(prompt, SamplingParams(max_new_tokens=3)))
+    assert tokens_of(events) == expected[:3] and events[-1].finish_reason == "length"
+
+
+async def test_context_window_caps_generation(tiny_llama):
+    prompt = ids_of(tiny_llama, PROMPTS[1])
+    async with running(tiny_llama, max_context_tokens=len(prompt) + 3) as eng:
+        events = await collect(eng, EngineRequest(prompt, SamplingParams(max_new_tokens=50)))
+        assert events[-1].completion_tokens == 3 and events[-1].finish_reason == "length"
+        with pytest.raises(InvalidArgument):
+            eng.stream(EngineRequest(prompt * 2, SamplingParams(max_new_tokens=1)))
+
+
+async def test_invalid_requests_are_rejected(engine):
+    with pytest.raises(InvalidArgument):
+        engine.stream(EngineRequest([], SamplingParams(max_new_tokens=4)))
+    with pytest.raises(InvalidArgument):
+        engine.stream(EngineRequest([10**9], SamplingParams(max_new_tokens=4)))
+    with pytest.raises(InvalidArgument):
+        engine.stream(EngineRequest([1, 2], SamplingParams(max_new_tokens=0)))
+
+
+async def test_full_queue_raises_resource_exhausted(tiny_llama):
+    async with running(tiny_llama, max_batch_size=1, max_queue=2) as eng:
+        first = eng.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+        await first.__anext__()  # now it holds the only batch slot
+        queued = [eng.stream(greedy(tiny_llama, p, 4)) for p in PROMPTS[1:3]]
+        assert eng.num_waiting == 2
+        with pytest.raises(ResourceExhausted):
+            eng.stream(greedy(tiny_llama, PROMPTS[3], 4))
+        await first.aclose()  # frees the slot: the queued requests run to completion
+        for stream in queued:
+            events = [ev async for ev in stream]
+            assert events[-1].finish_reason == "length"
+
+
+async def test_closing_or_cancelling_a_stream_frees_its_slot(engine, tiny_llama):
+    stream = engine.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+    await stream.__anext__()
+    await wait_until(lambda: engine.num_running == 1)
+    await stream.aclose()
+    await wait_until(lambda: engine.num_running == 0)
+
+    async def consume() -> None:
+        async for _ in engine.stream(greedy(tiny_llama, PROMPTS[1], 1000)):
+            pass
+
+    task = asyncio.create_task(consume())
+    await wait_until(lambda: engine.num_running == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: engine.num_running == 0)
+
+    async def break_early() -> None:
+        async for _ in engine.stream(greedy(tiny_llama, PROMPTS[2], 1000)):
+            break  # the abandoned iterator is garbage: the sequence is cancelled too
+
+    await break_early()
+    await wait_until(lambda: engine.num_running == 0)
+
+
+async def test_deadline_ends_the_stream(engine, tiny_llama):
+    request = greedy(tiny_llama, PROMPTS[0], 1000)
+    request.deadline = time.monotonic() + 0.3
+    got = 0
+    with pytest.raises(DeadlineExceeded):
+        async for _ in engine.stream(request):
+            got += 1
+    assert 0 < got < 1000
+    await wait_until(lambda: engine.num_running == 0)
+    late = greedy(tiny_llama, PROMPTS[1], 4)
+    late.deadline = time.monotonic() - 1
+    with pytest.raises(DeadlineExceeded):
+        await collect(engine, late)
+
+
+async def test_requests_joining_a_running_batch_match_alone(engine, tiny_llama):
+    alone = [tokens_of(await collect(engine, greedy(tiny_llama, p, 24))) for p in PROMPTS]
+    batch_sizes_before = metric("editserve_batch_size_count")
+    order: list[tuple[int, bool]] = []
+    joined = asyncio.Event()
+
+    async def run(i: int) -> list[int]:
+        if i > 0:
+            await joined.wait()
+        tokens = []
+        async for ev in engine.stream(greedy(tiny_llama, PROMPTS[i], 24)):
+            tokens += ev.token_ids
+            order.append((i, ev.finish_reason is not None))
+            if i == 0 and len(tokens) == 5:
+                joined.set()
+        return tokens
+
+    # Request 0 starts alone; the others arrive after its 5th token, while it is still decoding.
+    results = await asyncio.gather(*[run(i) for i in range(len(PROMPTS))])
+    assert results == alone
+    first_of_late = min(order.index((i, False)) for i in range(1, len(PROMPTS)))
+    assert order.index((0, True)) > first_of_late  # they really ran beside request 0
+    assert metric("editserve_batch_size_count") > batch_sizes_before
+
+
+async def test_engine_survives_a_forward_error(engine, tiny_llama):
+    calls = {"n": 0, "fail_at": {1}}
+
+    def flaky(_module, _args, _kwargs):
+        calls["n"] += 1
+        if calls["n"] in calls["fail_at"]:
+            raise RuntimeError("injected forward failure")
+
+    handle = tiny_llama.model.register_forward_pre_hook(flaky, with_kwargs=True)
+    try:
+        with pytest.raises(EngineError, match="injected"):  # the prefill fails
+            await collect(engine, greedy(tiny_llama, PROMPTS[0], 6))
+        calls["n"], calls["fail_at"] = 0, {4}
+        got: list[TokenEvent] = []
+        with pytest.raises(EngineError, match="injected"):  # a decode fails mid-stream
+            async for ev in engine.stream(greedy(tiny_llama, PROMPTS[0], 6)):
+                got.append(ev)
+        assert len(got) == 3
+        calls["fail_at"] = set()
+        events = await collect(engine, greedy(tiny_llama, PROMPTS[0], 6))
+        assert events[-1].finish_reason == "length"
+    finally:
+        handle.remove()
+    assert engine.num_running == 0
+
+
+async def test_score_equals_manual_log_softmax(engine, tiny_llama):
+    prompt, cont = ids_of(tiny_llama, PROMPTS[1]), ids_of(tiny_llama, " Paris, of course")
+    out = await engine.score(prompt, cont)
+    with torch.no_grad():
+        logits = tiny_llama.model(input_ids=torch.tensor([prompt + cont])).logits[0]
+    logp = logits.float().log_softmax(-1)[len(prompt) - 1 : -1]
+    expected = logp.gather(1, torch.tensor(cont)[:, None]).squeeze(1)
+    assert out.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+    assert out.greedy == (logp.argmax(-1) == torch.tensor(cont)).tolist()
+    assert (out.edit_version, out.hook_fires) == (0, {})
+    with pytest.raises(InvalidArgument):
+        await engine.score([], cont)
+
+
+async def test_stop_cancels_what_outlives_the_grace_period(tiny_llama):
+    eng = Engine(tiny_llama)
+    await eng.start()
+    stream = eng.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+    await stream.__anext__()
+    await eng.stop(grace_s=0.1)
+    rest = [ev async for ev in stream]
+    assert rest[-1].finish_reason == "cancelled" and rest[-1].completion_tokens < 1000
+    with pytest.raises(Unavailable):
+        eng.stream(greedy(tiny_llama, PROMPTS[0], 4))
+
+
+async def test_metrics_are_updated(engine, tiny_llama):
+    names = [
+        "editserve_time_to_first_token_seconds_count",
+        "editserve_inter_token_latency_seconds_count",
+        "editserve_queue_time_seconds_count",
+        "editserve_prompt_tokens_total",
+        "editserve_generation_tokens_total",
+    ]
+    before = {n: metric(n) for n in names}
+    prompt = ids_of(tiny_llama, PROMPTS[1])
+    await collect(engine, EngineRequest(prompt, SamplingParams(max_new_tokens=5)))
+    delta = {n: metric(n) - before[n] for n in names}
+    assert delta == {
+        "editserve_time_to_first_token_seconds_count": 1,
+        "editserve_inter_token_latency_seconds_count": 4,
+        "editserve_queue_time_seconds_count": 1,
+        "editserve_prompt_tokens_total": len(prompt),
+        "editserve_generation_tokens_total": 5,
+    }
+    assert metric("editserve_num_requests_running") == 0
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+
+HOOK_LAYER = 1
+
+
+async def test_hook_fires_are_reported_per_request(tiny_llama):
+    model = tiny_llama.model
+    subject = ids_of(tiny_llama, "The Eiffel Tower is located in the city of")
+    other = ids_of(tiny_llama, "Completely unrelated words about cooking pasta at home tonight")
+    hooks = HookManager(model, [HOOK_LAYER])
+    try:
+        async with running(tiny_llama, hooks) as eng:
+            plain = tokens_of(await collect(eng, EngineRequest(subject, SamplingParams(max_new_tokens=8))))
+            key = hooks.keys_at([HOOK_LAYER], torch.tensor([subject]))[HOOK_LAYER][0, 3]
+            value = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 5
+            hooks.publish(HookTable.build([HookEntry("eiffel", HOOK_LAYER, key, value, 0.9999)], version=7))
+            fires_before = metric("editserve_hook_fires_total")
+
+            def req(ids: list[int], use_hooks: bool) -> EngineRequest:
+                return EngineRequest(ids, SamplingParams(max_new_tokens=8), use_hooks=use_hooks)
+
+            # Batched together: the shorter prompt is left-padded, and fires go to their own row only.
+            edited, unrelated, disabled = await asyncio.gather(
+                collect(eng, req(subject, True)),
+                collect(eng, req(other, True)),
+                collect(eng, req(subject, False)),
+            )
+            assert set(edited[-1].hook_fires) == {"eiffel"}
+            assert edited[-1].hook_fires["eiffel"] == pytest.approx(1.0, abs=1e-4)
+            assert edited[-1].edit_version == 7 and disabled[-1].edit_version == 7
+            assert unrelated[-1].hook_fires == {} and disabled[-1].hook_fires == {}
+            assert tokens_of(disabled) == plain  # the gate was off for that row only
+            assert tokens_of(edited) != plain  # the value really changed the continuation
+            assert metric("editserve_hook_fires_total") > fires_before
+            scored = await eng.score(subject, tokens_of(edited))
+            assert scored.edit_version == 7 and set(scored.hook_fires) == {"eiffel"}
+            assert all(scored.greedy)
+            unscored = await eng.score(subject, tokens_of(edited), use_hooks=False)
+            assert unscored.hook_fires == {} and not all(unscored.greedy)
+    finally:
+        hooks.uninstall()
