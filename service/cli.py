@@ -2,6 +2,7 @@
 
     editserve serve [flags]   run the gRPC server (every Settings field is a flag and an EDITSERVE_* env var)
     editserve eval  [flags]   the evaluation harness (service/eval), imported only when asked for
+    editserve health          exit 0 when a server's grpc.health.v1 check says SERVING (container probes)
 
 Precedence for each setting: command-line flag > EDITSERVE_<NAME> environment variable > default.
 """
@@ -150,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="run the evaluation harness (see `editserve eval --help`)",
                                    add_help=False)
     evaluate.set_defaults(handler=run_eval)
+    health = commands.add_parser("health", help="check a running server's grpc.health.v1 status")
+    health.add_argument("--address", default=None,
+                        help=f"host:port (default: 127.0.0.1 and {env_name('port')} or 50051)")
+    health.add_argument("--service", default="", help='service name; "" = the whole server')
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.set_defaults(handler=run_health)
     return parser
 
 
@@ -189,6 +196,24 @@ def run_eval(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     parser = argparse.ArgumentParser(prog="editserve eval")
     eval_cli.add_arguments(parser)
     return int(eval_cli.run(parser.parse_args(args.eval_args)))
+
+
+def run_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = args.address or f"127.0.0.1:{env.get(env_name('port'), Settings.port)}"
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{address}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:

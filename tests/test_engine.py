@@ -14,10 +14,11 @@ import torch
 from prometheus_client import REGISTRY
 
 from service.engine import Engine, EngineError, EngineRequest, SamplingParams, TokenEvent
+from service.engine.batch import ModelRunner, plan_prefill_groups
 from service.engine.sampling import make_generator, sample_row, top_k_filter, top_p_filter
 from service.engine.text import IncrementalDetokenizer, StopMatcher
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from service.hooks.layer import HookEntry, HookManager, HookTable
+from service.hooks.layer import Fire, HookEntry, HookManager, HookTable, Recorder
 
 PROMPTS = [
     "Hello",
@@ -162,6 +163,50 @@ def test_stop_matcher_holds_back_possible_prefixes():
     assert m.feed("xxab") == ("xx", False)
     assert m.flush() == "ab"
     assert StopMatcher([]).feed("abc") == ("abc", False)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+def test_kv_merge_and_drop_keep_rows_right_aligned(tiny_llama):
+    runner = ModelRunner(tiny_llama, None)
+    long_prompt, short_prompt = ids_of(tiny_llama, PROMPTS[5]), ids_of(tiny_llama, PROMPTS[1])
+    with torch.no_grad():
+        _, a = runner.prefill([long_prompt], [True])
+        _, b = runner.prefill([short_prompt, long_prompt[:3]], [True, True])
+        merged = a.concat(b, tiny_llama.model.config)
+        assert merged.width == len(long_prompt) and merged.lengths == [len(long_prompt), len(short_prompt), 3]
+        keys = merged.cache.layers[0].keys
+        pad = len(long_prompt) - len(short_prompt)
+        assert keys[1, :, :pad].abs().sum() == 0  # left padding is zeros
+        assert torch.equal(keys[1, :, pad:], b.cache.layers[0].keys[0, :, -len(short_prompt) :])
+        dropped = merged.select([2, 1], tiny_llama.model.config)  # the long row goes: its columns too
+        assert dropped.width == len(short_prompt) and dropped.lengths == [3, len(short_prompt)]
+        assert torch.equal(dropped.cache.layers[0].keys[1], keys[1, :, pad:])
+
+
+def test_prefill_groups_trade_padding_against_forwards():
+    assert plan_prefill_groups([5, 6, 5, 7], overhead_tokens=32) == [[0, 2, 1, 3]]  # similar: one forward
+    # Twelve short prompts and two long ones: padding the short ones to 300 would waste ~3,500 tokens.
+    groups = plan_prefill_groups([8] * 12 + [300, 290], overhead_tokens=32)
+    assert groups == [list(range(12)), [13, 12]]
+    assert plan_prefill_groups([10, 200], overhead_tokens=10_000) == [[0, 1]]  # costly forwards: one
+    assert plan_prefill_groups([], overhead_tokens=32) == []
+
+
+def test_fires_skip_padding_and_keep_each_rows_best_score():
+    rec = Recorder(
+        fires=[
+            Fire(row=0, position=-2, edit_id="pad", score=0.99, layer=1),  # a left-padding column
+            Fire(row=0, position=3, edit_id="a", score=0.90, layer=1),
+            Fire(row=0, position=3, edit_id="a", score=0.95, layer=2),  # same token, another layer
+            Fire(row=0, position=5, edit_id="b", score=0.80, layer=1),
+            Fire(row=1, position=0, edit_id="a", score=0.70, layer=1),
+        ]
+    )
+    fires, fired_tokens = ModelRunner._collect(rec, rows=3)
+    assert fires == [{"a": 0.95, "b": 0.80}, {"a": 0.70}, {}]
+    assert fired_tokens == [2, 1, 0]
 
 
 # ---------------------------------------------------------------------------------------------- engine

@@ -75,7 +75,9 @@ async def test_greedy_is_the_same_alone_and_in_a_batch_of_16(smollm):
     finally:
         await engine.stop(grace_s=0)
     mismatched = [
-        (PROMPTS[i], tok.decode(a), tok.decode(b)) for i, (a, b) in enumerate(zip(alone, batched)) if a != b
+        (PROMPTS[i], tok.decode(a), tok.decode(b))
+        for i, (a, b) in enumerate(zip(alone, batched, strict=True))
+        if a != b
     ]
     assert not mismatched
     assert all(len(t) == NEW_TOKENS or t[-1] == tok.eos_token_id for t in alone)

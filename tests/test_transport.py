@@ -111,7 +111,8 @@ async def test_generate_passes_every_request_field_and_returns_every_response_fi
     await running.edits.Edit(EIFFEL, metadata=AUTH)
     req = pb.GenerateRequest(
         prompt="ignored when messages are set",
-        messages=[pb.ChatMessage(role="system", content="be brief"), pb.ChatMessage(role="user", content="hi")],
+        messages=[pb.ChatMessage(role="system", content="be brief"),
+                  pb.ChatMessage(role="user", content="hi")],
         max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=40, seed=123, stop=["\n", "."],
         use_edits=True, min_version=1, edit_paths=[pb.EDIT_PATH_RETRIEVAL],
     )
@@ -221,10 +222,12 @@ async def test_batch_edit_get_list_rollback_rollback_to_and_info(running: Runnin
         EIFFEL.subject, EIFFEL.prompt, "Rome", EIFFEL.descriptor, "bob")
     assert list(record.paraphrases) == list(EIFFEL.paraphrases)
     assert list(record.hook_layers) == [FAKE_HOOK_LAYER]
-    assert (record.rolled_back_version, record.rolled_back_by, record.rollback_reason) == (3, "carol", "wrong")
+    assert (record.rolled_back_version, record.rolled_back_by, record.rollback_reason) == (
+        3, "carol", "wrong")
     assert record.created_at.endswith("Z") and record.rolled_back_at.endswith("Z")
     assert datetime.fromisoformat(record.rolled_back_at) >= datetime.fromisoformat(record.created_at)
-    assert record.report.efficacy and [p.prompt for p in record.report.paraphrases] == list(EIFFEL.paraphrases)
+    assert record.report.efficacy
+    assert [p.prompt for p in record.report.paraphrases] == list(EIFFEL.paraphrases)
     descriptor_only = (await edits.GetEdit(pb.GetEditRequest(edit_id="e2"), metadata=AUTH)).edit
     assert descriptor_only.kind == pb.EDIT_KIND_DESCRIPTOR and not descriptor_only.hook_layers
     assert descriptor_only.rolled_back_at == "" and descriptor_only.state == pb.EDIT_STATE_ACTIVE
@@ -238,7 +241,8 @@ async def test_batch_edit_get_list_rollback_rollback_to_and_info(running: Runnin
     assert [e.edit_id for e in active.edits] == ["e2", "e3"]
     assert running.plane.calls[-1][1].state == "active"
 
-    to = await edits.RollbackTo(pb.RollbackToRequest(version=1, reason="bad day", actor="dave"), metadata=AUTH)
+    to = await edits.RollbackTo(pb.RollbackToRequest(version=1, reason="bad day", actor="dave"),
+                                metadata=AUTH)
     assert (to.version, list(to.rolled_back_edit_ids)) == (4, ["e3"])
     got = running.plane.calls[-1][1]
     assert (got.version, got.reason, got.actor) == (1, "bad day", "dave")
@@ -363,7 +367,7 @@ async def test_no_admin_token_means_open_edits() -> None:
         await r.server.stop(0.0)
 
 
-# ------------------------------------------------------------------------------------------ health, reflection
+# ------------------------------------------------------------------------------------ health, reflection
 
 
 async def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_stop() -> None:
@@ -478,7 +482,7 @@ async def test_graceful_stop_drains_an_in_flight_stream_and_refuses_new_calls() 
         refused = await rpc_error(pb_grpc.GenerateServiceStub(other).Generate(
             pb.GenerateRequest(prompt="late"), timeout=2))
         assert refused.code() == grpc.StatusCode.UNAVAILABLE
-        async for chunk in call:
+        while (chunk := await call.read()) is not aio.EOF:
             texts.append(chunk.text)
         assert "".join(texts) == "echo: a b c d e f g h i j"
         assert await call.code() == grpc.StatusCode.OK
@@ -498,7 +502,10 @@ async def test_stream_longer_than_the_grace_is_cut_and_closed() -> None:
         call = r.generate.GenerateStream(pb.GenerateRequest(prompt=" ".join(["w"] * 400)))
         await call.read()
         await r.server.stop(0.3)
-        assert await call.code() != grpc.StatusCode.OK
+        with pytest.raises(aio.AioRpcError) as cut:  # the client sees the status after the sent messages
+            while await asyncio.wait_for(call.read(), 5) is not aio.EOF:
+                pass
+        assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
         await wait_for(lambda: r.plane.closed_streams == 1)
         assert r.plane.open_streams == 0
     finally:
@@ -518,6 +525,19 @@ async def test_serve_exits_non_zero_when_loading_fails(caplog: pytest.LogCapture
     assert code == EXIT_LOAD_FAILED
     message = " ".join(r.getMessage() for r in caplog.records)
     assert "corrupted" in message and "checksum mismatch" in message and "partial state" in message
+
+
+async def test_serve_releases_a_plane_whose_start_fails(caplog: pytest.LogCaptureFixture) -> None:
+    class BrokenEngine(FakeDataPlane):
+        async def start(self) -> None:
+            raise RuntimeError("engine thread died")
+
+    plane = BrokenEngine()
+    with caplog.at_level(logging.ERROR, logger="service.transport.server"):
+        code = await asyncio.wait_for(serve(Settings(port=0, metrics_port=0), lambda: plane), 10)
+    assert code == EXIT_LOAD_FAILED
+    assert plane.shutdown_grace == 0.0  # what it held was released
+    assert any(r.exc_info and "engine thread died" in str(r.exc_info[1]) for r in caplog.records)
 
 
 async def test_serve_loads_in_the_background_and_exits_zero_when_stopped() -> None:
@@ -558,8 +578,9 @@ async def test_serve_reports_a_taken_port() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        code = await serve(Settings(port=s.getsockname()[1], metrics_port=0), FakeDataPlane)
-    assert code == EXIT_LOAD_FAILED
+        taken = s.getsockname()[1]
+        assert await serve(Settings(port=taken, metrics_port=0), FakeDataPlane) == EXIT_LOAD_FAILED
+        assert await serve(Settings(port=0, metrics_port=taken), FakeDataPlane) == EXIT_LOAD_FAILED
 
 
 # ------------------------------------------------------------------------------------------ layering

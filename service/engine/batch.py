@@ -37,6 +37,28 @@ def _cache_from(config: object, kv: Sequence[tuple[torch.Tensor, torch.Tensor]])
     return cache
 
 
+def plan_prefill_groups(lengths: Sequence[int], overhead_tokens: int) -> list[list[int]]:
+    """Split prompts into prefill forwards so that padded tokens plus a fixed cost per forward (reading every
+    weight once, worth about `overhead_tokens` tokens of compute) is smallest. One forward over prompts of
+    very different lengths mostly computes padding; one forward per prompt reads the weights many times.
+
+    Over prompts sorted by length an optimal split is into contiguous runs, so a small dynamic programme
+    finds it. Returns groups of indices into `lengths`."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    cost = [0] * (n + 1)  # cost[j]: best cost of the j shortest prompts
+    cut = [0] * (n + 1)  # cut[j]: where the last group of that best split starts
+    for j in range(1, n + 1):
+        widest = lengths[order[j - 1]]  # the longest prompt of any group ending at j
+        cost[j], cut[j] = min((cost[i] + overhead_tokens + (j - i) * widest, i) for i in range(j))
+    groups: list[list[int]] = []
+    j = n
+    while j > 0:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
 @dataclass
 class KVState:
     """A left-padded cache over some rows and each row's number of real (cached) tokens."""

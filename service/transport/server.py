@@ -108,7 +108,11 @@ class EditServeServer:
     def _start_metrics_http(self) -> None:
         from prometheus_client import start_http_server
 
-        httpd, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+        try:
+            httpd, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+        except OSError as exc:
+            where = format_address(self.settings.host, self.settings.metrics_port)
+            raise OSError(f"cannot serve metrics on {where}: {exc}") from exc
         self._metrics_http = httpd
         self.metrics_port = httpd.server_address[1]
         log.info("Prometheus metrics on http://%s/metrics",
@@ -118,7 +122,12 @@ class EditServeServer:
         """Build the data plane off the event loop, start it, then flip health to SERVING."""
         started = time.monotonic()
         plane = await _in_daemon_thread(self._plane_factory)
-        await plane.start()
+        try:
+            await plane.start()
+        except BaseException:
+            with contextlib.suppress(Exception):  # release what the half-started plane holds
+                await plane.shutdown(0.0)
+            raise
         if self._stopping:  # a signal arrived while loading: do not advertise a server going away
             await plane.shutdown(0.0)
             return
@@ -134,17 +143,19 @@ class EditServeServer:
         self._stopping = True
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
-        await self._health.enter_graceful_shutdown()
-        if self._server is not None:
-            log.info("draining in-flight calls (grace %.1f s)", grace)
-            await self._server.stop(grace)
-        plane = self._slot.plane
-        if plane is not None:
-            await plane.shutdown(max(0.0, deadline - time.monotonic()))
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
-        self._stopped.set()
+        try:
+            await self._health.enter_graceful_shutdown()
+            if self._server is not None:
+                log.info("draining in-flight calls (grace %.1f s)", grace)
+                await self._server.stop(grace)
+            plane = self._slot.plane
+            if plane is not None:
+                await plane.shutdown(max(0.0, deadline - time.monotonic()))
+        finally:
+            if self._metrics_http is not None:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+            self._stopped.set()
         log.info("stopped")
 
     async def _set_health(self, status: int) -> None:

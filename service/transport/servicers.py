@@ -23,12 +23,13 @@ class PlaneSlot:
 
     def __init__(self) -> None:
         self.plane: DataPlaneProtocol | None = None
-        self.loading_message = "model loading"
 
     def get(self) -> DataPlaneProtocol:
         plane = self.plane
-        if plane is None or not plane.ready:
-            raise Unavailable(self.loading_message)
+        if plane is None:
+            raise Unavailable("model loading")
+        if not plane.ready:
+            raise Unavailable("shutting down")
         return plane
 
 

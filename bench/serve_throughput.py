@@ -1,0 +1,287 @@
+"""Generation throughput: the service over gRPC with 1, 4 and 16 concurrent clients, beside plain transformers
+`generate` (one prompt at a time, and one static left-padded batch of 16) on the same model in the same run.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_throughput.py
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_throughput.py --repeats 2 --threads 1 --json out.json
+
+Every mode generates greedily for the same 16 prompts, `--new-tokens` each. Tokens are counted up to and
+including a sequence's end token, in every mode alike, so tokens/s is real output per wall second: the static
+batch keeps computing rows that already ended (what static batching costs), the engine drops them.
+
+The service runs in this process (grpc.aio server with the real data plane: router, edit manager with its
+hook layers, engine) on a free port; the clients are grpc.aio stubs calling GenerateStream. An extra row
+drives the engine in-process (no gRPC, no router) to show what the transport costs. With --repeats, the
+modes run interleaved and each keeps its fastest run (other processes' load hits every mode alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from service.engine import Engine, EngineRequest, SamplingParams  # noqa: E402
+from service.engine.loader import LoadedModel, load_model  # noqa: E402
+
+PROMPTS = [
+    "The capital of France is",
+    "Once upon a time",
+    "def fibonacci(n):",
+    "The three primary colors are",
+    "In 1969, Neil Armstrong",
+    "Water boils at",
+    "The quick brown fox jumps over the lazy dog because it wanted to see what was on the other side of "
+    "the hill, and then",
+    "My favourite food is",
+    "Python is a programming language that",
+    "The largest planet in the solar system is",
+    "Translate to French: Hello, how are you?",
+    "Q: What is 2+2?\nA:",
+    "The mitochondria is",
+    "Shakespeare wrote",
+    "A haiku about autumn:\n",
+    "Explain photosynthesis to a child in two sentences.",
+]
+
+
+@dataclass
+class Row:
+    mode: str
+    requests: int
+    tokens: int
+    seconds: float
+    mean_ttft_s: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+# ------------------------------------------------------------------------------------ plain transformers
+
+
+def _real_tokens(new_ids: torch.Tensor, eos_ids: set[int]) -> int:
+    """Generated tokens up to and including the first end token."""
+    for i, t in enumerate(new_ids.tolist()):
+        if t in eos_ids:
+            return i + 1
+    return len(new_ids)
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    configured = loaded.model.generation_config.eos_token_id
+    ids = {configured} if isinstance(configured, int) else set(configured or [])
+    return ids | {loaded.tokenizer.eos_token_id}
+
+
+@torch.inference_mode()
+def hf_one_at_a_time(loaded: LoadedModel, new_tokens: int) -> Row:
+    tok, model, eos = loaded.tokenizer, loaded.model, _eos_ids(loaded)
+    tokens = 0
+    started = time.perf_counter()
+    for prompt in PROMPTS:
+        enc = tok(prompt, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        tokens += _real_tokens(out[0, enc["input_ids"].shape[1] :], eos)
+    return Row(
+        "transformers generate, one prompt at a time", len(PROMPTS), tokens, time.perf_counter() - started
+    )
+
+
+@torch.inference_mode()
+def hf_static_batch(loaded: LoadedModel, new_tokens: int) -> Row:
+    tok, model, eos = loaded.tokenizer, loaded.model, _eos_ids(loaded)
+    started = time.perf_counter()
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    seconds = time.perf_counter() - started
+    width = enc["input_ids"].shape[1]
+    tokens = sum(_real_tokens(row[width:], eos) for row in out)
+    return Row(f"transformers generate, static batch of {len(PROMPTS)}", len(PROMPTS), tokens, seconds)
+
+
+# ------------------------------------------------------------------------------------ the engine in-process
+
+
+async def engine_in_process(loaded: LoadedModel, new_tokens: int) -> Row:
+    engine = Engine(loaded, max_batch_size=len(PROMPTS))
+    await engine.start()
+    ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+
+    async def one(prompt_ids: list[int]) -> tuple[int, float]:
+        started = time.perf_counter()
+        ttft, count = 0.0, 0
+        async for ev in engine.stream(EngineRequest(prompt_ids, SamplingParams(max_new_tokens=new_tokens))):
+            if not ttft:
+                ttft = time.perf_counter() - started
+            count = ev.completion_tokens
+        return count, ttft
+
+    try:
+        await one(ids[0])  # warm-up
+        started = time.perf_counter()
+        results = await asyncio.gather(*[one(p) for p in ids])
+        seconds = time.perf_counter() - started
+    finally:
+        await engine.stop(grace_s=0)
+    return Row(
+        f"engine in-process (no gRPC), {len(PROMPTS)} streams",
+        len(PROMPTS),
+        sum(c for c, _ in results),
+        seconds,
+        sum(t for _, t in results) / len(results),
+    )
+
+
+# ------------------------------------------------------------------------------------ the service over gRPC
+
+
+class Service:
+    """The real server in this process: grpc.aio, data plane (router, edit manager, engine), a free port."""
+
+    def __init__(self, loaded: LoadedModel, new_tokens: int, max_clients: int) -> None:
+        self.loaded, self.new_tokens, self.max_clients = loaded, new_tokens, max_clients
+
+    async def __aenter__(self) -> Service:
+        from grpc import aio
+
+        from service._proto.editserve.v1 import editserve_pb2 as pb
+        from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+        from service.config import Settings
+        from service.dataplane import DataPlane
+        from service.transport.server import EditServeServer
+
+        self._data_dir = tempfile.TemporaryDirectory(prefix="editserve-bench-")
+        settings = Settings(
+            port=0,
+            metrics_port=0,
+            data_dir=Path(self._data_dir.name),
+            device="cpu",
+            dtype="float32",
+            max_batch_size=max(16, self.max_clients),
+            max_new_tokens_limit=max(512, self.new_tokens),
+        )
+        self.server = EditServeServer(settings, lambda: DataPlane.load(settings, self.loaded))
+        await self.server.start()
+        await self.server.load_plane()
+        self._channel = aio.insecure_channel(self.server.address)
+        self._stub = pb_grpc.GenerateServiceStub(self._channel)
+        self._pb = pb
+        await self.one(PROMPTS[0])  # warm-up: first-call paths, thread pools
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._channel.close()
+        await self.server.stop(grace_s=0)
+        self._data_dir.cleanup()
+
+    async def one(self, prompt: str) -> tuple[int, float]:
+        started = time.perf_counter()
+        ttft, count = 0.0, 0
+        request = self._pb.GenerateRequest(prompt=prompt, max_new_tokens=self.new_tokens, temperature=0.0)
+        async for chunk in self._stub.GenerateStream(request):
+            if not ttft:
+                ttft = time.perf_counter() - started
+            count = chunk.completion_tokens or count
+        return count, ttft
+
+    async def clients(self, n: int) -> Row:
+        async def client(prompts: list[str]) -> list[tuple[int, float]]:
+            return [await self.one(p) for p in prompts]  # each client waits for its answer before the next
+
+        shares = [PROMPTS[i::n] for i in range(n)]  # the same 16 prompts, split over n clients
+        started = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*[client(s) for s in shares]) for r in rs]
+        seconds = time.perf_counter() - started
+        return Row(
+            f"service over gRPC, {n} concurrent client{'s' if n > 1 else ''}",
+            len(results),
+            sum(c for c, _ in results),
+            seconds,
+            sum(t for _, t in results) / len(results),
+        )
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def print_table(rows: list[Row], one_at_a_time: Row, static: Row) -> None:
+    print()
+    print(
+        f"{'mode':<52} {'req':>4} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'TTFT s':>7} "
+        f"{'x 1-at-a-time':>13} {'x static-16':>11}"
+    )
+    for r in rows:
+        ttft = f"{r.mean_ttft_s:7.2f}" if r.mean_ttft_s is not None else f"{'':>7}"
+        vs_one, vs_static = r.tokens_per_s / one_at_a_time.tokens_per_s, r.tokens_per_s / static.tokens_per_s
+        print(
+            f"{r.mode:<52} {r.requests:>4} {r.tokens:>6} {r.seconds:>8.2f} {r.tokens_per_s:>7.1f} {ttft} "
+            f"{vs_one:>13.2f} {vs_static:>11.2f}"
+        )
+
+
+async def measure(loaded: LoadedModel, new_tokens: int, clients: list[int], repeats: int) -> list[Row]:
+    """Every mode `repeats` times, interleaved (so load from other processes hits all modes alike); the
+    fastest run of each mode is kept."""
+    best: dict[str, Row] = {}
+
+    def keep(row: Row) -> None:
+        if row.mode not in best or row.seconds < best[row.mode].seconds:
+            best[row.mode] = row
+
+    hf_static_batch(loaded, 4)  # warm-up
+    async with Service(loaded, new_tokens, max(clients)) as service:
+        # The service's edit manager wrapped its hook layer's MLP; with no edits published the wrapper calls
+        # the original module directly, so the transformers baselines below run the same computation.
+        for _ in range(repeats):
+            keep(hf_one_at_a_time(loaded, new_tokens))
+            keep(hf_static_batch(loaded, new_tokens))
+            for n in clients:
+                keep(await service.clients(n))
+            keep(await engine_in_process(loaded, new_tokens))
+    return list(best.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per mode; the fastest is reported")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    if args.threads:
+        # On a CPU shared with other busy processes, one thread per op avoids stalls at OpenMP barriers.
+        torch.set_num_threads(args.threads)
+    clients = [int(c) for c in args.clients.split(",") if c]
+
+    loaded = load_model("embedded", device="cpu", dtype="float32")
+    print(
+        f"model {loaded.name} on {loaded.device} ({loaded.dtype}), torch threads {torch.get_num_threads()}, "
+        f"{len(PROMPTS)} prompts x {args.new_tokens} new tokens, greedy, best of {args.repeats}"
+    )
+    rows = asyncio.run(measure(loaded, args.new_tokens, clients, args.repeats))
+    one_at_a_time, static = rows[0], rows[1]
+    print_table(rows, one_at_a_time, static)
+    if args.json:
+        args.json.write_text(
+            json.dumps([asdict(r) | {"tokens_per_s": r.tokens_per_s} for r in rows], indent=2)
+        )
+
+
+if __name__ == "__main__":
+    main()
