@@ -40,6 +40,8 @@ class Settings:
 
     # edit log: empty = SQLite under data_dir; or an SQLAlchemy URL (postgresql+psycopg://...)
     edit_log_url: str = ""
+    # how often a replica reads edits other replicas appended to a shared log (0 = never; on start only)
+    log_poll_s: float = 1.0
 
     # hook layers; empty = the model's measured default (see service/hooks/defaults.py)
     hook_layers: list[int] = field(default_factory=list)

@@ -65,6 +65,7 @@ class DataPlane:
                         settings.default_max_new_tokens)
         self.router = Router(loaded.tokenizer, scope, limits)
         self._ready = False
+        self._tailer: asyncio.Task[None] | None = None
         metrics.MODEL_INFO.info({
             "model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
             "device": str(loaded.device), "hook_layers": ",".join(map(str, manager.hooks.layers)),
@@ -96,10 +97,23 @@ class DataPlane:
 
     async def start(self) -> None:
         await self.engine.start()
+        if self.settings.log_poll_s > 0:
+            self._tailer = asyncio.create_task(self._tail_log(self.settings.log_poll_s), name="log-tailer")
         self._ready = True
+
+    async def _tail_log(self, interval_s: float) -> None:
+        """Apply edits other replicas append to a shared (PostgreSQL) log; on SQLite it finds nothing."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await asyncio.to_thread(self.manager.catch_up)
+            except Exception:  # a database hiccup must not kill the tailer; the next poll retries
+                log.exception("reading the shared edit log failed; retrying in %.1f s", interval_s)
 
     async def shutdown(self, grace_s: float) -> None:
         self._ready = False
+        if self._tailer is not None:
+            self._tailer.cancel()
         try:
             await self.engine.stop(grace_s)
         finally:
@@ -110,8 +124,11 @@ class DataPlane:
         if not self._ready:
             raise Unavailable("the server is starting or shutting down")
 
-    def _require_version(self, min_version: int) -> None:
+    async def _require_version(self, min_version: int) -> None:
         current = self.manager.version
+        if min_version > current:
+            # Read-your-writes across replicas: the edit may already be in the shared log.
+            current = await asyncio.to_thread(self.manager.catch_up)
         if min_version > current:
             raise FailedPrecondition(
                 f"this replica serves edit version {current}, below the requested {min_version}",
@@ -141,7 +158,7 @@ class DataPlane:
 
         self._require_ready()
         max_new = validate_generate(request, self.router.limits)
-        self._require_version(request.min_version)
+        await self._require_version(request.min_version)
         version = self.manager.version
         route = await self._route(request)
         params = SamplingParams(
@@ -185,7 +202,7 @@ class DataPlane:
     async def score(self, request: ScoreInput) -> ScoreResult:
         self._require_ready()
         validate_score(request)
-        self._require_version(request.min_version)
+        await self._require_version(request.min_version)
         version = self.manager.version
         route, continuation_ids = await asyncio.to_thread(
             self.router.route_score, request.prompt, request.continuation, request.use_edits,

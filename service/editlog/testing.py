@@ -47,7 +47,7 @@ def make_edit(
         report={
             "efficacy": True,
             "target_logprob": -0.25,
-            "paraphrases": [{"prompt": "p", "success": False}],
+            "paraphrases": [["p", False]],  # (prompt, success) pairs, as the editor stores them
         },
         supersedes=list(supersedes or []),
     )

@@ -75,6 +75,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=40_000,
         help="sampled tokens for ROME's key covariance (cached under --out)",
     )
+    parser.add_argument(
+        "--rome-cache",
+        type=Path,
+        default=None,
+        help="directory caching ROME's covariance, shareable between runs (--out/rome)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads in this process (default: torch's choice)",
+    )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out and exit")
 
 
@@ -96,6 +108,7 @@ def config_from(args: argparse.Namespace, argv: list[str] | None = None) -> Eval
         device=args.device,
         rome_layer=args.rome_layer,
         rome_cov_tokens=args.rome_cov_tokens,
+        rome_cache=args.rome_cache,
         command=["editserve", "eval", *(argv if argv is not None else _eval_argv())],
     )
 
@@ -113,6 +126,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"editserve eval: error: --data {args.data} does not exist", file=sys.stderr)
         return 2
     cfg = config_from(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.report_only:
         from service.eval.datasets import load_records
         from service.eval.report import write_report

@@ -18,6 +18,7 @@ C's scale, so ROME's mom2_update_weight plays no role here.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -86,8 +87,8 @@ def sample_key_second_moment(
     *,
     n_tokens: int,
     seed: int,
-    batch: int = 32,
-    length: int = 128,
+    batch: int = 64,
+    length: int = 160,
 ) -> tuple[torch.Tensor, int]:
     """E[k k^T] of `layer`'s down_proj inputs over model-sampled text (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
@@ -233,7 +234,10 @@ class RomeBaseline:
         self.scorer = LocalScorer(self.model, tokenizer)
 
     def _cov_inverse(self, n_tokens: int, seed: int, cache_dir: Path | None) -> torch.Tensor:
-        path = cache_dir / f"rome-cov-layer{self.layer}-{n_tokens}-seed{seed}.pt" if cache_dir else None
+        # Keyed on the layer's weights too, so a shared cache directory never mixes models.
+        tag = hashlib.sha256(self.original.float().numpy().tobytes()).hexdigest()[:12]
+        name = f"rome-cov-{tag}-layer{self.layer}-{n_tokens}-seed{seed}.pt"
+        path = cache_dir / name if cache_dir else None
         if path is not None and path.exists():
             cov = torch.load(path)["cov"]
         else:

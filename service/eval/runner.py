@@ -57,6 +57,7 @@ class EvalConfig:
     device: str = "cpu"
     rome_layer: int | None = None
     rome_cov_tokens: int = 40_000
+    rome_cache: Path | None = None  # where ROME's covariance is cached (default: --out/rome)
     command: list[str] = field(default_factory=list)
 
     def identity(self) -> dict[str, Any]:
