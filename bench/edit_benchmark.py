@@ -1,0 +1,227 @@
+"""Edit-manager benchmark (issue 3): edit compute time, Generate latency with 0 / 1,000 / 10,000 active
+edits, and start-up time with 1,000 logged edits vs none.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/edit_benchmark.py [--edits 20] [--rounds 7] [--tokens 32]
+
+Compute: the editor's compute_seconds (key, value, calibration, quality gate) of real edits through
+EditManager.edit on SmolLM2-135M (the 11 facts of service/hooks/benchmark.py, then service/edits/facts.py),
+and the wall time of the whole call (plus encode, fsync'd append, publish).
+Generate: greedy model.generate of a fixed prompt through the hooked model; the active edits are synthetic
+(random keys that never fire), so the difference is the gate's cost; rounds alternate the tables.
+Start-up: (a) EditManager open + restore + warm-up on a loaded model, (b) restore() alone, (c) a fresh
+process doing everything a server start does (imports, model and encoder load, EditManager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from service.config import Settings  # noqa: E402
+from service.editlog import EditLog, LogEntry, StoredEdit, StoredHook, TensorBlob  # noqa: E402
+from service.edits import EditManager  # noqa: E402
+from service.edits.facts import MORE_FACTS, fact_input  # noqa: E402
+from service.engine.loader import LoadedModel, load_model  # noqa: E402
+from service.hooks import HookEntry, HookManager, HookTable, default_hook_layers  # noqa: E402
+from service.hooks.benchmark import FACTS  # noqa: E402
+from service.retrieval import DescriptorEncoder  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a map."
+
+
+def p90(values: list[float]) -> float:
+    """Nearest-rank 90th percentile."""
+    ordered = sorted(values)
+    return ordered[max(0, int(np.ceil(0.9 * len(ordered))) - 1)]
+
+
+def bench_compute(lm: LoadedModel, encoder: DescriptorEncoder, data_dir: Path, n: int) -> None:
+    facts = (FACTS + MORE_FACTS)[:n]
+    compute, wall, passed = [], [], 0
+    with EditManager(lm, Settings(data_dir=data_dir), encoder=encoder) as manager:
+        for fact in facts:
+            t = time.perf_counter()
+            result = manager.edit(fact_input(fact, force=True))
+            wall.append(time.perf_counter() - t)
+            compute.append(result.report.compute_seconds)
+            passed += result.report.passed
+    print(
+        f"edit compute over {len(facts)} edits: median {statistics.median(compute):.2f} s, "
+        f"p90 {p90(compute):.2f} s (target <= 2 s); whole Edit call median {statistics.median(wall):.2f} s, "
+        f"p90 {p90(wall):.2f} s; quality gate passed {passed}/{len(facts)}",
+        flush=True,
+    )
+
+
+def synthetic_table(hooks: HookManager, n: int, seed: int = 0) -> HookTable:
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(n, hooks.d_ff, generator=gen)
+    values = torch.randn(n, hooks.d_model, generator=gen)
+    entries = [HookEntry(f"s{i}", layer, keys[i], values[i], 0.9) for layer in hooks.layers for i in range(n)]
+    return HookTable.build(entries, hooks.device, hooks.dtype, version=1)
+
+
+@torch.no_grad()
+def bench_generate(
+    lm: LoadedModel, encoder: DescriptorEncoder, data_dir: Path, rounds: int, tokens: int
+) -> None:
+    with EditManager(lm, Settings(data_dir=data_dir), encoder=encoder) as manager:
+        hooks = manager.hooks
+        tables = {
+            0: hooks.empty_table(),
+            1000: synthetic_table(hooks, 1000),
+            10_000: synthetic_table(hooks, 10_000),
+        }
+        ids = lm.tokenizer(PROMPT, return_tensors="pt").to(hooks.device)
+        times: dict[int, list[float]] = {n: [] for n in tables}
+        for r in range(rounds + 1):
+            for n, table in tables.items():
+                hooks.publish(table)
+                t = time.perf_counter()
+                lm.model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                if r:  # round 0 warms up
+                    times[n].append(time.perf_counter() - t)
+        hooks.publish(hooks.empty_table())
+    base = statistics.median(times[0])
+    parts = [
+        f"{n:,} edits {statistics.median(v):.3f} s ({statistics.median(v) / base:.3f}x)"
+        for n, v in times.items()
+    ]
+    print(
+        f"Generate {tokens} tokens greedy, median of {rounds} rounds, layers {hooks.layers}: "
+        + ", ".join(parts),
+        flush=True,
+    )
+
+
+def write_synthetic_log(lm: LoadedModel, data_dir: Path, n: int, dim: int) -> None:
+    """`n` logged edits with realistic shapes (one entry each, as n Edit calls would write)."""
+    layer = default_hook_layers(lm.model)[0]
+    d_ff, d_model = int(lm.model.config.intermediate_size), int(lm.model.config.hidden_size)
+    rng = np.random.default_rng(0)
+    report = {
+        "efficacy": True,
+        "passed": True,
+        "message": "ok",
+        "paraphrases": [["p", True]],
+        "threshold": 0.8,
+    }
+    with EditLog.open(None, data_dir) as log:
+        for i in range(n):
+            emb = rng.standard_normal(dim).astype(np.float32)
+            edit = StoredEdit(
+                edit_id=f"e-synthetic-{i:05d}",
+                kind="triple",
+                subject=f"Subject {i}",
+                prompt=f"Subject {i} is located in the city of",
+                target_new="Rome",
+                descriptor=f"Subject {i} is located in the city of Rome.",
+                relation_key=f"subject {i}\x1f{{}} is located in the city of",
+                hooks=[
+                    StoredHook(
+                        layer=layer,
+                        key=TensorBlob.from_numpy(rng.standard_normal(d_ff).astype(np.float32)),
+                        value=TensorBlob.from_numpy(rng.standard_normal(d_model).astype(np.float32)),
+                        threshold=0.9,
+                    )
+                ],
+                embedding=TensorBlob.from_numpy(emb / np.linalg.norm(emb)),
+                report=report,
+            )
+            log.append(LogEntry(kind="edit", actor="bench", edits=[edit]))
+
+
+def startup_child(data_dir: str) -> None:
+    """One whole server start in a fresh process; prints its timings as JSON."""
+    t0 = time.perf_counter()
+    lm = load_model("embedded", device="cpu", dtype="float32")
+    t1 = time.perf_counter()
+    encoder = DescriptorEncoder()
+    t2 = time.perf_counter()
+    manager = EditManager(lm, Settings(data_dir=Path(data_dir)), encoder=encoder)
+    t3 = time.perf_counter()
+    manager.close()
+    print(json.dumps({"model": t1 - t0, "encoder": t2 - t1, "manager": t3 - t2, "total": t3 - t0}))
+
+
+def bench_startup(lm: LoadedModel, encoder: DescriptorEncoder, root: Path, n: int, rounds: int) -> None:
+    dirs = {"none": root / "empty", f"{n:,}": root / "logged"}
+    write_synthetic_log(lm, dirs[f"{n:,}"], n, encoder.dim)
+    EditLog.open(None, dirs["none"]).close()
+    open_s: dict[str, list[float]] = {k: [] for k in dirs}
+    restore_s: dict[str, list[float]] = {k: [] for k in dirs}
+    for _ in range(rounds):
+        for name, d in dirs.items():
+            t = time.perf_counter()
+            manager = EditManager(lm, Settings(data_dir=d), encoder=encoder)
+            open_s[name].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            manager.restore()
+            restore_s[name].append(time.perf_counter() - t)
+            manager.close()
+    whole: dict[str, list[float]] = {k: [] for k in dirs}
+    for _ in range(2):
+        for name, d in dirs.items():
+            out = subprocess.run(
+                [sys.executable, __file__, "--startup-child", str(d)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            whole[name].append(json.loads(out.stdout.strip().splitlines()[-1])["total"])
+
+    def line(label: str, values: dict[str, list[float]]) -> str:
+        a, b = (statistics.median(v) for v in values.values())
+        return f"{label}: none {a:.3f} s, {n:,} edits {b:.3f} s ({b / a:.2f}x)"
+
+    print("start-up with a logged edit set vs none (target <= 1.2x):", flush=True)
+    print("  " + line(f"EditManager open + restore + warm-up, median of {rounds}", open_s))
+    print("  " + line(f"restore() alone, median of {rounds}", restore_s))
+    print(
+        "  " + line("whole start in a fresh process (imports, model, encoder, manager), median of 2", whole)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edits", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--logged", type=int, default=1000)
+    ap.add_argument("--only", choices=["compute", "generate", "startup"], default=None)
+    ap.add_argument("--startup-child", metavar="DATA_DIR", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.startup_child:
+        startup_child(args.startup_child)
+        return
+    print(f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}", flush=True)
+    lm = load_model("embedded", device="cpu", dtype="float32")
+    encoder = DescriptorEncoder()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if args.only in (None, "compute"):
+            bench_compute(lm, encoder, root / "compute", args.edits)
+        if args.only in (None, "generate"):
+            bench_generate(lm, encoder, root / "generate", args.rounds, args.tokens)
+        if args.only in (None, "startup"):
+            bench_startup(lm, encoder, root / "startup", args.logged, 3)
+
+
+if __name__ == "__main__":
+    main()
