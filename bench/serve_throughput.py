@@ -9,8 +9,9 @@ including a sequence's end token, in every mode alike, so tokens/s is real outpu
 batch keeps computing rows that already ended (what static batching costs), the engine drops them.
 
 The service runs in this process (grpc.aio server with the real data plane: router, edit manager with its
-hook layers, engine) on a free port; the clients are grpc.aio stubs calling GenerateStream. An extra row
-drives the engine in-process (no gRPC, no router) to show what the transport costs. With --repeats, the
+hook layers, engine) on a free port; the clients run in a second process (this script with --client-of),
+grpc.aio stubs calling GenerateStream. An extra row drives the engine in-process (no gRPC, no router) to show
+what the transport costs. With --repeats, the
 modes run interleaved and each keeps its fastest run (other processes' load hits every mode alike).
 """
 
@@ -155,10 +156,6 @@ class Service:
         self.loaded, self.new_tokens, self.max_clients = loaded, new_tokens, max_clients
 
     async def __aenter__(self) -> Service:
-        from grpc import aio
-
-        from service._proto.editserve.v1 import editserve_pb2 as pb
-        from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
         from service.config import Settings
         from service.dataplane import DataPlane
         from service.transport.server import EditServeServer
@@ -176,16 +173,45 @@ class Service:
         self.server = EditServeServer(settings, lambda: DataPlane.load(settings, self.loaded))
         await self.server.start()
         await self.server.load_plane()
-        self._channel = aio.insecure_channel(self.server.address)
-        self._stub = pb_grpc.GenerateServiceStub(self._channel)
-        self._pb = pb
-        await self.one(PROMPTS[0])  # warm-up: first-call paths, thread pools
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._channel.close()
         await self.server.stop(grace_s=0)
         self._data_dir.cleanup()
+
+    async def measure_clients(self, clients: list[int]) -> list[Row]:
+        """Run the clients in another process, as real clients are: their protobuf and asyncio work must not
+        share this process's interpreter lock with the server."""
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            __file__,
+            "--client-of",
+            self.server.address,
+            "--new-tokens",
+            str(self.new_tokens),
+            "--clients",
+            ",".join(map(str, clients)),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"the client process failed with exit code {proc.returncode}")
+        return [Row(**r) for r in json.loads(out.decode().strip().splitlines()[-1])]
+
+
+class LoadGenerator:
+    """gRPC clients calling GenerateStream; each client waits for its answer before sending the next."""
+
+    def __init__(self, address: str, new_tokens: int) -> None:
+        from grpc import aio
+
+        from service._proto.editserve.v1 import editserve_pb2 as pb
+        from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+
+        self._pb = pb
+        self.channel = aio.insecure_channel(address)
+        self._stub = pb_grpc.GenerateServiceStub(self.channel)
+        self.new_tokens = new_tokens
 
     async def one(self, prompt: str) -> tuple[int, float]:
         started = time.perf_counter()
@@ -199,7 +225,7 @@ class Service:
 
     async def clients(self, n: int) -> Row:
         async def client(prompts: list[str]) -> list[tuple[int, float]]:
-            return [await self.one(p) for p in prompts]  # each client waits for its answer before the next
+            return [await self.one(p) for p in prompts]
 
         shares = [PROMPTS[i::n] for i in range(n)]  # the same 16 prompts, split over n clients
         started = time.perf_counter()
@@ -212,6 +238,17 @@ class Service:
             seconds,
             sum(t for _, t in results) / len(results),
         )
+
+
+async def client_process(address: str, new_tokens: int, clients: list[int]) -> None:
+    """The --client-of mode: measure every client count against a running server, print the rows as JSON."""
+    load = LoadGenerator(address, new_tokens)
+    try:
+        await load.one(PROMPTS[0])  # warm-up: connection, first-call paths
+        rows = [await load.clients(n) for n in clients]
+    finally:
+        await load.channel.close()
+    print(json.dumps([asdict(r) for r in rows]))
 
 
 # ------------------------------------------------------------------------------------ report
@@ -248,8 +285,8 @@ async def measure(loaded: LoadedModel, new_tokens: int, clients: list[int], repe
         for _ in range(repeats):
             keep(hf_one_at_a_time(loaded, new_tokens))
             keep(hf_static_batch(loaded, new_tokens))
-            for n in clients:
-                keep(await service.clients(n))
+            for row in await service.measure_clients(clients):
+                keep(row)
             keep(await engine_in_process(loaded, new_tokens))
     return list(best.values())
 
@@ -263,11 +300,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode; the fastest is reported")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--client-of", metavar="ADDRESS", help=argparse.SUPPRESS)  # the client process
     args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",") if c]
+    if args.client_of:
+        asyncio.run(client_process(args.client_of, args.new_tokens, clients))
+        return
     if args.threads:
         # On a CPU shared with other busy processes, one thread per op avoids stalls at OpenMP barriers.
         torch.set_num_threads(args.threads)
-    clients = [int(c) for c in args.clients.split(",") if c]
 
     loaded = load_model("embedded", device="cpu", dtype="float32")
     print(

@@ -14,7 +14,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from service.engine import Engine, EngineError, EngineRequest, SamplingParams, TokenEvent
-from service.engine.batch import ModelRunner, plan_prefill_groups
+from service.engine.batch import KVState, ModelRunner, plan_prefill_groups
 from service.engine.sampling import make_generator, sample_row, top_k_filter, top_p_filter
 from service.engine.text import IncrementalDetokenizer, StopMatcher
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
@@ -326,7 +326,7 @@ async def test_closing_or_cancelling_a_stream_frees_its_slot(engine, tiny_llama)
 
 async def test_deadline_ends_the_stream(engine, tiny_llama):
     request = greedy(tiny_llama, PROMPTS[0], 1000)
-    request.deadline = time.monotonic() + 0.3
+    request.deadline = time.monotonic() + 0.5
     got = 0
     with pytest.raises(DeadlineExceeded):
         async for _ in engine.stream(request):
@@ -388,6 +388,24 @@ async def test_engine_survives_a_forward_error(engine, tiny_llama):
     finally:
         handle.remove()
     assert engine.num_running == 0
+
+
+async def test_engine_survives_a_failure_outside_the_forwards(engine, tiny_llama, monkeypatch):
+    def broken_concat(self, other, config):
+        raise RuntimeError("injected merge failure")
+
+    running_stream = engine.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+    await running_stream.__anext__()
+    monkeypatch.setattr(KVState, "concat", broken_concat)
+    with pytest.raises(EngineError, match="injected merge failure"):  # the newcomer that needed the merge
+        await collect(engine, greedy(tiny_llama, PROMPTS[1], 6))
+    with pytest.raises(EngineError, match="injected merge failure"):  # and the row it was merging into
+        async for _ in running_stream:
+            pass
+    monkeypatch.undo()
+    events = await collect(engine, greedy(tiny_llama, PROMPTS[1], 6))
+    assert events[-1].finish_reason == "length"
+    await wait_until(lambda: engine.num_running == 0)
 
 
 async def test_score_equals_manual_log_softmax(engine, tiny_llama):

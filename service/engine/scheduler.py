@@ -63,6 +63,13 @@ def _settle(future: asyncio.Future, result: ScoreOutput | BaseException) -> None
         future.set_result(result)
 
 
+def _settle_threadsafe(job: _ScoreJob, result: ScoreOutput | BaseException) -> None:
+    try:
+        job.loop.call_soon_threadsafe(_settle, job.future, result)
+    except RuntimeError:
+        pass  # the caller's loop is closed
+
+
 class _Outbox:
     """Events produced by one phase of a step, handed to each event loop in one thread-safe call."""
 
@@ -71,6 +78,11 @@ class _Outbox:
 
     def put(self, seq: SequenceState, item: TokenEvent | BaseException) -> None:
         self._items.append((seq, item))
+
+    def fail(self, seq: SequenceState, error: BaseException) -> None:
+        """End `seq` with `error` raised on its stream."""
+        seq.finished = True
+        self._items.append((seq, error))
 
     def flush(self) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[SequenceState, TokenEvent | BaseException]]] = {}
@@ -142,6 +154,7 @@ class Engine:
         # Worker-thread state: the running rows, aligned with the rows of the running KV cache.
         self._rows: list[SequenceState] = []
         self._kv: KVState | None = None
+        self._admitted: list[SequenceState] = []  # taken from the queue this step, not yet running
         self._num_running = 0
 
     # ---- public API ------------------------------------------------------------------------------
@@ -251,13 +264,15 @@ class Engine:
                         break
                 try:
                     self._step()
-                except Exception as exc:  # a bug outside the forwards: fail the running rows, keep serving
+                except Exception as exc:  # a bug outside the forwards: fail what it touched, keep serving
                     log.exception("engine step failed")
                     outbox = _Outbox()
-                    for seq in self._rows:
-                        outbox.put(seq, EngineError(f"engine step failed: {exc!r}"))
+                    for seq in {id(s): s for s in self._rows + self._admitted}.values():
+                        if not seq.finished:
+                            outbox.fail(seq, EngineError(f"engine step failed: {exc!r}"))
                     outbox.flush()
                     self._rows, self._kv = [], None
+                self._admitted = []
                 self._num_running = len(self._rows)
                 metrics.RUNNING.set(self._num_running)
                 metrics.WAITING.set(len(self._waiting))
@@ -267,7 +282,7 @@ class Engine:
         self._reap(outbox)
         outbox.flush()
         self._run_scores()
-        newcomers = self._admit()
+        newcomers = self._admitted = self._admit()
         for group in plan_prefill_groups([len(s.prompt_ids) for s in newcomers], PREFILL_OVERHEAD_TOKENS):
             self._prefill([newcomers[i] for i in group], outbox)
             outbox.flush()  # first tokens go out before the next forward
@@ -278,37 +293,23 @@ class Engine:
     def _reap(self, outbox: _Outbox) -> None:
         """Drop cancelled and expired sequences, waiting or running; at shutdown, end them all."""
         now = time.monotonic()
-
-        def verdict(seq: SequenceState) -> TokenEvent | BaseException | bool:
-            if seq.cancelled:
-                return True  # nobody to tell
-            if self._cancel_all:
-                return seq.finish_cancelled()
-            if seq.request.deadline is not None and now >= seq.request.deadline:
-                return DeadlineExceeded("deadline passed before the generation finished")
-            return False
-
         with self._lock:
-            kept: deque[SequenceState] = deque()
-            for seq in self._waiting:
-                v = verdict(seq)
-                if v is False:
-                    kept.append(seq)
-                elif v is not True:
-                    outbox.put(seq, v)
-            self._waiting = kept
+            self._waiting = deque(s for s in self._waiting if not self._ends(s, now, outbox))
             if self._cancel_all:
                 for job in self._scores:
-                    job.loop.call_soon_threadsafe(_settle, job.future, Unavailable("the engine shut down"))
+                    _settle_threadsafe(job, Unavailable("the engine shut down"))
                 self._scores.clear()
-        survivors = []
-        for row, seq in enumerate(self._rows):
-            v = verdict(seq)
-            if v is False:
-                survivors.append(row)
-            elif v is not True:
-                outbox.put(seq, v)
-        self._keep_rows(survivors)
+        self._keep_rows([row for row, s in enumerate(self._rows) if not self._ends(s, now, outbox)])
+
+    def _ends(self, seq: SequenceState, now: float, outbox: _Outbox) -> bool:
+        """Whether `seq` ends now (its consumer left, shutdown, deadline); queues what its stream is told."""
+        if seq.cancelled:
+            seq.finished = True  # nobody to tell
+        elif self._cancel_all:
+            outbox.put(seq, seq.finish_cancelled())
+        elif seq.request.deadline is not None and now >= seq.request.deadline:
+            outbox.fail(seq, DeadlineExceeded("deadline passed before the generation finished"))
+        return seq.finished
 
     def _keep_rows(self, rows: list[int]) -> None:
         if len(rows) == len(self._rows):
@@ -332,10 +333,7 @@ class Engine:
             except Exception as exc:
                 log.exception("score forward failed")
                 result = EngineError(f"score forward failed: {exc!r}")
-            try:
-                job.loop.call_soon_threadsafe(_settle, job.future, result)
-            except RuntimeError:
-                pass  # the caller's loop is closed
+            _settle_threadsafe(job, result)
 
     def _admit(self) -> list[SequenceState]:
         free = self._max_batch_size - len(self._rows)
@@ -362,7 +360,7 @@ class Engine:
         except Exception as exc:
             log.exception("prefill forward failed")
             for seq in newcomers:
-                outbox.put(seq, EngineError(f"prefill forward failed: {exc!r}"))
+                outbox.fail(seq, EngineError(f"prefill forward failed: {exc!r}"))
             return
         metrics.BATCH_SIZE.observe(len(newcomers))
         metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in newcomers))
@@ -385,7 +383,7 @@ class Engine:
             # The cache may be half-updated: every row of this batch fails, later requests start clean.
             log.exception("decode forward failed")
             for seq in rows:
-                outbox.put(seq, EngineError(f"decode forward failed: {exc!r}"))
+                outbox.fail(seq, EngineError(f"decode forward failed: {exc!r}"))
             self._rows, self._kv = [], None
             return
         metrics.BATCH_SIZE.observe(len(rows))
@@ -409,7 +407,7 @@ class Engine:
                 event = seq.append(token)
             except Exception as exc:  # this row only (e.g. NaN probabilities, a tokenizer error)
                 log.exception("sampling failed")
-                outbox.put(seq, EngineError(f"sampling failed: {exc!r}"))
+                outbox.fail(seq, EngineError(f"sampling failed: {exc!r}"))
                 continue
             generated += 1
             fired += out.fired_tokens[row]
