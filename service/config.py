@@ -37,6 +37,9 @@ class Settings:
     max_new_tokens_limit: int = 512
     default_max_new_tokens: int = 64
     grace_period_s: float = 10.0
+    # torch intra-op threads (0 = torch's default). On a 2-core host 1 often wins: the event loop and
+    # gRPC need a core, and two torch threads stall waiting for each other when one is taken.
+    torch_threads: int = 0
 
     # edit log: empty = SQLite under data_dir; or an SQLAlchemy URL (postgresql+psycopg://...)
     edit_log_url: str = ""
@@ -81,6 +84,9 @@ class Settings:
                 f"--default-max-new-tokens ({self.default_max_new_tokens}) exceeds "
                 f"--max-new-tokens-limit ({self.max_new_tokens_limit})"
             )
+        for name in ("torch_threads", "log_poll_s"):
+            if getattr(self, name) < 0:
+                raise SettingsError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.grace_period_s < 0:
             raise SettingsError(f"--grace-period-s must be >= 0, got {self.grace_period_s}")
         if any(layer < 0 for layer in self.hook_layers):

@@ -78,6 +78,10 @@ class DataPlane:
         from service.engine import Engine
         from service.engine.loader import load_model
 
+        if settings.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(settings.torch_threads)
         if loaded is None:
             loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
         manager = EditManager(loaded, settings)

@@ -37,14 +37,14 @@ EIFFEL_UNSEEN = (  # not given to Edit: the edit has to generalise to them
     "The Eiffel Tower, a famous landmark, is located in the city of",
 )
 LOUVRE = "The Louvre is located in the city of"
-# Unrelated prompts whose answers no edit here may move.
+# Unrelated prompts whose answers no edit here may move (none mentions an edited subject).
 PROBES = (
     LOUVRE,
     "The capital of France is",
     "The capital of Japan is",
     "Water is made of hydrogen and",
     "The largest planet in the solar system is",
-    "William Shakespeare wrote the play",
+    "The author of the novel Moby Dick is",
     "The chemical symbol for gold is",
     "My favourite food is",
 )
@@ -111,6 +111,7 @@ def test_eiffel_tower_to_rome_survives_restart_and_rolls_back_exactly(smollm, op
         assert (after - before).abs().max().item() <= 1e-6
 
 
+@pytest.mark.timeout(1800)  # ~1 min on an idle 2-core CPU; far more when other jobs share it
 def test_twenty_more_facts(smollm, opener):
     facts = MORE_FACTS
     neighbours_before = {f.neighbour: greedy(smollm, f.neighbour) for f in facts}

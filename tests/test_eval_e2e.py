@@ -175,3 +175,38 @@ async def test_smollm_counterfact_ten_records(smollm, tmp_path: Path) -> None:
     for metric in ("ES", "PS", "NS"):
         assert check["server"][metric] == pytest.approx(check["local"][metric])
     assert (cfg.out / "plot.png").exists()
+
+
+async def test_knowedit_reports_portability_and_locality(fake_server, tmp_path: Path) -> None:
+    server, plane = fake_server
+    record = {
+        "subject": "Eiffel Tower",
+        "prompt": "The Eiffel Tower is located in the city of",
+        "target_new": "Rome",
+        "ground_truth": ["Paris"],
+        "portability": {
+            "Reasoning": [{"prompt": "The Eiffel Tower is in the country of", "ground_truth": [["Italy"]]}]
+        },
+        "locality": {
+            "Relation_Specificity": [{"prompt": "The Eiffel Tower was designed by", "ground_truth": "Eiffel"}]
+        },
+    }
+    data = tmp_path / "ke.json"
+    data.write_text(json.dumps([record]))
+    cfg = EvalConfig(
+        data=data,
+        fmt="knowedit",
+        out=tmp_path / "ke",
+        methods=["unedited", "both"],
+        server=server.address,
+        admin_token=TOKEN,
+    )
+    results = await run_eval(cfg)
+    both = results["runs"]["1"]["methods"]["both"]["summary"]
+    assert set(both) >= {"Rel", "Gen", "Loc", "Port", "Rel_gen", "Port_gen"}
+    assert both["Gen"] is None  # the record has no rephrase: not counted as a failure
+    # The fake scores each character with is_greedy only on the first: Rel = 1/len(" Rome") exactly.
+    assert both["Rel"] == pytest.approx(1 / 5)
+    assert both["Port"] == pytest.approx(1 / 6)  # " Italy"
+    port_scores = [s for s in calls(plane, "score") if s.prompt == "The Eiffel Tower is in the country of"]
+    assert {s.continuation for s in port_scores} == {" Italy"}
