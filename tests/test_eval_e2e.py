@@ -106,6 +106,11 @@ async def test_protocols_flags_and_report(fake_server, tmp_path: Path) -> None:
         assert run["edits"]["server"]["edits"] == 4
         assert run["edits"]["server"]["gate_passed"] == 1.0
     assert results["runs"]["2"]["rounds"] == 2
+    # applied_edits reach the diagnostics: the fake reports every active edit on every request.
+    diag = results["runs"]["1"]["diagnostics"]
+    assert diag["hook"]["rewrite"]["own_hook"] == 4 and diag["hook"]["rewrite"]["own_retrieval"] == 0
+    assert diag["retrieval"]["paraphrase"]["own_retrieval"] == 4
+    assert diag["both"]["locality"]["any_fire"] == 4
     on_disk = json.loads((cfg.out / "results.json").read_text())
     assert on_disk["command"] == "editserve eval --test"
     assert on_disk["versions"]["torch"]

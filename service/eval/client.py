@@ -30,6 +30,7 @@ _PATHS: dict[str, list[int]] = {
     "retrieval": [pb.EDIT_PATH_RETRIEVAL],
     "both": [],  # empty = every path
 }
+_PATH_NAMES = {pb.EDIT_PATH_HOOK: "hook", pb.EDIT_PATH_RETRIEVAL: "retrieval"}
 # Transient statuses worth retrying: a full queue, a server still loading.
 _RETRY = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
 # The argmax token id per position (zsRE Loc needs it); older servers do not send it.
@@ -185,6 +186,10 @@ class EditServeClient:
             logprobs=[float(t.logprob) for t in resp.tokens],
             greedy=[bool(t.is_greedy) for t in resp.tokens],
             argmax=[int(getattr(t, ARGMAX_FIELD)) for t in resp.tokens] if _HAS_ARGMAX else None,
+            applied=[
+                [e.edit_id, _PATH_NAMES.get(e.path, "?"), round(float(e.score), 4)]
+                for e in resp.applied_edits
+            ],
         )
 
     async def generate(self, prompt: str, max_new_tokens: int, method: str, min_version: int = 0) -> str:

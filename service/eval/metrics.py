@@ -45,9 +45,17 @@ class TokenScores:
     logprobs: list[float]
     greedy: list[bool]  # the token was the argmax at its position
     argmax: list[int] | None = None  # the argmax token id at each position, when the scorer reports it
+    # The edits that shaped this score, [edit_id, path, score] (the server's applied_edits): diagnostics only.
+    applied: list[list[Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ids": self.ids, "logprobs": self.logprobs, "greedy": self.greedy, "argmax": self.argmax}
+        return {
+            "ids": self.ids,
+            "logprobs": self.logprobs,
+            "greedy": self.greedy,
+            "argmax": self.argmax,
+            "applied": self.applied,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TokenScores:
@@ -56,6 +64,7 @@ class TokenScores:
             [float(x) for x in d["logprobs"]],
             [bool(g) for g in d["greedy"]],
             None if d.get("argmax") is None else [int(a) for a in d["argmax"]],
+            d.get("applied"),
         )
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from service.eval.datasets import LoadedData
+from service.eval.diagnostics import diagnose
 from service.eval.metrics import METRICS_BY_FORMAT, aggregate
 from service.eval.progress import Progress, read_rounds
 from service.eval.runner import EDIT_METHODS, METHODS, EvalConfig
@@ -136,8 +137,12 @@ def collect(cfg: EvalConfig, data: LoadedData) -> dict[str, Any]:
         methods: dict[str, Any] = {}
         if unedited:
             methods["unedited"] = method_block(unedited, None)
+        diagnostics: dict[str, Any] = {}
         for method, evals in _evals_by_method(server).items():
             methods[method] = method_block(evals, server_edits)
+            found = diagnose(cfg.fmt, evals, server_edits, unedited)
+            if found is not None:
+                diagnostics[method] = found
         for method, evals in _evals_by_method(rome).items():
             methods[method] = method_block(evals, rome_edits)
         srv_s, rome_s = _seconds(server), _seconds(rome)
@@ -166,6 +171,7 @@ def collect(cfg: EvalConfig, data: LoadedData) -> dict[str, Any]:
                 ),
             },
             "timing": timing,
+            "diagnostics": diagnostics,
         }
     check = None
     if unedited and rome_ref:
@@ -272,6 +278,7 @@ def summary_markdown(results: Mapping[str, Any], fmt: str) -> str:
                 f"| {t} | {'service' if side == 'server' else 'rome'} | {st['edits']} | {st['refused']} | "
                 f"{_fmt(ok)} | {_fmt(st['mean_s'], 2)} | {_fmt(st['p90_s'], 2)} |"
             )
+    lines += diagnostics_markdown(results)
     lines += [
         "",
         "## Time (seconds, summed over rounds and resumed sessions)",
@@ -309,6 +316,40 @@ def summary_markdown(results: Mapping[str, Any], fmt: str) -> str:
             "so a locality position where neither model's argmax was the answer token counts as unchanged.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def diagnostics_markdown(results: Mapping[str, Any]) -> list[str]:
+    rows = []
+    for t, run in sorted(results["runs"].items(), key=lambda kv: int(kv[0])):
+        for method, groups in run.get("diagnostics", {}).items():
+            for group, c in groups.items():
+                keys = (
+                    "probes",
+                    "failed",
+                    "own_hook",
+                    "own_retrieval",
+                    "failed_without_own_fire",
+                    "any_fire",
+                    "regressed",
+                    "regressed_with_fire",
+                )
+                rows.append(f"| {t} | {method} | {group} | " + " | ".join(str(c[k]) for k in keys) + " |")
+    if not rows:
+        return []
+    return [
+        "",
+        "## Where edits fail (probe counts, from each Score's applied_edits)",
+        "",
+        "In scope (rewrite, paraphrase, portability) a failure with the record's own edit not firing is a "
+        "recall miss of the gate / scope detector; one where it fired is a value or injection too weak. Out "
+        "of scope (locality), 'regressed' = right on the unedited model, wrong here; with an edit firing, a "
+        "false fire caused it.",
+        "",
+        "| T | method | group | probes | failed | own edit fired: hook | own: retrieval | failed, own edit "
+        "silent | any edit fired | regressed | regressed, an edit fired |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+    ]
 
 
 DEFINITIONS: dict[str, list[str]] = {
