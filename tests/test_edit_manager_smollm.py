@@ -153,11 +153,6 @@ def test_twenty_more_facts(smollm, opener):
 
 
 @pytest.mark.timeout(3600)  # ~1.3 s per edit on an idle 2-core CPU; several times that when shared
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 3): after 200 forced synthetic edits some unrelated probe answers were seen to move; "
-    "under investigation, so this test reports instead of gating CI",
-)
 def test_two_hundred_sequential_edits(smollm, opener):
     start_hash = param_checksum(smollm.model)
     edits = synthetic_inputs(smollm.tokenizer, 200, force=True)

@@ -150,10 +150,6 @@ async def test_interrupted_round_resumes_without_redoing_work(fake_server, tmp_p
 
 @pytest.mark.smollm
 @pytest.mark.timeout(600)
-@pytest.mark.xfail(
-    strict=False,
-    reason="open (issue 5): the in-process end-to-end run did not finish within 7 min on a shared CPU",
-)
 @pytest.mark.skipif(not DATA.is_dir(), reason=f"shared evaluation data not present at {DATA}")
 async def test_smollm_counterfact_ten_records(smollm, tmp_path: Path) -> None:
     from service.eval.inprocess import in_process_server
