@@ -221,6 +221,42 @@ def test_ten_thousand_entries_build_and_gate_in_one_matmul(tiny, hooks):
     assert [(f.row, f.position, f.edit_id) for f in rec.fires] == [(0, 4, "e1234")]
 
 
+def test_decode_prefilter_picks_the_exact_gate_decisions():
+    """Large tables rank keys in int8 for decode-sized inputs, then score the best exactly: the fired row
+    and its score equal the full float32 gate's, also after extending the table and removing rows."""
+    from service.edits.convert import without
+    from service.hooks.layer import PREFILTER_MAX_TOKENS, PREFILTER_MIN_ENTRIES
+
+    gen = torch.Generator().manual_seed(0)
+    n, d = PREFILTER_MIN_ENTRIES + 500, 128
+    keys = torch.randn(n, d, generator=gen)
+    entries = [HookEntry(f"e{i}", LAYER, keys[i], torch.randn(64, generator=gen), 0.6) for i in range(n)]
+    small = HookTable.build(entries[:100]).layer(LAYER)
+    assert small is not None and small.prefilter is None  # small tables: the exact matmul only
+    table = HookTable.build(entries[:-10]).extended(entries[-10:])
+    lt = table.layer(LAYER)
+    assert lt is not None and lt.prefilter is not None and lt.prefilter[0].shape == (n, d)
+    # queries near planted keys (fire), between two keys (near-tie) and random (no fire)
+    queries = torch.cat(
+        [
+            keys[[5, n - 3, 700]] + 0.3 * torch.randn(3, d, generator=gen),
+            keys[[11]] + keys[[12]],
+            torch.randn(PREFILTER_MAX_TOKENS - 4, d, generator=gen),
+        ]
+    )
+    unit = torch.nn.functional.normalize(queries, dim=-1)
+    exact_best, exact_idx = (unit @ lt.keys.T).max(dim=-1)
+    best, idx = HookManager._best_keys(lt, unit)
+    assert torch.equal(idx, exact_idx) and torch.allclose(best, exact_best, atol=1e-6)
+    assert (best >= lt.thresholds[idx]).sum() >= 3  # the planted ones do fire
+    gone = without(table, ["e5", "e700"], version=2).layer(LAYER)
+    assert gone is not None and gone.prefilter is not None and len(gone) == n - 2
+    best2, idx2 = HookManager._best_keys(gone, unit)
+    exact2, eidx2 = (unit @ gone.keys.T).max(dim=-1)
+    assert torch.equal(idx2, eidx2) and torch.allclose(best2, exact2, atol=1e-6)
+    assert "e5" not in {gone.ids[i] for i in idx2.tolist()}
+
+
 def test_table_checks_and_extension(hooks):
     with pytest.raises(ValueError):
         hooks.publish(HookTable.build([HookEntry("x", 0, torch.randn(128), torch.randn(64), 0.5)]))

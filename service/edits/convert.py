@@ -70,11 +70,5 @@ def without(table: HookTable, edit_ids: Iterable[str], version: int) -> HookTabl
         if len(keep) == len(lt.ids):
             layers[i] = lt
             continue
-        rows = torch.tensor(keep, dtype=torch.long, device=lt.keys.device)
-        layers[i] = LayerTable(
-            keys=lt.keys.index_select(0, rows),
-            values=lt.values.index_select(0, rows),
-            thresholds=lt.thresholds.index_select(0, rows),
-            ids=tuple(lt.ids[n] for n in keep),
-        )
+        layers[i] = lt.select(torch.tensor(keep, dtype=torch.long))
     return HookTable(layers, version=version, device=table.device, dtype=table.dtype)

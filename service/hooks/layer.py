@@ -54,6 +54,27 @@ class HookEntry:
         return replace(self, edit_id=edit_id)
 
 
+# Decode-time prefilter for large tables. The exact gate reads every key (N x d_ff float32: 61 MB at
+# 10,000 SmolLM2 edits) for every generated token, and that read, not arithmetic, is its cost on a CPU.
+# Above PREFILTER_MIN_ENTRIES an int8 copy of the keys (per-row scales, 4x fewer bytes) ranks the keys
+# for forwards of at most PREFILTER_MAX_TOKENS tokens (decode steps); the PREFILTER_TOP_K best are then
+# scored exactly in float32 and the gate rule below applies to those exact scores. The int8 score is
+# within ~1e-3 of the exact cosine (bf16 query, 8-bit keys), so the decision can differ from the exact
+# gate only when more than TOP_K keys lie within that distance of the best one: a near-tie between
+# edits, never a fire where no key passes its threshold. Prefill (many tokens at once) is compute-bound
+# and keeps the exact matmul.
+PREFILTER_MIN_ENTRIES = 1024
+PREFILTER_MAX_TOKENS = 16
+PREFILTER_TOP_K = 8
+
+
+def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows and per-row bf16 scales of unit keys, the layout `torch._weight_int8pack_mm` takes."""
+    scales = keys.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(keys / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return q, scales.to(torch.bfloat16)
+
+
 @dataclass(frozen=True, eq=False)  # tensor fields: compare by identity
 class LayerTable:
     """The stacked entries of one layer: row i of every field belongs to the same entry."""
@@ -62,16 +83,48 @@ class LayerTable:
     values: torch.Tensor  # [N, d_model] in the model dtype
     thresholds: torch.Tensor  # [N] float32
     ids: tuple[str, ...]
+    # (int8 keys, bf16 scales) for the decode prefilter; filled in for large CPU tables
+    prefilter: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefilter is None and self.wants_prefilter(len(self.ids), self.keys.device):
+            object.__setattr__(self, "prefilter", quantize_keys(self.keys))
+
+    @staticmethod
+    def wants_prefilter(n: int, device: torch.device) -> bool:
+        # int8 x bf16 matmul is a CPU kernel here; GPUs read 61 MB in well under a millisecond anyway.
+        return n >= PREFILTER_MIN_ENTRIES and device.type == "cpu"
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def extended(self, other: LayerTable) -> LayerTable:
+    def select(self, rows: torch.Tensor) -> LayerTable:
+        """The rows `rows` (long indices), in that order."""
+        rows = rows.to(self.keys.device)
+        pre = None
+        if self.prefilter is not None and self.wants_prefilter(len(rows), self.keys.device):
+            pre = (self.prefilter[0].index_select(0, rows), self.prefilter[1].index_select(0, rows))
         return LayerTable(
-            keys=torch.cat([self.keys, other.keys.to(self.keys.device)]),
+            keys=self.keys.index_select(0, rows),
+            values=self.values.index_select(0, rows.to(self.values.device)),
+            thresholds=self.thresholds.index_select(0, rows.to(self.thresholds.device)),
+            ids=tuple(self.ids[int(n)] for n in rows.tolist()),
+            prefilter=pre,
+        )
+
+    def extended(self, other: LayerTable) -> LayerTable:
+        keys = torch.cat([self.keys, other.keys.to(self.keys.device)])
+        pre = None
+        if self.prefilter is not None and self.wants_prefilter(len(keys), keys.device):
+            # per-row scales: quantizing only the new rows gives the same bytes as quantizing all
+            oq, os_ = other.prefilter if other.prefilter is not None else quantize_keys(other.keys)
+            pre = (torch.cat([self.prefilter[0], oq.to(keys.device)]), torch.cat([self.prefilter[1], os_]))
+        return LayerTable(
+            keys=keys,
             values=torch.cat([self.values, other.values.to(self.values.device, self.values.dtype)]),
             thresholds=torch.cat([self.thresholds, other.thresholds.to(self.thresholds.device)]),
             ids=self.ids + other.ids,
+            prefilter=pre,
         )
 
 
@@ -454,14 +507,25 @@ class HookManager:
         return out
 
     @staticmethod
+    def _best_keys(lt: LayerTable, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: the best key's exact cosine and its row (see PREFILTER_* for large tables)."""
+        if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
+            return (unit @ lt.keys.T).max(dim=-1)  # [tokens, N]: one matmul for all edits
+        q, scales = lt.prefilter
+        approx = torch._weight_int8pack_mm(unit.to(torch.bfloat16).contiguous(), q, scales)
+        cand = approx.topk(min(PREFILTER_TOP_K, len(lt)), dim=-1).indices  # [tokens, k]
+        exact = torch.einsum("td,tkd->tk", unit, lt.keys[cand])
+        best, j = exact.max(dim=-1)
+        return best, cand.gather(1, j[:, None]).squeeze(1)
+
+    @staticmethod
     def _gate(
         lt: LayerTable, h: torch.Tensor, out: torch.Tensor, layer: int, rec: Recorder | None
     ) -> torch.Tensor:
         shape = out.shape
         t_len = h.shape[-2] if h.dim() >= 2 else 1
         hf = h.reshape(-1, h.shape[-1])
-        scores = F.normalize(hf.float(), dim=-1) @ lt.keys.T  # [tokens, N]: one matmul for all edits
-        best, idx = scores.max(dim=-1)
+        best, idx = HookManager._best_keys(lt, F.normalize(hf.float(), dim=-1))
         fire = best >= lt.thresholds[idx]
         if rec is not None and rec.row_enabled is not None:
             fire &= rec.row_enabled.to(fire.device).repeat_interleave(t_len)
