@@ -98,9 +98,11 @@ def bench_generate(
                 if r:  # round 0 warms up
                     times[n].append(time.perf_counter() - t)
         hooks.publish(hooks.empty_table())
-    base = statistics.median(times[0])
+    # Paired ratios: each round's time over the same round's no-edit time (a shared CPU drifts between
+    # rounds; the pairing cancels most of that).
     parts = [
-        f"{n:,} edits {statistics.median(v):.3f} s ({statistics.median(v) / base:.3f}x)"
+        f"{n:,} edits {statistics.median(v):.3f} s "
+        f"({statistics.median([a / b for a, b in zip(v, times[0], strict=True)]):.3f}x)"
         for n, v in times.items()
     ]
     print(
@@ -108,6 +110,34 @@ def bench_generate(
         + ", ".join(parts),
         flush=True,
     )
+    bench_decode_step(lm, encoder, data_dir, tables, rounds=10 * rounds)
+
+
+@torch.no_grad()
+def bench_decode_step(
+    lm: LoadedModel, encoder: DescriptorEncoder, data_dir: Path, tables: dict[int, HookTable], rounds: int
+) -> None:
+    """One decode step (a token on a 16-token KV cache): where the gate runs on every generated token."""
+    with EditManager(lm, Settings(data_dir=data_dir / "step"), encoder=encoder) as manager:
+        hooks = manager.hooks
+        ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(hooks.device)
+        past = lm.model(input_ids=ids, use_cache=True).past_key_values
+        step = torch.tensor([[int(ids[0, -1])]], device=hooks.device)
+        times: dict[int, list[float]] = {n: [] for n in tables}
+        for r in range(rounds + 1):
+            for n, table in tables.items():
+                hooks.publish(table)
+                t = time.perf_counter()
+                lm.model(input_ids=step, past_key_values=past, use_cache=False)
+                if r:
+                    times[n].append(time.perf_counter() - t)
+        hooks.publish(hooks.empty_table())
+    parts = [
+        f"{n:,} edits {1e3 * statistics.median(v):.1f} ms "
+        f"({statistics.median([a / b for a, b in zip(v, times[0], strict=True)]):.3f}x)"
+        for n, v in times.items()
+    ]
+    print(f"one decode step, median of {rounds} paired rounds: " + ", ".join(parts), flush=True)
 
 
 def write_synthetic_log(lm: LoadedModel, data_dir: Path, n: int, dim: int) -> None:
