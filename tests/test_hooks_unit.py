@@ -340,3 +340,33 @@ def test_nested_interventions_add_up_and_unwind(tiny, hooks):
         assert torch.allclose(out[0, 1] - ref[0, 1], a, atol=1e-5) and torch.equal(out[0, 2], ref[0, 2])
     with torch.no_grad():
         assert torch.equal(mlp(x), ref)
+
+
+def test_v_star_layer_walk_matches_the_full_forward(tiny, hooks):
+    """v* runs only the layers from the lowest hooked one up; the result equals the model's own forward."""
+    from service.hooks import editor as ed_mod
+
+    model, tok = tiny
+    hooks.publish(HookTable.build([entry(torch.randn(128), torch.randn(64), 0.2, eid="old")], version=1))
+    ed = Editor(model, tok, hooks, max_steps=4)
+    spec = EditSpec("The Eiffel Tower", "Note that The Eiffel Tower is located in the city of", "Rome")
+    prep = ed._prepare(spec)
+    problem = ed_mod._DeltaProblem(
+        rows=[ed_mod._Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
+        n_ctx=len(prep.ctx),
+        prompt_lens=[len(r.ids) for r in prep.ctx],
+        target_ids=prep.target_ids,
+    )
+    fits = {}
+    for walk in (True, False):
+        ed_mod._SuffixRunner._verified[model] = walk
+        fits[walk] = ed_mod.compute_delta(model, hooks, hooks.layers, problem, 1.0, max_steps=4)
+    del ed_mod._SuffixRunner._verified[model]
+    ed_mod.compute_delta(model, hooks, hooks.layers, problem, 1.0, max_steps=0)
+    assert ed_mod._SuffixRunner._verified[model] is True  # the Llama layout passes the check
+    for layer in hooks.layers:
+        torch.testing.assert_close(fits[True].deltas[layer], fits[False].deltas[layer], atol=1e-5, rtol=1e-4)
+    assert fits[True].stats["steps"] == fits[False].stats["steps"]
+    # The first step's argmax is the unedited greedy answer's first token (with the published table).
+    bare = ed.contexts.index("")
+    assert fits[True].initial_argmax[bare] == ed._greedy(prep.ctx[bare].ids, 1, hooks.current)[0]

@@ -291,7 +291,7 @@ class RomeBaseline:
             prompt_lens=[len(r.ids) for r in prep.ctx],
             target_ids=prep.target_ids,
         )
-        deltas, stats = compute_delta(
+        fit = compute_delta(
             self.model,
             self.hooks,
             [self.layer],
@@ -301,7 +301,7 @@ class RomeBaseline:
             max_steps=self.editor.max_steps,
             nll_stop=self.editor.nll_stop,
         )
-        delta = deltas[self.layer].float()
+        delta, stats = fit.deltas[self.layer].float(), fit.stats
         with torch.no_grad():
             u = self.cov_inv @ k_star
             self.weight.add_((torch.outer(delta, u) / torch.dot(u, k_star)).to(self.weight.dtype))

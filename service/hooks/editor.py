@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ __all__ = [
     "Editor",
     "QualityReport",
     "calibrate_threshold",
+    "DeltaFit",
     "compute_delta",
     "compute_k_star",
     "compute_v_star",
@@ -193,6 +195,107 @@ class _DeltaProblem:
     target_ids: list[int]
 
 
+class _SuffixRunner:
+    """The suffix forward of v*'s optimisation, from the lowest hooked layer up.
+
+    Nothing below the lowest hooked layer depends on the delta (it is added to that layer's MLP output and
+    no hook sits lower), so the suffix's hidden state entering that layer is computed once and every step
+    runs only the layers above: about a fifth fewer forward FLOPs per step for SmolLM2's layer 6 of 30.
+    This walks the decoder layers itself (the Llama-family layout: `layers`, `rotary_emb`, `norm`); the
+    first use per model is checked against the model's own forward, and a model whose layout differs
+    falls back to the full forward.
+    """
+
+    # model -> whether the layer walk reproduces the model's own forward
+    _verified: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base: nn.Module,
+        kv: list[tuple[torch.Tensor, torch.Tensor]],
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        pos: torch.Tensor,
+        first: int,
+    ) -> None:
+        self.model, self.base, self.kv = model, base, kv
+        self.ids, self.mask, self.pos, self.first = ids, mask, pos, first
+        self.entry: torch.Tensor | None = None  # hidden state entering layer `first`
+        ok = self._verified.get(model)
+        if ok is None:
+            ok = self._verify()
+            self._verified[model] = ok
+        if ok:
+            with torch.no_grad():
+                self.entry = self._walk(self.base.embed_tokens(ids), 0, self.first)[0]
+
+    def forward(self) -> torch.Tensor:
+        """last_hidden_state of the suffix, with whatever hooks the calling thread has switched on."""
+        if self.entry is None:
+            cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
+            return self.base(
+                input_ids=self.ids,
+                attention_mask=self.mask,
+                position_ids=self.pos,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            ).last_hidden_state
+        h, _ = self._walk(self.entry, self.first, len(self.base.layers))
+        return self.base.norm(h)
+
+    def _walk(self, h: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, Any]:
+        from transformers.masking_utils import create_causal_mask
+
+        cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
+        causal = create_causal_mask(
+            config=self.base.config,
+            inputs_embeds=h,
+            attention_mask=self.mask,
+            past_key_values=cache,
+            position_ids=self.pos,
+        )
+        rope = self.base.rotary_emb(h, position_ids=self.pos)
+        for layer in self.base.layers[lo:hi]:
+            out = layer(
+                h,
+                attention_mask=causal,
+                position_embeddings=rope,
+                position_ids=self.pos,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            )
+            h = out[0] if isinstance(out, tuple) else out
+        return h, cache
+
+    def _verify(self) -> bool:
+        if not all(hasattr(self.base, a) for a in ("layers", "rotary_emb", "norm", "embed_tokens")):
+            return False
+        try:
+            with torch.no_grad():
+                h, _ = self._walk(self.base.embed_tokens(self.ids), 0, len(self.base.layers))
+                walked = self.base.norm(h)
+                cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
+                ref = self.base(
+                    input_ids=self.ids,
+                    attention_mask=self.mask,
+                    position_ids=self.pos,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                ).last_hidden_state
+        except Exception:  # noqa: BLE001 - any layout mismatch means: use the model's own forward
+            return False
+        real = self.mask[:, -self.ids.shape[1] :].bool()
+        return bool(torch.allclose(walked[real], ref[real], atol=1e-4, rtol=1e-4))
+
+
+@dataclass
+class DeltaFit:
+    deltas: dict[int, torch.Tensor]  # hooked layer -> delta (the hooks' dtype)
+    stats: dict[str, float]  # steps, nll, converged
+    initial_argmax: list[int]  # per context row: the argmax before the first target token, delta = 0
+
+
 def compute_delta(
     model: nn.Module,
     hooks: HookManager,
@@ -206,13 +309,14 @@ def compute_delta(
     weight_decay: float = 0.05,
     clamp_factor: float = 4.0,
     nll_stop: float = 0.1,
-) -> tuple[dict[int, torch.Tensor], dict[str, float]]:
+) -> DeltaFit:
     """ROME's v* as a residual delta: find delta (one per hooked layer) added to the MLP output at the
     subject's last token so that the target follows the prompt in every context.
 
     loss = mean target NLL + kl_factor * KL(orig || edited) on "{subject} is a" + weight_decay *
     ||delta||^2 / ||original MLP out||^2; Adam; early stop once the target is the argmax at every target
     position of every context and the NLL < nll_stop. ||delta|| is clamped to clamp_factor * ref_norm.
+    Everything runs with the calling thread's hook table (the edits already published).
     """
     base, head = _base(model), _lm_head(model)
     dev = hooks.device
@@ -228,11 +332,12 @@ def compute_delta(
     if int(pre_len.max()) > 0:
         pre_ids, pre_mask = _pad_left(prefixes, pad, dev)
         pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad(), hooks.disabled():
+        with torch.no_grad():  # with the calling thread's table: the world the edit will be served in
             out = base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
         kv = _kv_tensors(out.past_key_values)
     full_mask = torch.cat([pre_mask, suf_mask], dim=1)
     suf_pos = pre_len[:, None] + torch.arange(s_len, device=dev)[None, :]
+    suffix = _SuffixRunner(model, base, kv, suf_ids, full_mask, suf_pos, min(layers))
 
     # Where the logits are needed: the positions predicting each target token, and the KL row's last.
     sel_r, sel_t, tgt = [], [], []
@@ -254,25 +359,21 @@ def compute_delta(
     opt = torch.optim.Adam(list(deltas.values()), lr=lr)
     positions = [(r, 0) for r in range(n_rows)]  # the subject's last token is each suffix's first
     kl_ref: torch.Tensor | None = None
+    initial_argmax: list[int] = []
     stats = {"steps": 0.0, "nll": math.nan}
     for step in range(max_steps + 1):
-        cache = _fresh_cache(model.config, kv) if kv else None
         with ExitStack() as stack:
             for i, d in deltas.items():
                 stack.enter_context(hooks.intervention(i, positions, d))
-            hs = base(
-                input_ids=suf_ids,
-                attention_mask=full_mask,
-                position_ids=suf_pos,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            ).last_hidden_state
+            hs = suffix.forward()
         logp = torch.log_softmax(head(hs[sel_r_t, sel_t_t]).float(), dim=-1)
         tl = logp[:-1].gather(1, tgt_t[:, None]).squeeze(1).view(problem.n_ctx, n_tgt)
         nll = -tl.mean()
         kl_lp = logp[-1]
         if kl_ref is None:
             kl_ref = kl_lp.detach()  # step 0 runs with delta = 0: the original distribution
+            first = logp[:-1].detach().view(problem.n_ctx, n_tgt, -1)[:, 0]
+            initial_argmax = [int(t) for t in first.argmax(-1)]
         hit = bool((logp[:-1].argmax(-1) == tgt_t).all())
         nll_v = float(nll.detach())
         stats.update(steps=float(step), nll=nll_v)
@@ -290,7 +391,7 @@ def compute_delta(
                 if n > clamp_factor * ref_norm:
                     d.mul_(clamp_factor * ref_norm / n)
     stats["converged"] = float(hit)
-    return {i: d.detach().to(hooks.dtype) for i, d in deltas.items()}, stats
+    return DeltaFit({i: d.detach().to(hooks.dtype) for i, d in deltas.items()}, stats, initial_argmax)
 
 
 compute_v_star = compute_delta  # the name used in the paper: v* = original output + delta
@@ -429,20 +530,20 @@ class Editor:
         t0 = time.perf_counter()
         preps = [self._prepare(s) for s in specs]  # validate everything before any compute
         published = self.hooks.current if base is None else base
-        per_edit: list[tuple[list[HookEntry], str, float]] = []
+        per_edit: list[tuple[list[HookEntry], str, int | None, float]] = []
         for prep in preps:
             t = time.perf_counter()
-            entries, msg = self._compute_entries(prep, published)
-            per_edit.append((entries, msg, time.perf_counter() - t))
-        all_new = [e for entries, _, _ in per_edit for e in entries]
+            entries, msg, old_first = self._compute_entries(prep, published)
+            per_edit.append((entries, msg, old_first, time.perf_counter() - t))
+        all_new = [e for entries, *_ in per_edit for e in entries]
         override = published.extended(all_new)
         subjects = [p.spec.subject for p in preps]
         loc_top1, loc_kl = self._locality(published, override, all_new, subjects)
         out = []
-        share = (time.perf_counter() - t0 - sum(s for _, _, s in per_edit)) / max(1, len(preps))
-        for prep, (entries, msg, secs) in zip(preps, per_edit, strict=True):
+        share = (time.perf_counter() - t0 - sum(p[-1] for p in per_edit)) / max(1, len(preps))
+        for prep, (entries, msg, old_first, secs) in zip(preps, per_edit, strict=True):
             t = time.perf_counter()
-            report = self._quality(prep, entries, published, override, loc_top1, loc_kl, msg)
+            report = self._quality(prep, entries, published, override, loc_top1, loc_kl, msg, old_first)
             report.compute_seconds = secs + share + (time.perf_counter() - t)
             out.append(ComputedEdit(entries, report))
         return out
@@ -486,7 +587,11 @@ class Editor:
         thr, msg = calibrate_threshold(torch.stack(pos), torch.stack(neg) if neg else torch.empty(0))
         return _Calib(key, thr, msg)
 
-    def _compute_entries(self, prep: _Prepared, published: HookTable) -> tuple[list[HookEntry], str]:
+    def _compute_entries(
+        self, prep: _Prepared, published: HookTable
+    ) -> tuple[list[HookEntry], str, int | None]:
+        """The edit's entries, the calibration/convergence messages, and the unedited model's first answer
+        token for the bare prompt (read off v*'s first step, which runs with delta = 0 on `published`)."""
         layers = self.hooks.layers
         first = layers[0]
         calib = {first: self._calibrate(prep, first, None)}
@@ -499,16 +604,19 @@ class Editor:
             prompt_lens=[len(r.ids) for r in prep.ctx],
             target_ids=prep.target_ids,
         )
-        deltas, stats = compute_delta(
-            self.model,
-            self.hooks,
-            layers,
-            problem,
-            max(ref_norm, 1e-3),
-            lr=self.lr,
-            max_steps=self.max_steps,
-            nll_stop=self.nll_stop,
-        )
+        with self.hooks.table_override(published):
+            fit = compute_delta(
+                self.model,
+                self.hooks,
+                layers,
+                problem,
+                max(ref_norm, 1e-3),
+                lr=self.lr,
+                max_steps=self.max_steps,
+                nll_stop=self.nll_stop,
+            )
+        deltas, stats = fit.deltas, fit.stats
+        bare = self.contexts.index("") if "" in self.contexts else None
         entries = [HookEntry("", first, calib[first].key, deltas[first], calib[first].threshold)]
         # Higher layers see the activations after this edit's lower entries fired: key them that way.
         for layer in layers[1:]:
@@ -517,7 +625,7 @@ class Editor:
         msgs = [f"layer {i}: {c.message}" for i, c in calib.items() if c.message]
         if not stats.get("converged"):
             msgs.append(f"v* did not converge in {int(stats['steps'])} steps (nll {stats['nll']:.2f})")
-        return entries, "; ".join(msgs)
+        return entries, "; ".join(msgs), None if bare is None else fit.initial_argmax[bare]
 
     def _down(self, layer: int) -> nn.Module:
         return down_projection(decoder_layers(self.model)[layer].mlp)
@@ -651,6 +759,7 @@ class Editor:
         loc_top1: float,
         loc_kl: float,
         calib_msg: str,
+        old_first: int | None = None,
     ) -> QualityReport:
         tgt = prep.target_ids
         prompt_ids = (
@@ -658,7 +767,14 @@ class Editor:
             if "" in self.contexts
             else _encode(self.tok, prep.prompt).ids
         )
-        old_ids = self._greedy(prompt_ids, max(len(tgt), 3), published)
+        # The old answer: the unedited greedy continuation, as many tokens as the target (so the two
+        # log-probabilities compare continuations of equal length). Its first token is known from v*.
+        if old_first is None:
+            old_ids = self._greedy(prompt_ids, len(tgt), published)
+        elif old_first == self.tok.eos_token_id:
+            old_ids = []
+        else:
+            old_ids = [old_first] + self._greedy(prompt_ids + [old_first], len(tgt) - 1, published)
         old_answer = self.tok.decode(old_ids, skip_special_tokens=True).strip()
         if not old_ids and self.tok.eos_token_id is not None:
             old_ids = [int(self.tok.eos_token_id)]  # the old "answer" was to stop: score that instead
