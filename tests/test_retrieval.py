@@ -60,6 +60,26 @@ def test_encoder_offline_normalised(encoder: DescriptorEncoder) -> None:
     np.testing.assert_allclose(alone, v[1], atol=1e-5)
 
 
+def test_lean_bert_path_equals_the_sentence_transformers_pipeline(encoder: DescriptorEncoder) -> None:
+    """The embedded MiniLM is served by the lean forward; it gives the pipeline's vectors, padded or not."""
+    import torch
+
+    from service.retrieval.lean_bert import lean_bert_for
+
+    assert encoder._lean is not None  # the check at load passed
+    texts = ["The CEO of Twitter is Linda Yaccarino.", "hi", "Tell me about the Eiffel Tower. Where is it?"]
+    features = encoder._model.preprocess(texts)
+    with torch.inference_mode():
+        ref = torch.nn.functional.normalize(encoder._model(dict(features))["sentence_embedding"], dim=-1)
+    np.testing.assert_allclose(encoder.encode(texts), ref.numpy(), atol=1e-5)  # length-sorted batches
+    np.testing.assert_allclose(encoder.encode(texts[:1])[0], ref[0].numpy(), atol=1e-5)  # no padding
+    int8 = lean_bert_for(encoder._model, int8=True)
+    assert int8 is not None
+    approx = int8.embed(features["input_ids"], features["attention_mask"]).numpy()
+    assert float((approx * ref.numpy()).sum(1).min()) > 0.99  # the int8 kernel's rounding stays small
+    assert lean_bert_for(torch.nn.Sequential(torch.nn.Linear(2, 2))) is None  # other layouts: no lean path
+
+
 def test_index_add_remove_exact_and_stable_ids() -> None:
     rng = np.random.default_rng(1)
     x = unit(rng, 200)

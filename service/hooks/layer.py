@@ -63,7 +63,7 @@ class HookEntry:
 # gate only when more than TOP_K keys lie within that distance of the best one: a near-tie between
 # edits, never a fire where no key passes its threshold. Prefill (many tokens at once) is compute-bound
 # and keeps the exact matmul.
-PREFILTER_MIN_ENTRIES = 1024
+PREFILTER_MIN_ENTRIES = 256
 PREFILTER_MAX_TOKENS = 16
 PREFILTER_TOP_K = 8
 
