@@ -422,6 +422,54 @@ async def test_score_equals_manual_log_softmax(engine, tiny_llama):
         await engine.score([], cont)
 
 
+def test_score_batch_rows_equal_scores_alone(tiny_llama):
+    """A left-padded batch of scores gives each row what its own forward gives, hooks per row."""
+    model = tiny_llama.model
+    hooks = HookManager(model, [HOOK_LAYER])
+    try:
+        runner = ModelRunner(tiny_llama, hooks)
+        subject = ids_of(tiny_llama, "The Eiffel Tower is in")
+        key = hooks.keys_at([HOOK_LAYER], torch.tensor([subject]))[HOOK_LAYER][0, 3]
+        value = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 5
+        hooks.publish(HookTable.build([HookEntry("eiffel", HOOK_LAYER, key, value, 0.9999)], version=3))
+        jobs = [
+            (subject, ids_of(tiny_llama, " Paris, of course"), True),
+            (ids_of(tiny_llama, PROMPTS[1]), ids_of(tiny_llama, " no"), True),
+            (subject, ids_of(tiny_llama, " Paris, of course"), False),
+            (ids_of(tiny_llama, PROMPTS[0]) * 2, ids_of(tiny_llama, " a b c d e f"), True),
+        ]
+        batched = runner.score_batch(jobs)
+        for job, got in zip(jobs, batched, strict=True):
+            alone = runner.score(*job)
+            assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+            assert got.greedy == alone.greedy and got.hook_fires.keys() == alone.hook_fires.keys()
+            assert got.edit_version == 3
+        assert set(batched[0].hook_fires) == {"eiffel"} and batched[2].hook_fires == {}
+        assert batched[0].logprobs != pytest.approx(batched[2].logprobs, abs=1e-3)  # the edit changed row 0
+    finally:
+        hooks.uninstall()
+
+
+async def test_concurrent_scores_share_forwards(engine, tiny_llama, monkeypatch):
+    """Scores queued together run as one batch (not one forward each) and each gets its own answer."""
+    sizes: list[int] = []
+    runner = engine._runner
+    original = runner.score_batch
+
+    def spy(jobs):
+        sizes.append(len(jobs))
+        return original(jobs)
+
+    monkeypatch.setattr(runner, "score_batch", spy)
+    conts = [ids_of(tiny_llama, t) for t in (" Paris", " Rome, Italy", " Berlin is far", " x")]
+    prompt = ids_of(tiny_llama, PROMPTS[1])
+    outs = await asyncio.gather(*(engine.score(prompt, c) for c in conts))
+    for cont, out in zip(conts, outs, strict=True):
+        alone = original([(prompt, cont, True)])[0]
+        assert out.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
+    assert sum(sizes) == len(conts) and max(sizes) > 1
+
+
 async def test_stop_cancels_what_outlives_the_grace_period(tiny_llama):
     eng = Engine(tiny_llama)
     await eng.start()

@@ -210,17 +210,36 @@ class ModelRunner:
         self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], use_hooks: bool
     ) -> ScoreOutput:
         """Teacher forcing: one forward over prompt + continuation."""
-        ids = list(prompt_ids) + list(continuation_ids)
-        n = len(continuation_ids)
-        with self._hook_scope([use_hooks], [0]) as (rec, version):
+        return self.score_batch([(prompt_ids, continuation_ids, use_hooks)])[0]
+
+    def score_batch(self, jobs: Sequence[tuple[Sequence[int], Sequence[int], bool]]) -> list[ScoreOutput]:
+        """Teacher forcing for several (prompt, continuation, use_hooks) at once: one left-padded forward,
+        so every row's continuation ends in the last column and one `logits_to_keep` covers them all."""
+        seqs = [list(p) + list(c) for p, c, _ in jobs]
+        n_cont = [len(c) for _, c, _ in jobs]
+        width = max(len(x) for x in seqs)
+        pads = [width - len(x) for x in seqs]
+        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        for row, (seq, pad) in enumerate(zip(seqs, pads, strict=True)):
+            input_ids[row, pad:] = torch.tensor(seq, dtype=torch.long)
+        columns = torch.arange(width)
+        pad_t = torch.tensor(pads)
+        mask = (columns[None, :] >= pad_t[:, None]).long()
+        positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
+        keep = max(n_cont) + 1  # the positions predicting each continuation token (and the last)
+        with self._hook_scope([u for _, _, u in jobs], [-p for p in pads]) as (rec, version):
+            kwargs = {}
+            if len(seqs) > 1:  # a lone row needs no mask: the plain causal forward, as before batching
+                kwargs = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
             out = self.model(
-                input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
-                use_cache=False,
-                logits_to_keep=n + 1,  # the positions predicting each continuation token (and the last)
+                input_ids=input_ids.to(self.device), use_cache=False, logits_to_keep=keep, **kwargs
             )
-        fires, _ = self._collect(rec, 1)
-        logprobs = out.logits[0, :-1, :].float().log_softmax(dim=-1)
-        target = torch.tensor(list(continuation_ids), dtype=torch.long, device=logprobs.device)
-        picked = logprobs.gather(1, target[:, None]).squeeze(1)
-        greedy = logprobs.argmax(dim=-1) == target
-        return ScoreOutput(picked.tolist(), greedy.tolist(), version, fires[0])
+        fires, _ = self._collect(rec, len(seqs))
+        results = []
+        for row, n in enumerate(n_cont):
+            logprobs = out.logits[row, keep - 1 - n : keep - 1, :].float().log_softmax(dim=-1)
+            target = torch.tensor(list(jobs[row][1]), dtype=torch.long, device=logprobs.device)
+            picked = logprobs.gather(1, target[:, None]).squeeze(1)
+            greedy = logprobs.argmax(dim=-1) == target
+            results.append(ScoreOutput(picked.tolist(), greedy.tolist(), version, fires[row]))
+        return results

@@ -7,8 +7,10 @@ thread-local hook switches, so serving threads keep generating with the publishe
 
 Speed (2-core CPU, SmolLM2-135M): keys and calibration need only the layers up to the hook layer
 (`HookManager.keys_at` stops the forward there); the v* optimisation caches the K/V of the tokens before
-the subject (they do not depend on the delta) and runs only the suffix, with logits only at the target
-positions; probe activations and decisions are cached, and locality forwards only the probes whose
+the subject (they do not depend on the delta) and runs only the suffix, from the lowest hooked layer up
+(its entry state is computed once), with logits only at the target positions; the old answer's first
+token comes from v*'s first step (delta = 0), so the gate's greedy decode needs no forward for one-token
+targets; probe activations and decisions are cached, and locality forwards only the probes whose
 gate decisions the new entries change (for every other probe the output is provably identical).
 """
 
@@ -64,7 +66,7 @@ class EditSpec:
 @dataclass
 class QualityReport:
     efficacy: bool  # greedy continuation of the prompt starts with target_new (edit + current table)
-    old_answer: str  # greedy answer before the edit (current table)
+    old_answer: str  # greedy answer before the edit (current table), as many tokens as the target
     target_logprob: float  # log p(target_new | prompt) after the edit, summed over target tokens
     old_answer_logprob: float  # log p(old_answer | prompt) after the edit
     paraphrases: list[tuple[str, bool]]  # (paraphrase, greedy continuation starts with target_new)
