@@ -10,7 +10,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from service.errors import InvalidArgument
-from service.hooks.editor import Editor, EditSpec, QualityReport, calibrate_threshold
+from service.hooks.editor import (
+    CONTEXT_PREFIXES,
+    SINK_POSITIONS,
+    Editor,
+    EditSpec,
+    QualityReport,
+    calibrate_threshold,
+)
 from service.hooks.layer import HookEntry, HookManager, HookTable, decoder_layers
 from service.hooks.layer import param_checksum as param_hash
 
@@ -323,6 +330,28 @@ def test_editor_compute_end_to_end_on_tiny_model(tiny, hooks):
     assert len(batch_out) == 2
     assert param_hash(model) == before
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_subject_at_text_start_gets_its_own_entry(tiny, hooks):
+    """A subject ending within the first SINK_POSITIONS tokens of a context ("Paris is ..." with the bare
+    prefix) is keyed apart: one main entry from the other contexts and one start-of-text entry per layer,
+    both carrying the same delta; that key is the start row's activation and its gate opens there."""
+    model, tok = tiny
+    ed = Editor(model, tok, hooks, max_steps=2)
+    ce = ed.compute(EditSpec("Paris", "Paris is the capital of", "Peru"))
+    assert [e.layer for e in ce.entries] == [LAYER, LAYER, 2, 2]
+    for main, start in (ce.entries[0:2], ce.entries[2:4]):
+        assert torch.equal(main.value, start.value)
+        assert not torch.allclose(main.key, start.key)
+    prep = ed._prepare(EditSpec("Paris", "Paris is the capital of", "Peru"))
+    bare = prep.ctx[CONTEXT_PREFIXES.index("")]
+    assert bare.subject is not None and bare.subject[1] < SINK_POSITIONS
+    act = ed._acts(LAYER, [bare])[0][bare.subject[1]]
+    start = ce.entries[1]
+    assert torch.allclose(start.key, act, atol=1e-5)
+    assert float(torch.nn.functional.cosine_similarity(act, start.key, dim=0)) >= start.threshold
+    mid = ed.compute(EditSpec("Paris", "Everyone knows that Paris is the capital of", "Peru"))
+    assert [e.layer for e in mid.entries] == [LAYER, 2]  # no context puts the subject at the start
 
 
 def test_nested_interventions_add_up_and_unwind(tiny, hooks):
