@@ -121,22 +121,33 @@ class StoredHook:
     key: TensorBlob
     value: TensorBlob
     threshold: float
+    # the previous-token condition (hooks/layer.py); both None for entries without one, and for every
+    # entry logged before the condition existed, so those replay and checksum exactly as before
+    prev_key: TensorBlob | None = None
+    prev_threshold: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "layer": self.layer,
             "key": self.key.to_dict(),
             "value": self.value.to_dict(),
             "threshold": self.threshold,
         }
+        if self.prev_key is not None:
+            d["prev_key"] = self.prev_key.to_dict()
+            d["prev_threshold"] = self.prev_threshold
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoredHook:
+        prev = d.get("prev_key")
         return cls(
             layer=int(d["layer"]),
             key=TensorBlob.from_dict(d["key"]),
             value=TensorBlob.from_dict(d["value"]),
             threshold=float(d["threshold"]),
+            prev_key=None if prev is None else TensorBlob.from_dict(prev),
+            prev_threshold=None if prev is None else float(d["prev_threshold"]),
         )
 
 
@@ -254,18 +265,23 @@ def _blob_fingerprint(blob: TensorBlob | None) -> dict[str, Any] | None:
     return {"dtype": blob.dtype, "shape": list(blob.shape), "sha256": blob.digest()}
 
 
+def _hook_fingerprint(h: StoredHook) -> dict[str, Any]:
+    doc = {
+        "layer": h.layer,
+        "threshold": h.threshold,
+        "key": _blob_fingerprint(h.key),
+        "value": _blob_fingerprint(h.value),
+    }
+    if h.prev_key is not None:  # absent otherwise: older entries keep their checksums
+        doc["prev_key"] = _blob_fingerprint(h.prev_key)
+        doc["prev_threshold"] = h.prev_threshold
+    return doc
+
+
 def entry_checksum(entry: LogEntry) -> str:
     """sha256 over an entry's whole canonical content, tensor bytes included."""
     doc = entry.to_dict()
     for e_doc, edit in zip(doc["edits"], entry.edits, strict=True):
         e_doc["embedding"] = _blob_fingerprint(edit.embedding)
-        e_doc["hooks"] = [
-            {
-                "layer": h.layer,
-                "threshold": h.threshold,
-                "key": _blob_fingerprint(h.key),
-                "value": _blob_fingerprint(h.value),
-            }
-            for h in edit.hooks
-        ]
+        e_doc["hooks"] = [_hook_fingerprint(h) for h in edit.hooks]
     return hashlib.sha256(canonical_json(doc).encode()).hexdigest()

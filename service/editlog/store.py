@@ -93,6 +93,14 @@ log_edits = sa.Table(
     sa.UniqueConstraint("version", "ordinal", name="uq_log_edits_version_ordinal"),
 )
 
+# Columns added after the first release: nullable, and added to an existing table when it is opened.
+_ADDED_HOOK_COLUMNS = (
+    sa.Column("prev_threshold", sa.Double, nullable=True),
+    sa.Column("prev_key_dtype", sa.String(16), nullable=True),
+    sa.Column("prev_key_shape", sa.Text, nullable=True),
+    sa.Column("prev_key_data", sa.LargeBinary, nullable=True),
+)
+
 log_hooks = sa.Table(
     "log_hooks",
     _metadata,
@@ -107,6 +115,7 @@ log_hooks = sa.Table(
     sa.Column("value_dtype", sa.String(16), nullable=False),
     sa.Column("value_shape", sa.Text, nullable=False),
     sa.Column("value_data", sa.LargeBinary, nullable=False),
+    *_ADDED_HOOK_COLUMNS,
 )
 
 _TABLES = (log_entries, log_edits, log_hooks)
@@ -173,7 +182,17 @@ class EditLog:
                 if self._schema:
                     conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {self._quoted_schema()}")
             _metadata.create_all(conn)
+            self._add_missing_columns(conn)
             self._install_append_only_triggers(conn)
+
+    def _add_missing_columns(self, conn: Connection) -> None:
+        """An edit log written by an older release lacks the columns added since (all nullable)."""
+        have = {c["name"] for c in sa.inspect(conn).get_columns(log_hooks.name, schema=self._schema)}
+        prefix = f"{self._quoted_schema()}." if self._schema else ""
+        for col in _ADDED_HOOK_COLUMNS:
+            if col.name not in have:
+                ddl = col.type.compile(dialect=conn.dialect)
+                conn.exec_driver_sql(f"ALTER TABLE {prefix}{log_hooks.name} ADD COLUMN {col.name} {ddl}")
 
     def _quoted_schema(self) -> str:
         assert self._schema
@@ -459,7 +478,25 @@ def _normalised(entry: LogEntry) -> LogEntry:
             threshold = float(h.threshold)
             if not math.isfinite(threshold):  # SQLite stores NaN as NULL: refuse it up front
                 raise ValueError(f"hook threshold must be finite, got {threshold}")
-            hooks.append(StoredHook(layer=int(h.layer), key=h.key, value=h.value, threshold=threshold))
+            prev_threshold = None
+            if h.prev_key is not None:
+                if not isinstance(h.prev_key, TensorBlob) or h.prev_threshold is None:
+                    raise ValueError("a hook's prev_key is a TensorBlob and comes with prev_threshold")
+                prev_threshold = float(h.prev_threshold)
+                if not math.isfinite(prev_threshold):
+                    raise ValueError(f"hook prev_threshold must be finite, got {prev_threshold}")
+            elif h.prev_threshold is not None:
+                raise ValueError("a hook's prev_threshold comes with prev_key")
+            hooks.append(
+                StoredHook(
+                    layer=int(h.layer),
+                    key=h.key,
+                    value=h.value,
+                    threshold=threshold,
+                    prev_key=h.prev_key,
+                    prev_threshold=prev_threshold,
+                )
+            )
         if edit.embedding is not None and not isinstance(edit.embedding, TensorBlob):
             raise ValueError("embedding must be a TensorBlob or None")
         edits.append(
@@ -541,6 +578,10 @@ def _to_rows(entry: LogEntry) -> tuple[dict[str, Any], list[dict[str, Any]], lis
                     "value_dtype": hook.value.dtype,
                     "value_shape": canonical_json(hook.value.shape),
                     "value_data": hook.value.data,
+                    "prev_threshold": hook.prev_threshold,
+                    "prev_key_dtype": hook.prev_key.dtype if hook.prev_key else None,
+                    "prev_key_shape": canonical_json(hook.prev_key.shape) if hook.prev_key else None,
+                    "prev_key_data": hook.prev_key.data if hook.prev_key else None,
                 }
             )
     return entry_row, edit_rows, hook_rows
@@ -569,6 +610,10 @@ def _decode_entry(
                         key=_blob(h.key_dtype, h.key_shape, h.key_data),
                         value=_blob(h.value_dtype, h.value_shape, h.value_data),
                         threshold=float(h.threshold),
+                        prev_key=None
+                        if h.prev_key_dtype is None
+                        else _blob(h.prev_key_dtype, h.prev_key_shape, h.prev_key_data),
+                        prev_threshold=None if h.prev_threshold is None else float(h.prev_threshold),
                     )
                 )
             embedding = None

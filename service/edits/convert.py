@@ -13,7 +13,7 @@ import torch
 
 from service.editlog import StoredEdit, StoredHook, TensorBlob
 from service.hooks import HookEntry, HookTable
-from service.hooks.layer import LayerTable
+from service.hooks.layer import NO_PREV_CONDITION, LayerTable
 
 
 def tensor_blob(t: torch.Tensor) -> TensorBlob:
@@ -35,7 +35,12 @@ def blob_tensor(blob: TensorBlob) -> torch.Tensor:
 def stored_hooks(entries: Sequence[HookEntry]) -> list[StoredHook]:
     return [
         StoredHook(
-            layer=int(e.layer), key=tensor_blob(e.key), value=tensor_blob(e.value), threshold=e.threshold
+            layer=int(e.layer),
+            key=tensor_blob(e.key),
+            value=tensor_blob(e.value),
+            threshold=e.threshold,
+            prev_key=None if e.prev_key is None else tensor_blob(e.prev_key),
+            prev_threshold=None if e.prev_key is None else e.prev_threshold,
         )
         for e in entries
     ]
@@ -43,7 +48,15 @@ def stored_hooks(entries: Sequence[HookEntry]) -> list[StoredHook]:
 
 def hook_entries(edit: StoredEdit) -> list[HookEntry]:
     return [
-        HookEntry(edit.edit_id, h.layer, blob_tensor(h.key), blob_tensor(h.value), h.threshold)
+        HookEntry(
+            edit.edit_id,
+            h.layer,
+            blob_tensor(h.key),
+            blob_tensor(h.value),
+            h.threshold,
+            None if h.prev_key is None else blob_tensor(h.prev_key),
+            NO_PREV_CONDITION if h.prev_threshold is None else h.prev_threshold,
+        )
         for h in edit.hooks
     ]
 

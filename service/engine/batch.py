@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +65,9 @@ class KVState:
 
     cache: DynamicCache
     lengths: list[int]
+    # hooked layer -> [rows, d_ff]: the MLP key of each row's last token, for the hook gate's
+    # previous-token condition at the next decode step (see hooks/layer.py)
+    hook_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -82,7 +85,8 @@ class KVState:
             (k.index_select(0, index)[:, :, cut:], v.index_select(0, index)[:, :, cut:])
             for k, v in _layer_tensors(self.cache)
         ]
-        return KVState(_cache_from(config, kv), lengths)
+        keys = {i: t.index_select(0, index.to(t.device)) for i, t in self.hook_keys.items()}
+        return KVState(_cache_from(config, kv), lengths, keys)
 
     def concat(self, other: KVState, config: object) -> KVState:
         """Rows of self then rows of other; the narrower cache is padded on the left with zeros."""
@@ -97,7 +101,13 @@ class KVState:
                 _layer_tensors(self.cache), _layer_tensors(other.cache), strict=True
             )
         ]
-        return KVState(_cache_from(config, kv), self.lengths + other.lengths)
+        # a layer only one side has (its table was empty then) is dropped: unknown for one step
+        keys = {
+            i: torch.cat([t, other.hook_keys[i].to(t.device)])
+            for i, t in self.hook_keys.items()
+            if i in other.hook_keys
+        }
+        return KVState(_cache_from(config, kv), self.lengths + other.lengths, keys)
 
 
 @dataclass
@@ -130,7 +140,10 @@ class ModelRunner:
     # ---- hooks --------------------------------------------------------------------------------
     @contextmanager
     def _hook_scope(
-        self, enabled: Sequence[bool], offsets: Sequence[int]
+        self,
+        enabled: Sequence[bool],
+        offsets: Sequence[int],
+        prev_keys: dict[int, torch.Tensor] | None = None,
     ) -> Iterator[tuple[Recorder | None, int]]:
         """Pin one table snapshot for the whole forward (a publish mid-forward cannot mix two versions across
         layers) and record fires with per-row position offsets (negative over left padding)."""
@@ -141,6 +154,7 @@ class ModelRunner:
         row_enabled = torch.tensor(list(enabled), dtype=torch.bool, device=self.device)
         with self.hooks.table_override(table), self.hooks.recording(row_enabled=row_enabled) as rec:
             rec.position_offset = list(offsets)
+            rec.prev_keys = prev_keys
             yield rec, table.version
 
     @staticmethod
@@ -183,7 +197,8 @@ class ModelRunner:
             )
         fires, fired = self._collect(rec, len(prompts))
         logits = out.logits[:, -1, :].float()
-        return ForwardOutput(logits, fires, fired, version), KVState(out.past_key_values, lengths)
+        keys = {} if rec is None else dict(rec.last_keys)
+        return ForwardOutput(logits, fires, fired, version), KVState(out.past_key_values, lengths, keys)
 
     def decode(
         self, state: KVState, last_tokens: Sequence[int], hooks_enabled: Sequence[bool]
@@ -193,7 +208,7 @@ class ModelRunner:
         lengths = torch.tensor(state.lengths)
         columns = torch.arange(width + 1)
         mask = (columns[None, :] >= (width - lengths)[:, None]).long()  # the new column is real for every row
-        with self._hook_scope(hooks_enabled, state.lengths) as (rec, version):
+        with self._hook_scope(hooks_enabled, state.lengths, state.hook_keys) as (rec, version):
             out = self.model(
                 input_ids=torch.tensor(list(last_tokens), dtype=torch.long)[:, None].to(self.device),
                 attention_mask=mask.to(self.device),
@@ -203,6 +218,7 @@ class ModelRunner:
             )
         state.cache = out.past_key_values
         state.lengths = [n + 1 for n in state.lengths]
+        state.hook_keys = {} if rec is None else dict(rec.last_keys)
         fires, fired = self._collect(rec, len(last_tokens))
         return ForwardOutput(out.logits[:, -1, :].float(), fires, fired, version)
 

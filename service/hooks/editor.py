@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import InvalidArgument
-from service.hooks.layer import HookEntry, HookManager, HookTable, decoder_layers, down_projection
+from service.hooks.layer import (
+    NO_PREV_CONDITION,
+    HookEntry,
+    HookManager,
+    HookTable,
+    LayerTable,
+    decoder_layers,
+    down_projection,
+)
 from service.hooks.probes import PROBES
 
 __all__ = [
@@ -60,6 +68,13 @@ THRESHOLD_EPS = 1e-3
 # entry (same delta) instead of a share of the main key: measured on 300 CounterFact edits, mixing them in
 # set ~1 in 13 thresholds near 0.16-0.2, and those gates fired on unrelated prompts.
 SINK_POSITIONS = 2
+# Previous-token condition of an entry (see hooks/layer.py): cosine >= min(cap, lowest positive - eps).
+# A cap, not a midpoint rule: the previous tokens of other subjects mostly sit below ~0.2 while an edit's
+# own contexts give ~0.9. Measured by `bench/gate_specificity.py --n 1000` (the first 1,000 CounterFact
+# records' entries in one table, the serving gate's rule): neighbourhood prompts where another record's
+# edit fires, 112 with the last-token gate alone -> 55 / 34 / 25 with the cap at 0.1 / 0.2 / 0.3;
+# held-out paraphrases where the record's own edit fires, 966 -> 962 / 963 / 960.
+PREV_THRESHOLD_CAP = 0.2
 
 
 @dataclass
@@ -446,6 +461,36 @@ class _Calib:
     key: torch.Tensor
     threshold: float
     message: str
+    prev_key: torch.Tensor | None = None
+    prev_threshold: float = NO_PREV_CONDITION
+
+    def entry(self, layer: int, value: torch.Tensor) -> HookEntry:
+        return HookEntry("", layer, self.key, value, self.threshold, self.prev_key, self.prev_threshold)
+
+
+def previous_token_condition(
+    key_acts: Sequence[torch.Tensor], positive_acts: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, float]:
+    """The previous-token key (mean activation of the token before the subject's last one, over the key
+    rows) and its threshold: PREV_THRESHOLD_CAP, or just below the lowest positive if that is lower."""
+    key = torch.stack(list(key_acts)).mean(dim=0)
+    kn = F.normalize(key, dim=0)
+    lowest = float((F.normalize(torch.stack(list(positive_acts)), dim=-1) @ kn).min())
+    return key, min(PREV_THRESHOLD_CAP, lowest - THRESHOLD_EPS)
+
+
+@dataclass
+class _ProbeActs:
+    """One layer's probe activations, flattened over the probes' tokens."""
+
+    sig: Any  # the lower layers' entries these activations were computed under
+    unit: torch.Tensor  # [tokens, d_ff] unit activations
+    probe_of: torch.Tensor  # [tokens] probe index of each token
+    prev_unit: torch.Tensor  # [tokens, d_ff] the previous token's unit activation (zeros at a probe's start)
+    prev_known: torch.Tensor  # [tokens] False at a probe's first token (as in a fresh prefill)
+
+    def decisions(self, lt: LayerTable) -> tuple[torch.Tensor, torch.Tensor]:
+        return HookManager.gate_decisions(lt, self.unit, self.prev_unit, self.prev_known)
 
 
 class _ProbeCache:
@@ -457,9 +502,7 @@ class _ProbeCache:
 
     def __init__(self, texts: Sequence[str]) -> None:
         self.texts = list(texts)
-        self.acts: dict[
-            int, tuple[Any, torch.Tensor, torch.Tensor]
-        ] = {}  # layer -> (sig, unit acts, probe idx)
+        self.acts: dict[int, _ProbeActs] = {}
         self.decisions: dict[int, tuple[HookTable, torch.Tensor, torch.Tensor]] = {}  # (table, best, fired)
         self.rows: list[list[int]] | None = None
 
@@ -610,7 +653,25 @@ class Editor:
             if probe_neg is not None:
                 negs.append(probe_neg)
             thr, msg = calibrate_threshold(torch.stack(pos), torch.stack(negs) if negs else torch.empty(0))
-            return _Calib(key, thr, msg)
+            # The token before the last one, where it is still subject (a one-token subject has none).
+            multi = [i for i in key_rows if rows[i].subject[0] < rows[i].subject[1]]  # type: ignore[index]
+            if not multi:
+                return _Calib(key, thr, msg)
+            prev_pos = []
+            for i in pos_rows:
+                r = rows[i]
+                if r.subject is not None:
+                    if r.subject[0] < r.subject[1]:
+                        prev_pos.append(acts[i][r.subject[1] - 1])
+                else:  # no literal subject: the token before the one that fires
+                    t = int((F.normalize(acts[i], dim=-1) @ kn).argmax())
+                    if t > 0:
+                        prev_pos.append(acts[i][t - 1])
+            prev_key, prev_thr = previous_token_condition(
+                [acts[i][rows[i].subject[1] - 1] for i in multi],  # type: ignore[index]
+                prev_pos or [acts[i][rows[i].subject[1] - 1] for i in multi],  # type: ignore[index]
+            )
+            return _Calib(key, thr, msg, prev_key, prev_thr)
 
         main_pos = [i for i in range(len(rows)) if i not in start]
         out = [calib(main_ctx, main_pos)]
@@ -648,11 +709,11 @@ class Editor:
             )
         deltas, stats = fit.deltas, fit.stats
         bare = self.contexts.index("") if "" in self.contexts else None
-        entries = [HookEntry("", first, c.key, deltas[first], c.threshold) for c in calib[first]]
+        entries = [c.entry(first, deltas[first]) for c in calib[first]]
         # Higher layers see the activations after this edit's lower entries fired: key them that way.
         for layer in layers[1:]:
             calib[layer] = self._calibrate(prep, layer, published.extended(entries))
-            entries += [HookEntry("", layer, c.key, deltas[layer], c.threshold) for c in calib[layer]]
+            entries += [c.entry(layer, deltas[layer]) for c in calib[layer]]
         msgs = [f"layer {i}: {c.message}" for i, cs in calib.items() for c in cs if c.message]
         if not stats.get("converged"):
             msgs.append(f"v* did not converge in {int(stats['steps'])} steps (nll {stats['nll']:.2f})")
@@ -676,11 +737,8 @@ class Editor:
         return tuple((i, t.ids) for i in layers if i < layer and (t := table.layer(i)) is not None)
 
     def _probe_acts(self, table: HookTable, layers: Sequence[int]) -> None:
-        need = [
-            i
-            for i in layers
-            if i not in self._probes.acts or self._probes.acts[i][0] != self._sig(table, i, self.hooks.layers)
-        ]
+        cached, hooked = self._probes.acts, self.hooks.layers
+        need = [i for i in layers if i not in cached or cached[i].sig != self._sig(table, i, hooked)]
         if not need:
             return
         rows = self._probe_rows()
@@ -689,33 +747,37 @@ class Editor:
             acts = self.hooks.keys_at(need, ids, mask)
         real = mask.bool()
         probe_of = torch.arange(len(rows), device=real.device)[:, None].expand_as(real)[real]
+        starts = torch.ones_like(probe_of, dtype=torch.bool)
+        starts[1:] = probe_of[1:] != probe_of[:-1]
         for i in need:
             unit = F.normalize(acts[i][real].float(), dim=-1)
-            self._probes.acts[i] = (self._sig(table, i, self.hooks.layers), unit, probe_of)
+            prev = torch.cat([torch.zeros_like(unit[:1]), unit[:-1]]).masked_fill(starts[:, None], 0.0)
+            sig = self._sig(table, i, self.hooks.layers)
+            self._probes.acts[i] = _ProbeActs(sig, unit, probe_of, prev, ~starts)
 
     def _probe_decisions(self, table: HookTable, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._probes.decisions.get(layer)
         if cached is not None and cached[0] is table:
             return cached[1], cached[2]
         self._probe_acts(table, [layer])
-        unit = self._probes.acts[layer][1]
+        pa = self._probes.acts[layer]
         lt = table.layer(layer)
         if lt is None:
-            best = torch.full((unit.shape[0],), -math.inf, device=unit.device)
-            fired = torch.zeros(unit.shape[0], dtype=torch.bool, device=unit.device)
+            best = torch.full((pa.unit.shape[0],), -math.inf, device=pa.unit.device)
+            fired = torch.zeros(pa.unit.shape[0], dtype=torch.bool, device=pa.unit.device)
         else:
-            best, idx = (unit @ lt.keys.T).max(dim=-1)
+            best, idx = pa.decisions(lt)
             fired = best >= lt.thresholds[idx]
         self._probes.decisions[layer] = (table, best, fired)
         return best, fired
 
     def _probe_max_cos(self, layer: int, kn: torch.Tensor, subject: str) -> torch.Tensor | None:
         self._probe_acts(self.hooks.current, [layer])
-        _, unit, probe_of = self._probes.acts[layer]
-        keep = self._probe_mask([subject]).to(probe_of.device)[probe_of]
+        pa = self._probes.acts[layer]
+        keep = self._probe_mask([subject]).to(pa.probe_of.device)[pa.probe_of]
         if not keep.any():
             return None
-        return (unit[keep] @ kn.to(unit.device)).max()
+        return (pa.unit[keep] @ kn.to(pa.unit.device)).max()
 
     @torch.no_grad()
     def _locality(
@@ -737,12 +799,12 @@ class Editor:
             if not mine:
                 continue
             best, fired = self._probe_decisions(published, layer)
-            unit, probe_of = self._probes.acts[layer][1], self._probes.acts[layer][2]
-            k = F.normalize(torch.stack([e.key.float() for e in mine]).to(unit.device), dim=-1)
-            thr = torch.tensor([e.threshold for e in mine], device=unit.device)
-            smax, sarg = (unit @ k.T).max(dim=-1)
-            changed = (smax > best) & (fired | (smax >= thr[sarg]))
-            affected[probe_of[changed].cpu()] = True
+            pa = self._probes.acts[layer]
+            lt_new = HookTable.build(mine, pa.unit.device).layer(layer)
+            assert lt_new is not None
+            smax, sarg = pa.decisions(lt_new)
+            changed = (smax > best) & (fired | (smax >= lt_new.thresholds[sarg]))
+            affected[pa.probe_of[changed].cpu()] = True
         affected &= include
         idx = affected.nonzero().squeeze(1).tolist()
         if not idx:
@@ -769,9 +831,13 @@ class Editor:
         x = torch.tensor([ids], device=self.hooks.device)
         past = None
         eos = self.tok.eos_token_id
+        prev: dict[int, torch.Tensor] | None = None
         with self.hooks.table_override(table):
             for _ in range(n):
-                res = self.model(input_ids=x, past_key_values=past, use_cache=True)
+                with self.hooks.recording() as rec:  # carries the previous-token activations across steps
+                    rec.prev_keys = prev
+                    res = self.model(input_ids=x, past_key_values=past, use_cache=True)
+                prev = rec.last_keys
                 past = res.past_key_values
                 nxt = int(res.logits[0, -1].argmax())
                 if nxt == eos:

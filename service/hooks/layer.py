@@ -7,6 +7,14 @@ the best-matching stored edit where that edit's cosine gate passes:
     cos = normalize(h) @ K_norm^T          one matmul over every stored key of the layer
     best = argmax(cos); fire = cos[best] >= threshold[best]; out[fire] += values[best]
 
+An entry may also carry a previous-token condition (`prev_key`, `prev_threshold`): it is a candidate at
+token t only where the activation at t-1 matches the key of the token before the subject's last one.
+A last-token key alone cannot tell "Patna University" from "Beykent University" (same last token, little
+context at a low layer); the pair can. The argmax runs over the candidates that meet that condition.
+For the first token of a forward, t-1 comes from `Recorder.prev_keys` (a decode loop passes the last
+activation of the previous step, `Recorder.last_keys`); where nobody passes it, the condition is unknown
+and holds, which is the last-token gate alone.
+
 Tables are immutable snapshots; `HookManager.publish` swaps a reference and every wrapper call reads the
 reference once, so a swap between forward passes is atomic. All per-request switches (recording,
 disabled, intervention, captures, table override) are thread-local, so the editor can optimise and
@@ -15,6 +23,7 @@ measure on the serving model while other threads keep generating with the publis
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -32,12 +41,17 @@ __all__ = [
     "HookManager",
     "HookTable",
     "LayerTable",
+    "NO_PREV_CONDITION",
     "Recorder",
     "StopForward",
     "decoder_layers",
     "down_projection",
     "param_checksum",
 ]
+
+
+# The condition that always holds (a cosine is never below -1): the value of entries without prev_key.
+NO_PREV_CONDITION = -2.0
 
 
 @dataclass(frozen=True, eq=False)  # tensor fields: compare by identity
@@ -49,10 +63,22 @@ class HookEntry:
     key: torch.Tensor  # [d_ff] float32, unnormalised ROME k* (normalised when a table is built)
     value: torch.Tensor  # [d_model] residual delta added to the MLP output where the gate fires
     threshold: float  # cosine gate
+    # Key of the token before the subject's last one, and its cosine gate; None: no such condition
+    # (a one-token subject, whose previous token is context, not subject).
+    prev_key: torch.Tensor | None = None
+    prev_threshold: float = NO_PREV_CONDITION
+
+    def __post_init__(self) -> None:
+        if (self.prev_key is None) != (self.prev_threshold == NO_PREV_CONDITION):
+            raise ValueError("prev_key and prev_threshold come together")
 
     def with_id(self, edit_id: str) -> HookEntry:
         return replace(self, edit_id=edit_id)
 
+
+# How many of a token's best keys are checked for their previous-token condition. An entry outside them
+# does not fire at that token: a near-tie of more than this many edits, never a fire the gate refuses.
+PREV_CHECK_TOP_K = 8
 
 # Decode-time prefilter for large tables. The exact gate reads every key (N x d_ff float32: 61 MB at
 # 10,000 SmolLM2 edits) for every generated token, and that read, not arithmetic, is its cost on a CPU.
@@ -85,6 +111,10 @@ class LayerTable:
     ids: tuple[str, ...]
     # (int8 keys, bf16 scales) for the decode prefilter; filled in for large CPU tables
     prefilter: tuple[torch.Tensor, torch.Tensor] | None = None
+    # [N, d_ff] unit rows (zero where an entry has no condition) and [N] thresholds (NO_PREV_CONDITION
+    # there); both None when no entry of the layer has a previous-token condition
+    prev_keys: torch.Tensor | None = None
+    prev_thresholds: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.prefilter is None and self.wants_prefilter(len(self.ids), self.keys.device):
@@ -98,18 +128,29 @@ class LayerTable:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _prev(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """prev_keys and prev_thresholds, materialised (zeros / NO_PREV_CONDITION) when absent."""
+        if self.prev_keys is not None and self.prev_thresholds is not None:
+            return self.prev_keys, self.prev_thresholds
+        return torch.zeros_like(self.keys), torch.full_like(self.thresholds, NO_PREV_CONDITION)
+
     def select(self, rows: torch.Tensor) -> LayerTable:
         """The rows `rows` (long indices), in that order."""
         rows = rows.to(self.keys.device)
         pre = None
         if self.prefilter is not None and self.wants_prefilter(len(rows), self.keys.device):
             pre = (self.prefilter[0].index_select(0, rows), self.prefilter[1].index_select(0, rows))
+        prev = None
+        if self.prev_keys is not None and self.prev_thresholds is not None:
+            prev = (self.prev_keys.index_select(0, rows), self.prev_thresholds.index_select(0, rows))
         return LayerTable(
             keys=self.keys.index_select(0, rows),
             values=self.values.index_select(0, rows.to(self.values.device)),
             thresholds=self.thresholds.index_select(0, rows.to(self.thresholds.device)),
             ids=tuple(self.ids[int(n)] for n in rows.tolist()),
             prefilter=pre,
+            prev_keys=None if prev is None else prev[0],
+            prev_thresholds=None if prev is None else prev[1],
         )
 
     def extended(self, other: LayerTable) -> LayerTable:
@@ -119,12 +160,19 @@ class LayerTable:
             # per-row scales: quantizing only the new rows gives the same bytes as quantizing all
             oq, os_ = other.prefilter if other.prefilter is not None else quantize_keys(other.keys)
             pre = (torch.cat([self.prefilter[0], oq.to(keys.device)]), torch.cat([self.prefilter[1], os_]))
+        prev_keys = prev_thresholds = None
+        if self.prev_keys is not None or other.prev_keys is not None:
+            (pk1, pt1), (pk2, pt2) = self._prev(), other._prev()
+            prev_keys = torch.cat([pk1, pk2.to(pk1.device)])
+            prev_thresholds = torch.cat([pt1, pt2.to(pt1.device)])
         return LayerTable(
             keys=keys,
             values=torch.cat([self.values, other.values.to(self.values.device, self.values.dtype)]),
             thresholds=torch.cat([self.thresholds, other.thresholds.to(self.thresholds.device)]),
             ids=self.ids + other.ids,
             prefilter=pre,
+            prev_keys=prev_keys,
+            prev_thresholds=prev_thresholds,
         )
 
 
@@ -133,7 +181,26 @@ def _stack_layer(entries: Sequence[HookEntry], device: torch.device, dtype: torc
     keys = torch.stack([e.key.detach().reshape(-1) for e in entries]).to(device=device, dtype=torch.float32)
     values = torch.stack([e.value.detach().reshape(-1) for e in entries]).to(device=device, dtype=dtype)
     thresholds = torch.tensor([float(e.threshold) for e in entries], dtype=torch.float32, device=device)
-    return LayerTable(F.normalize(keys, dim=-1), values, thresholds, tuple(e.edit_id for e in entries))
+    prev_keys = prev_thresholds = None
+    if any(e.prev_key is not None for e in entries):
+        zero = torch.zeros_like(keys[0])
+        prev_keys = F.normalize(
+            torch.stack(
+                [zero if e.prev_key is None else e.prev_key.detach().reshape(-1).to(zero) for e in entries]
+            ),
+            dim=-1,
+        )
+        prev_thresholds = torch.tensor(
+            [float(e.prev_threshold) for e in entries], dtype=torch.float32, device=device
+        )
+    return LayerTable(
+        F.normalize(keys, dim=-1),
+        values,
+        thresholds,
+        tuple(e.edit_id for e in entries),
+        prev_keys=prev_keys,
+        prev_thresholds=prev_thresholds,
+    )
 
 
 class HookTable:
@@ -223,11 +290,16 @@ class Fire:
 @dataclass(eq=False)
 class Recorder:
     """What `HookManager.recording` yields. `position_offset` lets a decode loop (one new token per
-    forward) report absolute positions: an int for every row or one int per row."""
+    forward) report absolute positions: an int for every row or one int per row. `prev_keys` (layer ->
+    [B, d_ff]) is the activation before each row's first token, for previous-token conditions; the
+    forward leaves each gated layer's last-column activations in `last_keys`, which a decode loop passes
+    back as the next step's `prev_keys` (left padding keeps every row's last token in the last column)."""
 
     row_enabled: torch.Tensor | None = None
     fires: list[Fire] = field(default_factory=list)
     position_offset: int | Sequence[int] = 0
+    prev_keys: dict[int, torch.Tensor] | None = None
+    last_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -511,12 +583,58 @@ class HookManager:
         """Per token: the best key's exact cosine and its row (see PREFILTER_* for large tables)."""
         if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
             return (unit @ lt.keys.T).max(dim=-1)  # [tokens, N]: one matmul for all edits
-        q, scales = lt.prefilter
-        approx = torch._weight_int8pack_mm(unit.to(torch.bfloat16).contiguous(), q, scales)
-        cand = approx.topk(min(PREFILTER_TOP_K, len(lt)), dim=-1).indices  # [tokens, k]
-        exact = torch.einsum("td,tkd->tk", unit, lt.keys[cand])
+        cand, exact = HookManager._candidates(lt, unit, PREFILTER_TOP_K)
         best, j = exact.max(dim=-1)
         return best, cand.gather(1, j[:, None]).squeeze(1)
+
+    @staticmethod
+    def _candidates(lt: LayerTable, unit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: the rows of (about) the k best keys and their exact cosines, [tokens, k] each."""
+        k = min(k, len(lt))
+        if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
+            exact, cand = (unit @ lt.keys.T).topk(k, dim=-1)
+            return cand, exact
+        q, scales = lt.prefilter
+        approx = torch._weight_int8pack_mm(unit.to(torch.bfloat16).contiguous(), q, scales)
+        cand = approx.topk(k, dim=-1).indices  # [tokens, k]
+        return cand, torch.einsum("td,tkd->tk", unit, lt.keys[cand])
+
+    @staticmethod
+    def gate_decisions(
+        lt: LayerTable, unit: torch.Tensor, prev_unit: torch.Tensor | None, prev_known: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token (rows of `unit`, unit activations): the winning entry's cosine and row; it fires where
+        the cosine reaches its threshold. `prev_unit` holds each token's previous activation (unit rows)
+        and `prev_known` whether it is known; where an entry's previous-token condition fails, the entry
+        is no candidate (best is -inf where no candidate is left)."""
+        if lt.prev_keys is None or lt.prev_thresholds is None or prev_unit is None:
+            return HookManager._best_keys(lt, unit)
+        cand, exact = HookManager._candidates(
+            lt, unit, PREFILTER_TOP_K if lt.prefilter is not None else PREV_CHECK_TOP_K
+        )
+        prev_cos = torch.einsum("td,tkd->tk", prev_unit, lt.prev_keys[cand])
+        ok = prev_cos >= lt.prev_thresholds[cand]
+        if prev_known is not None:
+            ok |= ~prev_known[:, None]
+        best, j = exact.masked_fill(~ok, -math.inf).max(dim=-1)
+        return best, cand.gather(1, j[:, None]).squeeze(1)
+
+    @staticmethod
+    def _previous_units(
+        unit: torch.Tensor, rows: int, t_len: int, before: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's previous activation within its row, [rows * t_len, d]; column 0 takes `before`
+        ([rows, d], raw) where given, else it is marked unknown."""
+        d = unit.shape[-1]
+        grid = unit.view(rows, t_len, d)
+        known = torch.ones(rows, t_len, dtype=torch.bool, device=unit.device)
+        if before is not None and before.shape == (rows, d):
+            first = F.normalize(before.to(unit.device, unit.dtype), dim=-1)[:, None]
+        else:
+            first = torch.zeros(rows, 1, d, dtype=unit.dtype, device=unit.device)
+            known[:, 0] = False
+        prev = torch.cat([first, grid[:, :-1]], dim=1)
+        return prev.reshape(-1, d), known.reshape(-1)
 
     @staticmethod
     def _gate(
@@ -525,7 +643,15 @@ class HookManager:
         shape = out.shape
         t_len = h.shape[-2] if h.dim() >= 2 else 1
         hf = h.reshape(-1, h.shape[-1])
-        best, idx = HookManager._best_keys(lt, F.normalize(hf.float(), dim=-1))
+        rows = hf.shape[0] // t_len
+        if rec is not None:
+            rec.last_keys[layer] = hf.view(rows, t_len, -1)[:, -1].detach()
+        unit = F.normalize(hf.float(), dim=-1)
+        prev_unit = prev_known = None
+        if lt.prev_keys is not None:
+            before = None if rec is None or rec.prev_keys is None else rec.prev_keys.get(layer)
+            prev_unit, prev_known = HookManager._previous_units(unit, rows, t_len, before)
+        best, idx = HookManager.gate_decisions(lt, unit, prev_unit, prev_known)
         fire = best >= lt.thresholds[idx]
         if rec is not None and rec.row_enabled is not None:
             fire &= rec.row_enabled.to(fire.device).repeat_interleave(t_len)
