@@ -644,8 +644,8 @@ class HookManager:
         t_len = h.shape[-2] if h.dim() >= 2 else 1
         hf = h.reshape(-1, h.shape[-1])
         rows = hf.shape[0] // t_len
-        if rec is not None:
-            rec.last_keys[layer] = hf.view(rows, t_len, -1)[:, -1].detach()
+        if rec is not None:  # a copy: a view would keep the whole forward's activations alive in a KV state
+            rec.last_keys[layer] = hf.view(rows, t_len, -1)[:, -1].detach().clone()
         unit = F.normalize(hf.float(), dim=-1)
         prev_unit = prev_known = None
         if lt.prev_keys is not None:
