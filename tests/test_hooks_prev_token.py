@@ -98,6 +98,13 @@ def test_first_token_of_a_forward_takes_its_previous_activation_from_the_recorde
                 rec.prev_keys = {LAYER: prev}
                 mlp(step)
             assert len(rec.fires) == fires
+        # a forward of several tokens without `prev_keys` starts the text: nothing precedes its first token
+        with hooks.recording() as rec:
+            mlp(x[:1, 2:])
+        assert rec.fires == []
+        with hooks.recording() as rec:
+            mlp(x[:1, 1:])
+        assert [(f.position, f.edit_id) for f in rec.fires] == [(1, "pair")]
 
 
 def test_engine_decode_carries_the_previous_activation(tiny_llama, hooks):

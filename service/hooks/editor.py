@@ -486,8 +486,10 @@ class _ProbeActs:
     sig: Any  # the lower layers' entries these activations were computed under
     unit: torch.Tensor  # [tokens, d_ff] unit activations
     probe_of: torch.Tensor  # [tokens] probe index of each token
-    prev_unit: torch.Tensor  # [tokens, d_ff] the previous token's unit activation (zeros at a probe's start)
-    prev_known: torch.Tensor  # [tokens] False at a probe's first token (as in a fresh prefill)
+    # [tokens, d_ff] the previous token's unit activation; zeros at a probe's start, where nothing precedes
+    # it (as in a fresh prefill: no previous-token condition is met there)
+    prev_unit: torch.Tensor
+    prev_known: torch.Tensor  # [tokens] all True here
 
     def decisions(self, lt: LayerTable) -> tuple[torch.Tensor, torch.Tensor]:
         return HookManager.gate_decisions(lt, self.unit, self.prev_unit, self.prev_known)
@@ -753,7 +755,7 @@ class Editor:
             unit = F.normalize(acts[i][real].float(), dim=-1)
             prev = torch.cat([torch.zeros_like(unit[:1]), unit[:-1]]).masked_fill(starts[:, None], 0.0)
             sig = self._sig(table, i, self.hooks.layers)
-            self._probes.acts[i] = _ProbeActs(sig, unit, probe_of, prev, ~starts)
+            self._probes.acts[i] = _ProbeActs(sig, unit, probe_of, prev, torch.ones_like(starts))
 
     def _probe_decisions(self, table: HookTable, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self._probes.decisions.get(layer)

@@ -12,8 +12,9 @@ token t only where the activation at t-1 matches the key of the token before the
 A last-token key alone cannot tell "Patna University" from "Beykent University" (same last token, little
 context at a low layer); the pair can. The argmax runs over the candidates that meet that condition.
 For the first token of a forward, t-1 comes from `Recorder.prev_keys` (a decode loop passes the last
-activation of the previous step, `Recorder.last_keys`); where nobody passes it, the condition is unknown
-and holds, which is the last-token gate alone.
+activation of the previous step, `Recorder.last_keys`). Where nobody passes it, a forward of several
+tokens starts the text (nothing precedes its first token, which meets no condition) and a one-token
+forward is a decode step without state (unknown: the condition holds, the last-token gate alone).
 
 Tables are immutable snapshots; `HookManager.publish` swaps a reference and every wrapper call reads the
 reference once, so a swap between forward passes is atomic. All per-request switches (recording,
@@ -623,8 +624,12 @@ class HookManager:
     def _previous_units(
         unit: torch.Tensor, rows: int, t_len: int, before: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each token's previous activation within its row, [rows * t_len, d]; column 0 takes `before`
-        ([rows, d], raw) where given, else it is marked unknown."""
+        """Each token's previous activation within its row, [rows * t_len, d], and whether it is known.
+
+        Column 0 takes `before` ([rows, d], raw) where given. Without it, a forward of several tokens is
+        a fresh prefill: column 0 begins the text, there is no token before it (a zero activation, which
+        meets no condition), so a multi-token subject cannot end there. A one-token forward without it
+        is a decode step whose caller kept no state: unknown, and the condition holds."""
         d = unit.shape[-1]
         grid = unit.view(rows, t_len, d)
         known = torch.ones(rows, t_len, dtype=torch.bool, device=unit.device)
@@ -632,7 +637,7 @@ class HookManager:
             first = F.normalize(before.to(unit.device, unit.dtype), dim=-1)[:, None]
         else:
             first = torch.zeros(rows, 1, d, dtype=unit.dtype, device=unit.device)
-            known[:, 0] = False
+            known[:, 0] = t_len > 1
         prev = torch.cat([first, grid[:, :-1]], dim=1)
         return prev.reshape(-1, d), known.reshape(-1)
 
