@@ -250,7 +250,7 @@ class Runner:
                 layer=self.cfg.rome_layer,
                 cov_tokens=self.cfg.rome_cov_tokens,
                 seed=self.cfg.seed,
-                cache_dir=self.cfg.out / "rome",
+                cache_dir=self.cfg.rome_cache or self.cfg.out / "rome",
             )
         return self._rome
 
