@@ -1,7 +1,11 @@
 """Hook gate specificity on CounterFact: the last-token gate alone against the previous-token condition.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/gate_specificity.py --n 1000
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/gate_specificity.py --skip 1000 --n 919 --caps 0.5 0.6 0.7
     HF_HUB_OFFLINE=1 .venv/bin/python bench/gate_specificity.py --n 300 --caps 0.1 0.2 0.3 --json out.json
+
+`--skip 1000` measures records 1000-1918, which `editserve eval --n 1000` does not use: the set the cap
+(PREV_THRESHOLD_CAP) is chosen on.
 
 Calibration only: every record's entries are keyed and thresholded exactly as the editor does for an
 edit of its rewrite prompt (no v*, so 1,000 records take about a minute and a half on 2 CPU cores), put
@@ -119,7 +123,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--n", type=int, default=1000)
-    ap.add_argument("--caps", type=float, nargs="*", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--skip", type=int, default=0, help="start at this record (0: the first)")
+    ap.add_argument("--caps", type=float, nargs="*", default=[0.2, 0.4, 0.5, 0.6, 0.7])
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if not args.data.exists():
@@ -129,7 +134,7 @@ def main() -> None:
     layer = default_hook_layers(loaded.model)[0]
     hooks = HookManager(loaded.model, [layer])
     editor = Editor(loaded.model, loaded.tokenizer, hooks)
-    records = load_records(args.data, "counterfact", args.n).records
+    records = load_records(args.data, "counterfact", args.skip + args.n).records[args.skip :]
 
     t0 = time.perf_counter()
     entries = calibrated_entries(editor, layer, records)
@@ -147,9 +152,9 @@ def main() -> None:
     }
     with_prev = sum(e.prev_key is not None for e in entries)
     print(
-        f"{len(records)} CounterFact records, layer {layer}: {len(entries)} entries ({with_prev} with a "
-        f"previous-token key), calibrated in {calib_s:.0f} s; {len(para)} paraphrases, {len(neigh)} "
-        "neighbourhood prompts"
+        f"{len(records)} CounterFact records from #{args.skip}, layer {layer}: {len(entries)} entries "
+        f"({with_prev} with a previous-token key), calibrated in {calib_s:.0f} s; {len(para)} paraphrases, "
+        f"{len(neigh)} neighbourhood prompts"
     )
     rows = {}
     for cap in [None, *args.caps]:

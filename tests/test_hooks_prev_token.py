@@ -14,7 +14,13 @@ from service.editlog import EditLog, LogEntry, StoredEdit
 from service.editlog.model import entry_checksum
 from service.edits.convert import hook_entries, stored_hooks
 from service.engine.batch import ModelRunner
-from service.hooks.editor import PREV_THRESHOLD_CAP, Editor, EditSpec, previous_token_condition
+from service.hooks.editor import (
+    PREV_THRESHOLD_CAP,
+    SINK_POSITIONS,
+    Editor,
+    EditSpec,
+    previous_token_condition,
+)
 from service.hooks.layer import NO_PREV_CONDITION, HookEntry, HookManager, HookTable, decoder_layers
 
 LAYER = 1
@@ -134,11 +140,17 @@ def test_engine_decode_carries_the_previous_activation(tiny_llama, hooks):
 def test_calibration_gives_multi_token_subjects_a_previous_token_condition(tiny_llama, hooks):
     ed = Editor(tiny_llama.model, tiny_llama.tokenizer, hooks, max_steps=2)
     prep = ed._prepare(EditSpec("Eiffel Tower", "I think the Eiffel Tower is in", "Rome"))
-    (calib,) = ed._calibrate(prep, LAYER, None)
+    # the main entry, and a start-of-text one from the KL row "Eiffel Tower is a", whose previous-token
+    # key sits in the sink positions
+    calib, start = ed._calibrate(prep, LAYER, None)
     assert calib.prev_key is not None and calib.prev_threshold <= PREV_THRESHOLD_CAP
     for row in prep.ctx:  # every context row passes its own condition
         act = ed._acts(LAYER, [row])[0][row.subject[1] - 1]
         assert float(F.cosine_similarity(act, calib.prev_key, dim=0)) >= calib.prev_threshold
+    kl_acts = ed._acts(LAYER, [prep.kl])[0]
+    assert prep.kl.subject is not None and prep.kl.subject[1] - 1 < SINK_POSITIONS
+    assert torch.allclose(start.prev_key, kl_acts[prep.kl.subject[1] - 1], atol=1e-5)
+    assert torch.allclose(start.key, kl_acts[prep.kl.subject[1]], atol=1e-5)
     ce = ed.compute(EditSpec("Eiffel Tower", "I think the Eiffel Tower is in", "Rome"))
     assert all(e.prev_key is not None for e in ce.entries)
     one = ed._prepare(EditSpec("Paris", "I think Paris is in", "Rome"))

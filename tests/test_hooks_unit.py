@@ -350,8 +350,17 @@ def test_subject_at_text_start_gets_its_own_entry(tiny, hooks):
     start = ce.entries[1]
     assert torch.allclose(start.key, act, atol=1e-5)
     assert float(torch.nn.functional.cosine_similarity(act, start.key, dim=0)) >= start.threshold
+    # No context puts the subject at the start, but its KL row "Paris is a" does: a later question that
+    # begins with the subject is keyed by that row.
     mid = ed.compute(EditSpec("Paris", "Everyone knows that Paris is the capital of", "Peru"))
-    assert [e.layer for e in mid.entries] == [LAYER, 2]  # no context puts the subject at the start
+    assert [e.layer for e in mid.entries] == [LAYER, LAYER, 2, 2]
+    kl = ed._prepare(EditSpec("Paris", "Everyone knows that Paris is the capital of", "Peru")).kl
+    assert kl.subject is not None
+    assert torch.allclose(mid.entries[1].key, ed._acts(LAYER, [kl])[0][kl.subject[1]], atol=1e-5)
+    # A subject that ends past the sink positions everywhere gets the main entry alone.
+    long_subject = "the old stone bridge over the river"
+    far = ed.compute(EditSpec(long_subject, f"Everyone knows that {long_subject} is in", "Peru"))
+    assert [e.layer for e in far.entries] == [LAYER, 2]
 
 
 def test_nested_interventions_add_up_and_unwind(tiny, hooks):

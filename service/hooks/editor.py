@@ -69,12 +69,12 @@ THRESHOLD_EPS = 1e-3
 # set ~1 in 13 thresholds near 0.16-0.2, and those gates fired on unrelated prompts.
 SINK_POSITIONS = 2
 # Previous-token condition of an entry (see hooks/layer.py): cosine >= min(cap, lowest positive - eps).
-# A cap, not a midpoint rule: the previous tokens of other subjects mostly sit below ~0.2 while an edit's
-# own contexts give ~0.9. Measured by `bench/gate_specificity.py --n 1000` (the first 1,000 CounterFact
-# records' entries in one table, the serving gate's rule): neighbourhood prompts where another record's
-# edit fires, 112 with the last-token gate alone -> 55 / 34 / 25 with the cap at 0.1 / 0.2 / 0.3;
-# held-out paraphrases where the record's own edit fires, 966 -> 962 / 963 / 960.
-PREV_THRESHOLD_CAP = 0.2
+# A cap, not a midpoint rule: an edit's own contexts give ~0.9, a caller's paraphrases in other contexts
+# less. Chosen with `bench/gate_specificity.py` on CounterFact records 1000-1918 (`--skip 1000`), which
+# the T=1000 evaluation does not use: with start-of-text keys (see `_calibrate`), held-out paraphrases
+# where the own edit fires / neighbourhood prompts where another record's edit fires were 902/17 at
+# cap 0.5, 895/14 at 0.6, 878/13 at 0.7, against 889/23 for the stop-10 gate (cap 0.2, no such keys).
+PREV_THRESHOLD_CAP = 0.6
 
 
 @dataclass
@@ -620,18 +620,26 @@ class Editor:
 
     def _calibrate(self, prep: _Prepared, layer: int, table: HookTable | None) -> list[_Calib]:
         """The entry keys of one layer: the main key from the rows where the subject ends past the first
-        SINK_POSITIONS tokens, and a second, "start of text" key when some row's subject ends inside
-        them (their activations are unlike mid-text ones, see SINK_POSITIONS; mixed into one key they
-        dragged its threshold down to where it fired on unrelated tokens)."""
-        rows = prep.ctx + prep.paras
+        SINK_POSITIONS tokens, and a second, "start of text" key from the rows where it ends inside them
+        (their activations are unlike mid-text ones, see SINK_POSITIONS; mixed into one key they
+        dragged its threshold down to where it fired on unrelated tokens). For a multi-token subject a
+        row also counts as start of text when the token before the last one, the previous-token key,
+        is inside them. The KL row ("{subject} is a") is always one of the rows: it is the subject at
+        the start of a text, the form a caller's later question often takes, even when no context of
+        the edit puts it there."""
+        rows = prep.ctx + prep.paras + [prep.kl]
         acts = self._acts(layer, rows, table)
         n_ctx = len(prep.ctx)
 
         def at_start(r: _Row) -> bool:
-            return r.subject is not None and r.subject[1] < SINK_POSITIONS
+            if r.subject is None:
+                return False
+            # a multi-token subject whose previous-token key would sit in the sink positions counts too
+            multi = int(r.subject[0] < r.subject[1])
+            return r.subject[1] < SINK_POSITIONS + multi
 
         main_ctx = [i for i in range(n_ctx) if not at_start(rows[i])] or list(range(n_ctx))
-        start = [i for i, r in enumerate(rows) if at_start(r)] if len(main_ctx) < n_ctx else []
+        start = [i for i, r in enumerate(rows) if at_start(r)]
         neg = []
         for a, r in zip(acts, rows, strict=True):  # every non-subject token of the edit's own prompts
             if r.subject is None:
@@ -675,7 +683,7 @@ class Editor:
             )
             return _Calib(key, thr, msg, prev_key, prev_thr)
 
-        main_pos = [i for i in range(len(rows)) if i not in start]
+        main_pos = [i for i in range(len(rows) - 1) if i not in start]
         out = [calib(main_ctx, main_pos)]
         if start:
             out.append(calib(start, start))
