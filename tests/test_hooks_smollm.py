@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import threading
 
 import pytest
@@ -82,11 +81,10 @@ def test_ten_facts_alone_and_together(env):
     model, tok, hooks, editor, _ = env
     facts = FACTS[1:]
     before_nb = {f.neighbour: greedy(model, tok, f.neighbour) for f in facts}
-    entries, times = [], []
+    entries: list = []
     for i, f in enumerate(facts):
         ce = editor.compute(f.spec)
         assert ce.report.efficacy, (f.spec.subject, ce.report)
-        times.append(ce.report.compute_seconds)
         new = [e.with_id(f"f{i}") for e in ce.entries]
         hooks.publish(HookTable.build(entries + new, hooks.device, hooks.dtype, version=i + 1))
         entries += new
@@ -97,8 +95,6 @@ def test_ten_facts_alone_and_together(env):
         n = len(tok(" " + f.spec.target_new)["input_ids"]) + 1
         assert starts_with(greedy(model, tok, f.spec.prompt, n), f.spec.target_new), f.spec.subject
         assert greedy(model, tok, f.neighbour) == before_nb[f.neighbour], f.neighbour
-    # generous bound: the CPU is shared; the measured median is ~1.4 s (see defaults.py)
-    assert statistics.median(times) < 6.0, times
     hooks.publish(hooks.empty_table())
 
 
