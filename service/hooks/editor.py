@@ -70,11 +70,12 @@ THRESHOLD_EPS = 1e-3
 SINK_POSITIONS = 2
 # v*'s optimiser: Adam's step size and the early stop (mean target-token NLL, once every target token is
 # the argmax). Adam moves every coordinate by about lr per step, so lr sets how fast ||delta|| grows
-# towards the ~2-3 x ref_norm most edits need; 2.0 with a stop at 0.15 cut v* steps from 15.9 to 11.9 on
-# zsRE records 0-39 (hook-path Rel .990 -> .990, Gen .817 -> .830, 40 sequential edits) and from 9.2 to
-# 6.2 on CounterFact records 0-59 (ES 1.00 -> 1.00, PS .950 -> .933, NS .733 -> .733): edit time 4.03 ->
-# 2.82 s and 2.00 -> 1.44 s. lr 3.0 was no faster than 2.0 (12.3 steps; more overshoot at the norm clamp);
-# a line search along the first gradient saved one step and cost as much in forwards.
+# towards the ~2-3 x ref_norm most edits need. Measured side by side with `bench/vstar_settings.py`
+# (sequential edits, hook path only), lr 1.0 / stop 0.1 -> 2.0 / 0.15: zsRE records 0-39, 15.9 -> 11.9
+# steps, 3.75 -> 2.95 s per edit, Rel .990 -> .990, Gen .817 -> .830; CounterFact records 0-59, 9.2 -> 6.2
+# steps, 1.89 -> 1.38 s, ES 1.00 -> 1.00, PS .950 -> .933, NS .733 -> .733. lr 3.0 was no faster than 2.0
+# (12.3 steps; more overshoot at the norm clamp); a line search along the first gradient saved one step
+# and cost as much in forwards.
 VSTAR_LR = 2.0
 VSTAR_NLL_STOP = 0.15
 # Previous-token condition of an entry (see hooks/layer.py): cosine >= min(cap, lowest positive - eps).
