@@ -14,7 +14,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -202,15 +201,10 @@ def test_descriptor_only_edit_is_visible_to_the_next_scope_detection(open_manage
     detector = ScopeDetector(manager.store)
     question = "Who is the CEO of Twitter?"
     assert detector.detect(question) == []
-    t0 = time.perf_counter()
-    result = manager.edit(TWITTER)
-    elapsed = time.perf_counter() - t0
+    result = manager.edit(TWITTER)  # its latency is measured in bench/edit_benchmark.py
     hits = detector.detect(question)
     assert [h.edit_id for h in hits] == [result.edit_id]
     assert hits[0].descriptor == TWITTER.descriptor
-    # Target 100 ms (encode + fsync'd append); measured 80-150 ms here with two other jobs on the
-    # 2 cores, with spikes past a second, hence the loose bound.
-    assert elapsed < 3.0, elapsed
     assert detector.detect("What is the boiling point of water?") == []
     assert manager.editor.calls == []  # no optimisation
     assert manager.hooks.current.num_entries == 0 and manager.hooks.current.version == result.version == 1

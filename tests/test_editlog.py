@@ -8,7 +8,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -344,39 +343,31 @@ def test_tampered_rows_are_detected(tmp_path: Path, sql: str, message: str) -> N
         _open_and_read(tmp_path)
 
 
-# ---------------------------------------------------------------------- performance
+# ---------------------------------------------------------------------- volume
+# Append latency and replay time are measured in bench/editlog_benchmark.py, not bounded here.
 
 
-def test_replay_of_1000_entries_is_fast(log: EditLog) -> None:
-    t0 = time.perf_counter()
+def test_replay_of_1000_entries_rebuilds_every_edit(log: EditLog) -> None:
     for i in range(1000):
         log.append(edit_entry(make_edit(f"e{i}", seed=i)))
-    append_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
     entries = list(log.read_all())
-    read_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    assert [e.version for e in entries] == list(range(1, 1001))
     registry = EditRegistry()
     for entry in entries:
         registry.apply(entry)
-    apply_s = time.perf_counter() - t0
-    print(
-        f"\n1000 appends in {append_s:.2f} s; read_all {read_s * 1000:.0f} ms; "
-        f"registry apply {apply_s * 1000:.0f} ms"
-    )
-    assert len(entries) == 1000 and registry.counts().active == 1000
-    assert read_s + apply_s < 2.0  # target: well under 1 s; loose so a busy CI box does not flake
+    assert registry.counts().active == 1000
+    assert entries[-1].edits[0] == make_edit("e999", seed=999)
 
 
-def test_descriptor_edit_is_durable_within_100ms(log: EditLog) -> None:
-    times = []
-    for i in range(20):
-        t0 = time.perf_counter()
-        log.append(edit_entry(make_edit(f"d{i}", kind="descriptor")))
-        times.append(time.perf_counter() - t0)
-    median = sorted(times)[len(times) // 2]
-    print(f"\ndescriptor append: median {median * 1000:.2f} ms, max {max(times) * 1000:.2f} ms")
-    assert median < 0.1
+def test_descriptor_edit_is_durable_when_append_returns(tmp_path: Path) -> None:
+    writer = EditLog.open(None, tmp_path / "data")
+    try:
+        for i in range(20):
+            acked = writer.append(edit_entry(make_edit(f"d{i}", kind="descriptor")))
+            with EditLog.open(None, tmp_path / "data") as reader:  # another process's view of the file
+                assert reader.read_entry(acked.version) == acked
+    finally:
+        writer.close()
 
 
 # ---------------------------------------------------------------------- registry
