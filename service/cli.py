@@ -49,6 +49,7 @@ _HELP: dict[str, str] = {
     "retrieval_top_k": "descriptors the scope detector considers per request",
     "scope_threshold": "similarity a descriptor needs to be in scope; 0 = the calibrated default",
     "retrieval_enabled": "use the retrieval path (--no-retrieval: hook layers only)",
+    "fit_in_retrieval_prompt": "fit each edit's value also after its descriptor block as served",
     "max_descriptor_chars": "longest edit descriptor accepted",
     "admin_token": "bearer token every EditService call must present (metadata authorization: Bearer ...)",
     "insecure_edits": "allow a non-loopback --host without an admin token (anyone reaching it can edit)",

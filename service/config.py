@@ -56,6 +56,10 @@ class Settings:
     retrieval_top_k: int = 4
     scope_threshold: float = 0.0  # 0 = calibrated default (service/retrieval/scope.py)
     retrieval_enabled: bool = True
+    # Fit each edit's value (v*) also in the prompt the retrieval path serves it in (its descriptor block
+    # before the prompt), so hook and descriptor agree when both fire. Off: the value is fitted on the
+    # bare prompt and fixed prefixes only.
+    fit_in_retrieval_prompt: bool = True
     max_descriptor_chars: int = 500
 
     # auth

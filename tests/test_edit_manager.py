@@ -37,7 +37,8 @@ from service.errors import (
 from service.hooks import Editor
 from service.hooks.layer import HookedMLP, decoder_layers, param_checksum
 from service.hooks.probes import PROBES
-from service.router.scope import ScopeDetector
+from service.router.prompt import build_prompt
+from service.router.scope import ScopeDetector, ScopeHit
 from service.types import (
     BatchEditInput,
     EditInput,
@@ -184,6 +185,25 @@ def test_idempotency_same_key_same_content_replays_other_content_conflicts(open_
     manager.rollback(RollbackInput(first.edit_id))
     assert manager.edit(keyed).edit_id == first.edit_id  # still the original answer, nothing re-applied
     assert manager.get(first.edit_id).state == "rolled_back"
+
+
+@pytest.mark.parametrize(
+    ("settings", "fitted_in_block"),
+    [({}, True), ({"fit_in_retrieval_prompt": False}, False), ({"retrieval_enabled": False}, False)],
+)
+def test_value_is_fitted_in_the_prompt_the_retrieval_path_serves(open_manager, settings, fitted_in_block):
+    manager = open_manager(**settings)
+    result = manager.edit(EIFFEL)
+    spec = manager.editor.specs[-1]
+    if not fitted_in_block:
+        assert spec.serving_contexts == []
+        return
+    descriptor = manager.get(result.edit_id).descriptor
+    hit = ScopeHit(result.edit_id, descriptor, 1.0)
+    tok = manager.loaded.tokenizer
+    # Exactly the text the router puts before the prompt when this edit is in scope.
+    served = build_prompt(EIFFEL.prompt, None, [hit], tok)
+    assert [c + EIFFEL.prompt for c in spec.serving_contexts] == [served]
 
 
 # ------------------------------------------------------------------ the retrieval path

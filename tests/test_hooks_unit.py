@@ -332,6 +332,38 @@ def test_editor_compute_end_to_end_on_tiny_model(tiny, hooks):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_serving_context_joins_the_value_fit_only(tiny, hooks, monkeypatch):
+    """EditSpec.serving_contexts add rows to v*'s problem (subject = the prompt's mention, after the
+    context's own) and leave the first layer's key and threshold alone."""
+    from service.hooks import editor as ed_mod
+
+    model, tok = tiny
+    problems = []
+
+    def spy(model_, hooks_, layers, problem, ref_norm, **kw):
+        problems.append(problem)
+        return fit_delta(model_, hooks_, layers, problem, ref_norm, **kw)
+
+    fit_delta = ed_mod.compute_delta
+    monkeypatch.setattr(ed_mod, "compute_delta", spy)
+    ed = Editor(model, tok, hooks, max_steps=3)
+    prompt = "The Eiffel Tower is located in the city of"
+    block = f"[Updated Information]\n- {prompt} Rome.\n[End of Updated Information]\n\n"
+    plain = ed.compute(EditSpec("The Eiffel Tower", prompt, "Rome"))
+    served = ed.compute(EditSpec("The Eiffel Tower", prompt, "Rome", serving_contexts=[block]))
+    assert [p.n_ctx for p in problems] == [len(CONTEXT_PREFIXES), len(CONTEXT_PREFIXES) + 1]
+    row = problems[1].rows[len(CONTEXT_PREFIXES)]
+    target = tok(" Rome", add_special_tokens=False)["input_ids"]
+    assert row.ids == tok(block + prompt)["input_ids"] + target[:-1]
+    assert row.subject is not None and row.subject[0] > len(tok(block)["input_ids"]) - 1
+    assert problems[1].rows[: len(CONTEXT_PREFIXES)] == problems[0].rows[: len(CONTEXT_PREFIXES)]
+    first_plain, first_served = plain.entries[0], served.entries[0]
+    assert first_plain.layer == first_served.layer == LAYER
+    torch.testing.assert_close(first_plain.key, first_served.key)
+    assert first_plain.threshold == first_served.threshold
+    assert not torch.equal(first_plain.value, first_served.value)
+
+
 def test_subject_at_text_start_gets_its_own_entry(tiny, hooks):
     """A subject ending within the first SINK_POSITIONS tokens of a context ("Paris is ..." with the bare
     prefix) is keyed apart: one main entry from the other contexts and one start-of-text entry per layer,

@@ -317,6 +317,7 @@ class EditManager:
             self.settings.max_descriptor_chars,
             force=force,
             field_prefix=field_prefix,
+            fit_in_retrieval_prompt=self.settings.retrieval_enabled and self.settings.fit_in_retrieval_prompt,
         )
 
     def _replay(self, key: str, digest: str) -> LogEntry | None:

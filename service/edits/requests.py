@@ -11,7 +11,7 @@ from typing import Any, Literal
 from service.editlog import request_digest
 from service.errors import InvalidArgument
 from service.hooks import Editor, EditSpec
-from service.router.prompt import derive_descriptor, relation_key, validate_descriptor
+from service.router.prompt import derive_descriptor, raw_prompt_prefix, relation_key, validate_descriptor
 from service.types import BatchEditInput, EditInput
 
 EditKind = Literal["triple", "descriptor"]
@@ -34,13 +34,19 @@ def plan_edit(
     *,
     force: bool | None = None,
     field_prefix: str = "",
+    fit_in_retrieval_prompt: bool = False,
 ) -> EditPlan:
+    """`fit_in_retrieval_prompt`: fit the value also after the edit's own descriptor block, the prompt the
+    router builds when the edit is in scope (see EditSpec.serving_contexts)."""
     try:
-        return _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force)
+        plan = _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force)
     except InvalidArgument as exc:
         if not field_prefix:
             raise
         raise _prefixed(exc, field_prefix) from exc
+    if plan.spec is not None and fit_in_retrieval_prompt:
+        plan.spec.serving_contexts = [raw_prompt_prefix([plan.descriptor])]
+    return plan
 
 
 def _plan(req: EditInput, editor: Editor, tokenizer: Any, max_chars: int, force: bool) -> EditPlan:

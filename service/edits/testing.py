@@ -68,6 +68,7 @@ class ScriptedEditor(Editor):
         self.block = block
         self.started = threading.Event()
         self.calls: list[list[str]] = []  # subjects per compute call
+        self.specs: list[EditSpec] = []  # every spec computed, in order
         self.bases: list[tuple[str, ...] | None] = []  # edit ids of the `base` table per call
 
     def warmup(self) -> None:
@@ -79,6 +80,7 @@ class ScriptedEditor(Editor):
         for s in specs:
             self.validate(s)
         self.calls.append([s.subject for s in specs])
+        self.specs.extend(specs)
         self.bases.append(None if base is None else base.edit_ids)
         self.started.set()
         if self.block is not None:

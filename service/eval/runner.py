@@ -13,14 +13,16 @@ the protocol needs every edit applied, and the quality gate's verdict is recorde
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,7 @@ class EvalConfig:
 
     def identity(self) -> dict[str, Any]:
         """What must match for --out to be resumed (methods and T may be added later)."""
-        return {
+        identity: dict[str, Any] = {
             "data": str(self.data.resolve()),
             "data_sha256": _sha256(self.data),
             "format": self.fmt,
@@ -72,6 +74,15 @@ class EvalConfig:
             "generate": self.generate,
             "model": self.model if self.server is None else f"server:{self.server}",
         }
+        if self.server is None and (env := server_env()):  # absent when empty: older --out dirs resume
+            identity["server_env"] = env
+        return identity
+
+
+def server_env() -> dict[str, str]:
+    """The EDITSERVE_<NAME> settings the in-process server reads (secrets left out)."""
+    secret = ("EDITSERVE_ADMIN_TOKEN",)
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("EDITSERVE_") and k not in secret}
 
 
 def _sha256(path: Path) -> str:
@@ -374,10 +385,11 @@ async def connect(cfg: EvalConfig, runner: Runner) -> AsyncIterator[EditServeCli
             await client.wait_ready()
             yield client
         return
-    from service.config import Settings
+    from service.cli import settings_from
     from service.eval.inprocess import in_process_server
 
-    base = Settings(model=cfg.model, device=cfg.device)
+    # The same EDITSERVE_<NAME> settings as `editserve serve` (address, data dir and token are the harness's).
+    base = replace(settings_from(argparse.Namespace(), os.environ), model=cfg.model, device=cfg.device)
     async with in_process_server(cfg.out / "server-data", loaded=runner.model(), base=base) as srv:
         async with EditServeClient(srv.address, admin_token=srv.admin_token) as client:
             await client.wait_ready()

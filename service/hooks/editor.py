@@ -93,6 +93,10 @@ class EditSpec:
     prompt: str
     target_new: str
     paraphrases: list[str] = field(default_factory=list)
+    # Text the service puts before the prompt when this edit is in scope (the retrieval path's descriptor
+    # block): v* is fitted in these contexts too, so the value also works beside its own descriptor. They
+    # do not enter the key or the threshold (the gate is calibrated on the edit's own wording).
+    serving_contexts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -462,6 +466,7 @@ class _Prepared:
     prompt: str
     target_ids: list[int]
     ctx: list[_Row]  # "{prefix}{prompt}" per context prefix
+    serving: list[_Row]  # "{serving context}{prompt}" per EditSpec.serving_contexts: v* only
     paras: list[_Row]
     kl: _Row
 
@@ -574,11 +579,14 @@ class Editor:
         ctx = [_encode(self.tok, p + prompt, spec.subject) for p in self.contexts]
         if any(r.subject is None for r in ctx):
             raise InvalidArgument("subject tokens not found in the prompt", field="subject")
+        serving = [_encode(self.tok, c + prompt, spec.subject) for c in spec.serving_contexts]
+        if any(r.subject is None for r in serving):
+            raise InvalidArgument("subject tokens not found in the prompt", field="subject")
         paras = [_encode(self.tok, p.rstrip(), spec.subject) for p in spec.paraphrases]
         kl = _encode(self.tok, KL_TEMPLATE.format(subject=spec.subject.strip()), spec.subject.strip())
         if kl.subject is None:
             raise InvalidArgument("subject tokens not found", field="subject")
-        return _Prepared(spec, prompt, self._target_ids(spec.target_new), ctx, paras, kl)
+        return _Prepared(spec, prompt, self._target_ids(spec.target_new), ctx, serving, paras, kl)
 
     # ---- public ---------------------------------------------------------------------------------------
     def compute(self, spec: EditSpec) -> ComputedEdit:
@@ -710,10 +718,11 @@ class Editor:
         down = self._down(first)
         with torch.no_grad():
             ref_norm = float(down(calib[first][0].key.to(self.hooks.dtype)).float().norm())
+        fit_rows = prep.ctx + prep.serving  # the bare context stays first: initial_argmax[bare] below
         problem = _DeltaProblem(
-            rows=[_Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
-            n_ctx=len(prep.ctx),
-            prompt_lens=[len(r.ids) for r in prep.ctx],
+            rows=[_Row(r.ids + prep.target_ids[:-1], r.subject) for r in fit_rows] + [prep.kl],
+            n_ctx=len(fit_rows),
+            prompt_lens=[len(r.ids) for r in fit_rows],
             target_ids=prep.target_ids,
         )
         with self.hooks.table_override(published):

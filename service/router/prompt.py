@@ -51,6 +51,11 @@ def format_block(descriptors: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def raw_prompt_prefix(descriptors: Sequence[str]) -> str:
+    """What `build_prompt` puts before a raw prompt when these descriptors are in scope."""
+    return f"{format_block(descriptors)}\n\n"
+
+
 def _special_tokens(tokenizer: Any) -> set[str]:
     if tokenizer is None:
         return set()
@@ -182,7 +187,7 @@ def build_prompt(
     if prompt is not None:
         if not hits:
             return prompt
-        return f"{format_block([h.descriptor for h in hits])}\n\n{prompt}"
+        return raw_prompt_prefix([h.descriptor for h in hits]) + prompt
     msgs = list(messages or [])
     if not hits:
         return render_chat(msgs, tokenizer)
