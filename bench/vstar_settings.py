@@ -11,7 +11,12 @@ no descriptors, no server), then score every record with all of them in the tabl
 prints the mean edit time (`compute_seconds`), the mean number of v* steps, how many hit `max_steps`, and:
 
 - zsRE: Rel / Gen, token-level top-1 accuracy of target_new after the prompt / the rephrase (teacher forced);
-- CounterFact: ES / PS / NS, mean-token NLL of the new against the true answer (MEMIT's comparison).
+- CounterFact: ES / PS / NS, mean-token NLL of the new against the true answer (MEMIT's comparison);
+- the same in-scope metrics "(own block)": each prompt behind the record's own descriptor block, as the
+  "both" path serves it when only that descriptor is in scope (no retrieval runs here).
+
+A configuration may also hold `"fit_in_retrieval_prompt": true`: v* is then fitted in that block too, as the
+edit manager does with retrieval on (EditSpec.serving_contexts).
 
 The data are read from ../shared/data (never copied into the repository). Run it alone: the two CPU
 cores are the measurement.
@@ -25,6 +30,7 @@ import os
 import statistics
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +44,7 @@ import service.hooks.editor as editor_module  # noqa: E402
 from service.eval.datasets import EvalRecord, load_records  # noqa: E402
 from service.hooks.editor import Editor, EditSpec  # noqa: E402
 from service.hooks.layer import HookManager  # noqa: E402
+from service.router.prompt import derive_descriptor, raw_prompt_prefix  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 FILES = {"zsre": "zsre_mend_train-1k.json", "counterfact": "counterfact-val.json"}
@@ -103,6 +110,17 @@ def quality(fmt: str, model: Any, tok: Any, records: list[EvalRecord]) -> dict[s
     }
 
 
+def own_block(r: EvalRecord) -> str:
+    """The text the retrieval path puts before a prompt when this record's edit is in scope."""
+    return raw_prompt_prefix([derive_descriptor(r.prompt, r.target_new)])
+
+
+def behind_own_block(r: EvalRecord) -> EvalRecord:
+    """The record's prompts as "both" serves them when only its own descriptor is in scope."""
+    block = own_block(r)
+    return replace(r, prompt=block + r.prompt, paraphrases=[block + p for p in r.paraphrases])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--format", choices=sorted(FILES), default="zsre")
@@ -125,19 +143,25 @@ def main() -> None:
         print("unedited:", {k: round(v, 3) for k, v in quality(args.format, model, tok, records).items()})
         for raw in args.configs:
             kwargs = json.loads(raw)
+            in_block = bool(kwargs.pop("fit_in_retrieval_prompt", False))
             hooks.publish(hooks.empty_table())
             editor = Editor(model, tok, hooks, **kwargs)
             editor.warmup()
             seconds = []
             with StepCounter() as counter:
                 for r in records:
-                    ce = editor.compute(EditSpec(r.subject, r.prompt, r.target_new))
+                    spec = EditSpec(r.subject, r.prompt, r.target_new)
+                    if in_block:  # as the edit manager does with retrieval on
+                        spec.serving_contexts = [own_block(r)]
+                    ce = editor.compute(spec)
                     seconds.append(ce.report.compute_seconds)
                     hooks.publish(hooks.current.extended(ce.entries))
             scores = quality(args.format, model, tok, records)
+            beside = quality(args.format, model, tok, [behind_own_block(r) for r in records])
+            scores |= {f"{k} (own block)": v for k, v in beside.items() if k != "NS"}
             steps = counter.steps
             print(
-                f"{json.dumps(kwargs)} (lr {editor.lr}, stop {editor.nll_stop}): "
+                f"{raw} (lr {editor.lr}, stop {editor.nll_stop}): "
                 f"edit mean {statistics.mean(seconds):.2f} s, steps mean {statistics.mean(steps):.1f}, "
                 f"at max_steps {sum(s >= editor.max_steps for s in steps)}; "
                 + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()),
