@@ -352,6 +352,7 @@ def test_serving_context_joins_the_value_fit_only(tiny, hooks, monkeypatch):
     plain = ed.compute(EditSpec("The Eiffel Tower", prompt, "Rome"))
     served = ed.compute(EditSpec("The Eiffel Tower", prompt, "Rome", serving_contexts=[block]))
     assert [p.n_ctx for p in problems] == [len(CONTEXT_PREFIXES), len(CONTEXT_PREFIXES) + 1]
+    assert [p.n_serving for p in problems] == [0, 1]  # fitted, but not in the early stop's NLL
     row = problems[1].rows[len(CONTEXT_PREFIXES)]
     target = tok(" Rome", add_special_tokens=False)["input_ids"]
     assert row.ids == tok(block + prompt)["input_ids"] + target[:-1]
@@ -440,3 +441,30 @@ def test_v_star_layer_walk_matches_the_full_forward(tiny, hooks):
     # The first step's argmax is the unedited greedy answer's first token (with the published table).
     bare = ed.contexts.index("")
     assert fits[True].initial_argmax[bare] == ed._greedy(prep.ctx[bare].ids, 1, hooks.current)[0]
+
+
+def test_early_stop_reads_the_nll_of_the_plain_contexts_only(tiny, hooks):
+    """Serving-context rows enter v*'s loss; the stop rule's NLL is the mean over the other rows."""
+    from service.hooks import editor as ed_mod
+
+    model, tok = tiny
+    ed = Editor(model, tok, hooks)
+    prompt = "The Eiffel Tower is located in the city of"
+    block = f"[Updated Information]\n- {prompt} Rome.\n[End of Updated Information]\n\n"
+    prep = ed._prepare(EditSpec("The Eiffel Tower", prompt, "Rome", serving_contexts=[block]))
+
+    def problem(rows: list, n_serving: int):
+        return ed_mod._DeltaProblem(
+            rows=[ed_mod._Row(r.ids + prep.target_ids[:-1], r.subject) for r in rows] + [prep.kl],
+            n_ctx=len(rows),
+            prompt_lens=[len(r.ids) for r in rows],
+            target_ids=prep.target_ids,
+            n_serving=n_serving,
+        )
+
+    def nll_at_start(p) -> float:  # max_steps=0: one forward with delta = 0, then stop
+        return ed_mod.compute_delta(model, hooks, hooks.layers, p, 1.0, max_steps=0).stats["nll"]
+
+    plain_only = nll_at_start(problem(prep.ctx, 0))
+    assert nll_at_start(problem(prep.ctx + prep.serving, 1)) == pytest.approx(plain_only, rel=1e-4)
+    assert nll_at_start(problem(prep.ctx + prep.serving, 0)) != pytest.approx(plain_only, rel=1e-4)
