@@ -189,7 +189,11 @@ def test_idempotency_same_key_same_content_replays_other_content_conflicts(open_
 
 @pytest.mark.parametrize(
     ("settings", "fitted_in_block"),
-    [({}, True), ({"fit_in_retrieval_prompt": False}, False), ({"retrieval_enabled": False}, False)],
+    [
+        ({"fit_in_retrieval_prompt": True}, True),
+        ({}, False),
+        ({"fit_in_retrieval_prompt": True, "retrieval_enabled": False}, False),
+    ],
 )
 def test_value_is_fitted_in_the_prompt_the_retrieval_path_serves(open_manager, settings, fitted_in_block):
     manager = open_manager(**settings)
