@@ -468,3 +468,34 @@ def test_early_stop_reads_the_nll_of_the_plain_contexts_only(tiny, hooks):
     plain_only = nll_at_start(problem(prep.ctx, 0))
     assert nll_at_start(problem(prep.ctx + prep.serving, 1)) == pytest.approx(plain_only, rel=1e-4)
     assert nll_at_start(problem(prep.ctx + prep.serving, 0)) != pytest.approx(plain_only, rel=1e-4)
+
+
+def test_first_step_jumps_to_its_length_along_the_negative_gradient(tiny, hooks):
+    """v*'s first step: `first_step * ref_norm` long, downhill for the target NLL (at delta = 0 the KL and
+    weight-decay terms have zero gradient, so the step follows the NLL alone); without it, Adam's first
+    step moves every coordinate by lr."""
+    from service.hooks import editor as ed_mod
+
+    model, tok = tiny
+    ed = Editor(model, tok, hooks)
+    prep = ed._prepare(EditSpec("The Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome"))
+    problem = ed_mod._DeltaProblem(
+        rows=[ed_mod._Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
+        n_ctx=len(prep.ctx),
+        prompt_lens=[len(r.ids) for r in prep.ctx],
+        target_ids=prep.target_ids,
+    )
+
+    def fit(max_steps: int, **kwargs):
+        return ed_mod.compute_delta(
+            model, hooks, hooks.layers, problem, 2.0, max_steps=max_steps, nll_stop=0.0, **kwargs
+        )
+
+    start = fit(0).stats["nll"]
+    jumped = fit(1, first_step=0.01)
+    assert jumped.stats["steps"] == 1 and jumped.stats["nll"] < start
+    for d in jumped.deltas.values():
+        assert float(d.float().norm()) == pytest.approx(0.01 * 2.0, rel=1e-4)
+    adam = fit(1, first_step=0.0, lr=0.001)
+    for d in adam.deltas.values():
+        assert float(d.float().norm()) == pytest.approx(0.001 * d.numel() ** 0.5, rel=1e-3)
