@@ -215,8 +215,10 @@ class DataPlane:
         out = await self.engine.score(route.prompt_ids, continuation_ids, use_hooks=route.use_hooks)
         tokenizer = self.loaded.tokenizer
         tokens = [
-            TokenLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp, is_greedy=g)
-            for t, lp, g in zip(continuation_ids, out.logprobs, out.greedy, strict=True)
+            TokenLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp, is_greedy=g, argmax_token_id=a)
+            for t, lp, g, a in zip(
+                continuation_ids, out.logprobs, out.greedy, out.argmax or [-1] * len(out.greedy), strict=True
+            )
         ]
         return ScoreResult(
             tokens=tokens,

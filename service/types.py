@@ -90,6 +90,7 @@ class TokenLogprob:
     token: str
     logprob: float
     is_greedy: bool  # the token was the model's argmax at its position
+    argmax_token_id: int = -1  # the model's argmax token at this position (-1: not known)
 
 
 @dataclass

@@ -417,6 +417,7 @@ async def test_score_equals_manual_log_softmax(engine, tiny_llama):
     expected = logp.gather(1, torch.tensor(cont)[:, None]).squeeze(1)
     assert out.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
     assert out.greedy == (logp.argmax(-1) == torch.tensor(cont)).tolist()
+    assert out.argmax == logp.argmax(-1).tolist()  # the argmax token, also where it is not the scored one
     assert (out.edit_version, out.hook_fires) == (0, {})
     with pytest.raises(InvalidArgument):
         await engine.score([], cont)
@@ -443,6 +444,7 @@ def test_score_batch_rows_equal_scores_alone(tiny_llama):
             alone = runner.score(*job)
             assert got.logprobs == pytest.approx(alone.logprobs, abs=1e-4)
             assert got.greedy == alone.greedy and got.hook_fires.keys() == alone.hook_fires.keys()
+            assert got.argmax == alone.argmax
             assert got.edit_version == 3
         assert set(batched[0].hook_fires) == {"eiffel"} and batched[2].hook_fires == {}
         assert batched[0].logprobs != pytest.approx(batched[2].logprobs, abs=1e-3)  # the edit changed row 0

@@ -176,6 +176,7 @@ async def test_score_round_trips(running: Running) -> None:
     assert (got.prompt, got.continuation, got.use_edits, got.edit_paths) == (
         "The capital of France is", "ab", False, ("hook",))
     assert [(t.token_id, t.token, t.is_greedy) for t in res.tokens] == [(97, "a", True), (98, "b", False)]
+    assert [t.argmax_token_id for t in res.tokens] == [97, 0]
     assert res.tokens[0].logprob == pytest.approx(-0.5)
     assert res.total_logprob == pytest.approx(-1.0)
     assert res.prompt_tokens == 5 and res.edit_version == 0 and not res.applied_edits

@@ -124,6 +124,7 @@ class ScoreOutput:
     greedy: list[bool]  # whether each continuation token was the argmax at its position
     edit_version: int
     hook_fires: dict[str, float]
+    argmax: list[int] = field(default_factory=list)  # the argmax token at each continuation position
 
 
 class ModelRunner:
@@ -256,6 +257,7 @@ class ModelRunner:
             logprobs = out.logits[row, keep - 1 - n : keep - 1, :].float().log_softmax(dim=-1)
             target = torch.tensor(list(jobs[row][1]), dtype=torch.long, device=logprobs.device)
             picked = logprobs.gather(1, target[:, None]).squeeze(1)
-            greedy = logprobs.argmax(dim=-1) == target
-            results.append(ScoreOutput(picked.tolist(), greedy.tolist(), version, fires[row]))
+            argmax = logprobs.argmax(dim=-1)
+            greedy = (argmax == target).tolist()
+            results.append(ScoreOutput(picked.tolist(), greedy, version, fires[row], argmax.tolist()))
         return results

@@ -117,7 +117,13 @@ def stream_response(chunk: t.GenerateChunk) -> pb.GenerateStreamResponse:
 def score_response(res: t.ScoreResult) -> pb.ScoreResponse:
     return pb.ScoreResponse(
         tokens=[
-            pb.TokenLogprob(token_id=x.token_id, token=x.token, logprob=x.logprob, is_greedy=x.is_greedy)
+            pb.TokenLogprob(
+                token_id=x.token_id,
+                token=x.token,
+                logprob=x.logprob,
+                is_greedy=x.is_greedy,
+                argmax_token_id=max(x.argmax_token_id, 0),
+            )
             for x in res.tokens
         ],
         total_logprob=res.total_logprob,

@@ -140,7 +140,13 @@ class FakeDataPlane:
         if not request.continuation:
             raise errors.InvalidArgument("must not be empty", field="continuation")
         tokens = [
-            TokenLogprob(token_id=ord(ch), token=ch, logprob=-0.5, is_greedy=i == 0)
+            TokenLogprob(
+                token_id=ord(ch),
+                token=ch,
+                logprob=-0.5,
+                is_greedy=i == 0,
+                argmax_token_id=ord(ch) if i == 0 else 0,
+            )
             for i, ch in enumerate(request.continuation)
         ]
         return ScoreResult(

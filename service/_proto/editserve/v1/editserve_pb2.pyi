@@ -142,16 +142,18 @@ class ScoreRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., continuation: _Optional[str] = ..., use_edits: _Optional[bool] = ..., min_version: _Optional[int] = ..., edit_paths: _Optional[_Iterable[_Union[EditPath, str]]] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
-    __slots__ = ("token_id", "token", "logprob", "is_greedy")
+    __slots__ = ("token_id", "token", "logprob", "is_greedy", "argmax_token_id")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     IS_GREEDY_FIELD_NUMBER: _ClassVar[int]
+    ARGMAX_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     token: str
     logprob: float
     is_greedy: bool
-    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ..., is_greedy: _Optional[bool] = ...) -> None: ...
+    argmax_token_id: int
+    def __init__(self, token_id: _Optional[int] = ..., token: _Optional[str] = ..., logprob: _Optional[float] = ..., is_greedy: _Optional[bool] = ..., argmax_token_id: _Optional[int] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("tokens", "total_logprob", "edit_version", "applied_edits", "prompt_tokens")
