@@ -40,6 +40,10 @@ class Settings:
     # torch intra-op threads (0 = torch's default). On a 2-core host 1 often wins: the event loop and
     # gRPC need a core, and two torch threads stall waiting for each other when one is taken.
     torch_threads: int = 0
+    # Prompt KV states kept after Score and prefill forwards, so a Generate from the same prompt under the
+    # same edit-set version skips its prefill (service/engine/prefix_cache.py); 0 = off. SmolLM2-135M
+    # keeps 45 KiB per prompt token.
+    prefix_cache_mb: int = 512
 
     # edit log: empty = SQLite under data_dir; or an SQLAlchemy URL (postgresql+psycopg://...)
     edit_log_url: str = ""
@@ -89,7 +93,7 @@ class Settings:
                 f"--default-max-new-tokens ({self.default_max_new_tokens}) exceeds "
                 f"--max-new-tokens-limit ({self.max_new_tokens_limit})"
             )
-        for name in ("torch_threads", "log_poll_s"):
+        for name in ("torch_threads", "log_poll_s", "prefix_cache_mb"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.grace_period_s < 0:

@@ -87,7 +87,7 @@ class DataPlane:
         manager = EditManager(loaded, settings)
         try:
             engine = Engine(loaded, manager.hooks, max_batch_size=settings.max_batch_size,
-                            max_queue=settings.max_queue)
+                            max_queue=settings.max_queue, prefix_cache_bytes=settings.prefix_cache_mb << 20)
         except Exception:
             manager.close()
             raise

@@ -34,6 +34,10 @@ GENERATION_TOKENS = Counter("editserve_generation_tokens", "Tokens generated")
 RUNNING = Gauge("editserve_num_requests_running", "Sequences in the running batch")
 WAITING = Gauge("editserve_num_requests_waiting", "Requests queued for admission")
 BATCH_SIZE = Histogram("editserve_batch_size", "Rows per forward pass", buckets=BATCH_SIZE_BUCKETS)
+PREFIX_CACHE_LOOKUPS = Counter(
+    "editserve_prefix_cache_lookups", "Prefills that looked up a kept prompt state, by result", ["result"]
+)
+PREFIX_CACHE_BYTES = Gauge("editserve_prefix_cache_bytes", "Bytes of prompt KV states kept for reuse")
 MODEL_INFO = Info("editserve_model", "Served model")
 
 EDITS_ACTIVE = Gauge("editserve_edits_active", "Active edits", ["path"])

@@ -88,6 +88,7 @@ def test_bad_flag_value_exits_2() -> None:
         (["--max-batch-size", "0"], "--max-batch-size"),
         (["--default-max-new-tokens", "600"], "--default-max-new-tokens"),
         (["--log-level", "LOUD"], "--log-level"),
+        (["--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
     ],
 )
 def test_invalid_settings_exit_2_before_loading(

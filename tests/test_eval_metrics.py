@@ -146,3 +146,33 @@ def test_qa_record_portability() -> None:
     assert m["Port"] == 0.5
     assert m["Port_gen"] == 1.0
     assert m["Gen"] is None
+
+
+async def test_records_are_scored_then_continued_in_phases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each phase scores its prompts, then asks for their continuations, before the next phase starts: a
+    server keeping scored prompts' states (LRU) still has them when their Generates come."""
+    from service.eval import evaluate
+    from service.eval.datasets import EvalRecord, Probe
+
+    calls: list[tuple[str, list[str]]] = []
+
+    class Recording:
+        async def score_many(self, pairs):
+            calls.append(("score", [p for p, _ in pairs]))
+            return [scores([-0.1] * len(c.split()), [True] * len(c.split())) for _, c in pairs]
+
+        async def generate_many(self, requests):
+            calls.append(("generate", [p for p, _ in requests]))
+            return [" yes" for _ in requests]
+
+    records = [
+        EvalRecord(i, str(i), f"s{i}", f"q{i}", "yes", "", (f"r{i}",), (Probe(f"l{i}", "no"),))
+        for i in range(5)
+    ]
+    monkeypatch.setattr(evaluate, "PHASE_PROMPTS", 7)  # 3 prompts per record: two records per phase
+    out = await evaluate.evaluate_records(records, "zsre", Recording())
+    assert [ev.index for ev in out] == [0, 1, 2, 3, 4]
+    assert [kind for kind, _ in calls] == ["score", "generate"] * 3
+    for (_, scored), (_, continued) in zip(calls[::2], calls[1::2], strict=True):
+        assert continued == scored and len(scored) in (6, 3)
+    assert out[4].metrics["Rel"] == 1.0 and out[4].metrics["Rel_gen"] == 1.0

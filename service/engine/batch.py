@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from service.engine.loader import LoadedModel
+from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
 from service.hooks.layer import HookManager, Recorder
 
 
@@ -130,11 +131,14 @@ class ScoreOutput:
 class ModelRunner:
     """Runs prefill, decode and teacher-forced forwards; must be called from one thread at a time."""
 
-    def __init__(self, loaded: LoadedModel, hooks: HookManager | None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, hooks: HookManager | None, prefix_cache: PrefixCache | None = None
+    ) -> None:
         self.model = loaded.model
         self.config = loaded.model.config
         self.device = loaded.device
         self.hooks = hooks
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         pad = loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)  # any id works: padded columns are masked out
 
@@ -159,13 +163,17 @@ class ModelRunner:
             yield rec, table.version
 
     @staticmethod
-    def _collect(rec: Recorder | None, rows: int) -> tuple[list[dict[str, float]], list[int]]:
+    def _collect(
+        rec: Recorder | None, rows: int, before: Sequence[int] | None = None
+    ) -> tuple[list[dict[str, float]], list[int]]:
+        """Per row: the best score of each edit that fired, and at how many tokens something fired; with
+        `before`, only over each row's positions below before[row] (its prompt)."""
         fires: list[dict[str, float]] = [{} for _ in range(rows)]
         fired_positions: list[set[int]] = [set() for _ in range(rows)]
         if rec is not None:
             for f in rec.fires:
-                if f.position < 0:
-                    continue  # a padding column, not one of the row's tokens
+                if f.position < 0 or (before is not None and f.position >= before[f.row]):
+                    continue  # a padding column, not one of the row's tokens (or not of its prompt)
                 best = fires[f.row].get(f.edit_id)
                 if best is None or f.score > best:
                     fires[f.row][f.edit_id] = f.score
@@ -199,7 +207,80 @@ class ModelRunner:
         fires, fired = self._collect(rec, len(prompts))
         logits = out.logits[:, -1, :].float()
         keys = {} if rec is None else dict(rec.last_keys)
+        if self.prefix_cache.enabled:
+            self._keep_prefixes(
+                out.past_key_values, logits, keys, prompts, hooks_enabled, pads, fires, fired, version
+            )
         return ForwardOutput(logits, fires, fired, version), KVState(out.past_key_values, lengths, keys)
+
+    # ---- kept prompt states (prefix_cache.py) -------------------------------------------------
+    def _version(self) -> int:
+        return self.hooks.current.version if self.hooks is not None else 0
+
+    def cached_prefixes(
+        self, prompts: Sequence[Sequence[int]], hooks_enabled: Sequence[bool]
+    ) -> list[PrefixEntry | None]:
+        """The kept state of each prompt under the current hook table, or None (one version for all)."""
+        if not self.prefix_cache.enabled:
+            return [None] * len(prompts)
+        version = self._version()
+        return [
+            self.prefix_cache.get(prefix_key(version, use, list(p)))
+            for p, use in zip(prompts, hooks_enabled, strict=True)
+        ]
+
+    def prefill_from_cache(self, entries: Sequence[PrefixEntry]) -> tuple[ForwardOutput, KVState]:
+        """What `prefill` of these entries' prompts returns, without a forward: their kept caches merged
+        into one left-padded cache (copies: a kept entry never changes)."""
+        width = max(e.length for e in entries)
+
+        def left_pad(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 0, width - t.shape[2], 0))
+
+        kv = [
+            (
+                torch.cat([left_pad(e.kv[layer][0]) for e in entries]),
+                torch.cat([left_pad(e.kv[layer][1]) for e in entries]),
+            )
+            for layer in range(len(entries[0].kv))
+        ]
+        layers = set.intersection(*(set(e.hook_keys) for e in entries))
+        keys = {i: torch.stack([e.hook_keys[i] for e in entries]) for i in sorted(layers)}
+        out = ForwardOutput(
+            torch.stack([e.logits for e in entries]),
+            [dict(e.fires) for e in entries],
+            [e.fired_tokens for e in entries],
+            entries[0].edit_version,
+        )
+        return out, KVState(_cache_from(self.config, kv), [e.length for e in entries], keys)
+
+    def _keep_prefixes(
+        self,
+        cache: DynamicCache,
+        next_logits: torch.Tensor,
+        last_keys: dict[int, torch.Tensor],
+        prompts: Sequence[Sequence[int]],
+        hooks_enabled: Sequence[bool],
+        starts: Sequence[int],
+        fires: list[dict[str, float]],
+        fired: list[int],
+        version: int,
+    ) -> None:
+        """Keep each row's prompt state: its columns [starts[row], starts[row] + len(prompt)) of `cache`,
+        the logits and gate keys after its last prompt token, and the fires over its prompt."""
+        layers = _layer_tensors(cache)
+        for row, prompt in enumerate(prompts):
+            lo, hi = starts[row], starts[row] + len(prompt)
+            kv = [(k[row : row + 1, :, lo:hi].clone(), v[row : row + 1, :, lo:hi].clone()) for k, v in layers]
+            entry = PrefixEntry(
+                kv,
+                next_logits[row].clone(),
+                {i: t[row].clone() for i, t in last_keys.items()},
+                fires[row],
+                fired[row],
+                version,
+            )
+            self.prefix_cache.put(prefix_key(version, hooks_enabled[row], list(prompt)), entry)
 
     def decode(
         self, state: KVState, last_tokens: Sequence[int], hooks_enabled: Sequence[bool]
@@ -244,14 +325,36 @@ class ModelRunner:
         mask = (columns[None, :] >= pad_t[:, None]).long()
         positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
         keep = max(n_cont) + 1  # the positions predicting each continuation token (and the last)
+        keeping = self.prefix_cache.enabled  # the prompts' states, for a generation from the same prompt
         with self._hook_scope([u for _, _, u in jobs], [-p for p in pads]) as (rec, version):
-            kwargs = {}
+            kwargs: dict[str, object] = {}
             if len(seqs) > 1:  # a lone row needs no mask: the plain causal forward, as before batching
                 kwargs = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
-            out = self.model(
-                input_ids=input_ids.to(self.device), use_cache=False, logits_to_keep=keep, **kwargs
-            )
+            if keeping:
+                kwargs |= {"past_key_values": DynamicCache(config=self.config), "use_cache": True}
+                if rec is not None:
+                    rec.key_columns = [width - n - 1 for n in n_cont]
+            else:
+                kwargs["use_cache"] = False
+            out = self.model(input_ids=input_ids.to(self.device), logits_to_keep=keep, **kwargs)
         fires, _ = self._collect(rec, len(seqs))
+        if keeping:
+            prompts = [list(p) for p, _, _ in jobs]
+            prompt_fires, prompt_fired = self._collect(rec, len(seqs), [len(p) for p in prompts])
+            next_logits = torch.stack(
+                [out.logits[row, keep - 1 - n].float() for row, n in enumerate(n_cont)]
+            )
+            self._keep_prefixes(
+                out.past_key_values,
+                next_logits,
+                {} if rec is None else dict(rec.column_keys),
+                prompts,
+                [u for _, _, u in jobs],
+                pads,
+                prompt_fires,
+                prompt_fired,
+                version,
+            )
         results = []
         for row, n in enumerate(n_cont):
             logprobs = out.logits[row, keep - 1 - n : keep - 1, :].float().log_softmax(dim=-1)

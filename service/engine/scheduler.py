@@ -26,6 +26,7 @@ import torch
 from service import metrics
 from service.engine.batch import ForwardOutput, KVState, ModelRunner, ScoreOutput, plan_prefill_groups
 from service.engine.loader import LoadedModel
+from service.engine.prefix_cache import PrefixCache, PrefixEntry
 from service.engine.sampling import sample_row
 from service.engine.sequence import EngineError, EngineRequest, SequenceState, TokenEvent, TokenStream
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
@@ -120,12 +121,14 @@ class Engine:
         max_context_tokens: int | None = None,
         max_prefill_tokens: int = 4096,
         eos_token_ids: Iterable[int] | None = None,
+        prefix_cache_bytes: int = 0,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
         self.loaded = loaded
         self.hooks = hooks
-        self._runner = ModelRunner(loaded, hooks)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._runner = ModelRunner(loaded, hooks, self.prefix_cache)
         self._config = loaded.model.config
         # Default: the generation config's end tokens and the tokenizer's EOS (chat models can have several)
         self._eos_ids = (
@@ -283,8 +286,16 @@ class Engine:
         outbox.flush()
         self._run_scores()
         newcomers = self._admitted = self._admit()
-        for group in plan_prefill_groups([len(s.prompt_ids) for s in newcomers], PREFILL_OVERHEAD_TOKENS):
-            self._prefill([newcomers[i] for i in group], outbox)
+        kept = self._runner.cached_prefixes(
+            [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers]
+        )
+        hits = [(s, e) for s, e in zip(newcomers, kept, strict=True) if e is not None]
+        if hits:
+            self._prefill_from_cache([s for s, _ in hits], [e for _, e in hits], outbox)
+            outbox.flush()
+        misses = [s for s, e in zip(newcomers, kept, strict=True) if e is None]
+        for group in plan_prefill_groups([len(s.prompt_ids) for s in misses], PREFILL_OVERHEAD_TOKENS):
+            self._prefill([misses[i] for i in group], outbox)
             outbox.flush()  # first tokens go out before the next forward
         if self._rows:
             self._decode(outbox)
@@ -380,6 +391,23 @@ class Engine:
             return
         metrics.BATCH_SIZE.observe(len(newcomers))
         metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in newcomers))
+        self._join(newcomers, out, kv, outbox)
+
+    def _prefill_from_cache(
+        self, newcomers: list[SequenceState], entries: list[PrefixEntry], outbox: _Outbox
+    ) -> None:
+        """Newcomers whose prompt state was kept (prefix_cache.py): no forward, straight to decoding."""
+        try:
+            out, kv = self._runner.prefill_from_cache(entries)
+        except Exception as exc:
+            log.exception("prefill from kept prompt states failed")
+            for seq in newcomers:
+                outbox.fail(seq, EngineError(f"prefill failed: {exc!r}"))
+            return
+        self._join(newcomers, out, kv, outbox)
+
+    def _join(self, newcomers: list[SequenceState], out: ForwardOutput, kv: KVState, outbox: _Outbox) -> None:
+        """Sample the newcomers' first tokens and add the ones that go on to the running batch."""
         keep = self._advance(newcomers, out, outbox)
         if not keep:
             return

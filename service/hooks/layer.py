@@ -294,13 +294,17 @@ class Recorder:
     forward) report absolute positions: an int for every row or one int per row. `prev_keys` (layer ->
     [B, d_ff]) is the activation before each row's first token, for previous-token conditions; the
     forward leaves each gated layer's last-column activations in `last_keys`, which a decode loop passes
-    back as the next step's `prev_keys` (left padding keeps every row's last token in the last column)."""
+    back as the next step's `prev_keys` (left padding keeps every row's last token in the last column).
+    `key_columns` (one column per row) asks for the same activations at other columns, in `column_keys`:
+    a teacher-forced forward over prompt + continuation keeps them at the prompt's last token."""
 
     row_enabled: torch.Tensor | None = None
     fires: list[Fire] = field(default_factory=list)
     position_offset: int | Sequence[int] = 0
     prev_keys: dict[int, torch.Tensor] | None = None
     last_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    key_columns: Sequence[int] | None = None
+    column_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -650,7 +654,11 @@ class HookManager:
         hf = h.reshape(-1, h.shape[-1])
         rows = hf.shape[0] // t_len
         if rec is not None:  # a copy: a view would keep the whole forward's activations alive in a KV state
-            rec.last_keys[layer] = hf.view(rows, t_len, -1)[:, -1].detach().clone()
+            grid = hf.view(rows, t_len, -1)
+            rec.last_keys[layer] = grid[:, -1].detach().clone()
+            if rec.key_columns is not None:
+                cols = torch.tensor(list(rec.key_columns), dtype=torch.long, device=grid.device)
+                rec.column_keys[layer] = grid[torch.arange(rows, device=grid.device), cols].detach().clone()
         unit = F.normalize(hf.float(), dim=-1)
         prev_unit = prev_known = None
         if lt.prev_keys is not None:
