@@ -7,11 +7,12 @@ thread-local hook switches, so serving threads keep generating with the publishe
 
 Speed (2-core CPU, SmolLM2-135M): keys and calibration need only the layers up to the hook layer
 (`HookManager.keys_at` stops the forward there); the v* optimisation caches the K/V of the tokens before
-the subject (they do not depend on the delta) and runs only the suffix, from the lowest hooked layer up
-(its entry state is computed once), with logits only at the target positions; the old answer's first
-token comes from v*'s first step (delta = 0), so the gate's greedy decode needs no forward for one-token
-targets; probe activations and decisions are cached, and locality forwards only the probes whose
-gate decisions the new entries change (for every other probe the output is provably identical).
+the subject (they do not depend on the delta) and runs only the suffix, from above the lowest hooked layer
+(that layer's output is computed once; the delta adds to it), with logits only at the target positions;
+the old answer's first token comes from v*'s first step (delta = 0), so the gate's greedy decode needs
+no forward for one-token targets; probe activations and decisions are cached, and locality forwards only
+the probes whose gate decisions the new entries change
+(for every other probe the output is provably identical).
 """
 
 from __future__ import annotations
@@ -245,14 +246,17 @@ class _DeltaProblem:
 
 
 class _SuffixRunner:
-    """The suffix forward of v*'s optimisation, from the lowest hooked layer up.
+    """The suffix forward of v*'s optimisation, from just above the lowest hooked layer.
 
-    Nothing below the lowest hooked layer depends on the delta (it is added to that layer's MLP output and
-    no hook sits lower), so the suffix's hidden state entering that layer is computed once and every step
-    runs only the layers above: about a fifth fewer forward FLOPs per step for SmolLM2's layer 6 of 30.
-    This walks the decoder layers itself (the Llama-family layout: `layers`, `rotary_emb`, `norm`); the
-    first use per model is checked against the model's own forward, and a model whose layout differs
-    falls back to the full forward.
+    Nothing up to the lowest hooked layer's MLP output depends on the delta (it is added to that output,
+    and no hook sits lower), and the decoder layer adds that output to the residual stream, so the layer's
+    output with the delta is its output without it plus the delta at the subject's last token. That
+    output is computed once (hooks off, as v* runs them) and every step runs only the layers above it:
+    for SmolLM2's layer 6 of 30, 23 of 30 layers per step. The causal mask and the rotary embeddings do
+    not change between steps either and are built once. This walks the decoder layers itself (the
+    Llama-family layout: `layers`, `rotary_emb`, `norm`); the first use per model is checked against the
+    model's own forward, and a model whose layout differs falls back to the full forward with the
+    deltas as hook interventions.
     """
 
     # model -> whether the layer walk reproduces the model's own forward
@@ -261,50 +265,56 @@ class _SuffixRunner:
     def __init__(
         self,
         model: nn.Module,
-        base: nn.Module,
+        hooks: HookManager,
         kv: list[tuple[torch.Tensor, torch.Tensor]],
         ids: torch.Tensor,
         mask: torch.Tensor,
         pos: torch.Tensor,
         first: int,
     ) -> None:
-        self.model, self.base, self.kv = model, base, kv
+        self.model, self.hooks, self.base, self.kv = model, hooks, _base(model), kv
         self.ids, self.mask, self.pos, self.first = ids, mask, pos, first
-        self.entry: torch.Tensor | None = None  # hidden state entering layer `first`
+        # the delta goes to every row's first suffix token: the subject's last token
+        self.positions = [(r, 0) for r in range(ids.shape[0])]
+        self._mask_rope: tuple[Any, Any] | None = None
+        self.after_first: torch.Tensor | None = None  # hidden state leaving layer `first`, delta = 0
         ok = self._verified.get(model)
         if ok is None:
             ok = self._verify()
             self._verified[model] = ok
         if ok:
             with torch.no_grad():
-                self.entry = self._walk(self.base.embed_tokens(ids), 0, self.first)[0]
+                entry = self._walk(self.base.embed_tokens(ids), 0, first)  # with the calling thread's table
+                with hooks.disabled():
+                    self.after_first = self._walk(entry, first, first + 1)
 
-    def forward(self) -> torch.Tensor:
-        """last_hidden_state of the suffix, with whatever hooks the calling thread has switched on."""
-        if self.entry is None:
-            cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
-            return self.base(
-                input_ids=self.ids,
-                attention_mask=self.mask,
-                position_ids=self.pos,
-                past_key_values=cache,
-                use_cache=cache is not None,
-            ).last_hidden_state
-        h, _ = self._walk(self.entry, self.first, len(self.base.layers))
-        return self.base.norm(h)
+    def forward(self, deltas: dict[int, torch.Tensor]) -> torch.Tensor:
+        """last_hidden_state of the suffix with `deltas` (hooked layer -> [d_model]) added at the
+        subject's last token and the hook table off (the published edits do not gate v*'s own rows)."""
+        with ExitStack() as stack:
+            for i, d in deltas.items():
+                if self.after_first is None or i != self.first:
+                    stack.enter_context(self.hooks.intervention(i, self.positions, d))
+            stack.enter_context(self.hooks.disabled())
+            if self.after_first is None:
+                cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
+                return self.base(
+                    input_ids=self.ids,
+                    attention_mask=self.mask,
+                    position_ids=self.pos,
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                ).last_hidden_state
+            h = self.after_first
+            if self.first in deltas:
+                rows = torch.arange(h.shape[0], device=h.device)
+                at = (rows, torch.zeros_like(rows))
+                h = h.index_put(at, deltas[self.first].to(h.dtype), accumulate=True)
+            return self.base.norm(self._walk(h, self.first + 1, len(self.base.layers)))
 
-    def _walk(self, h: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, Any]:
-        from transformers.masking_utils import create_causal_mask
-
+    def _walk(self, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
-        causal = create_causal_mask(
-            config=self.base.config,
-            inputs_embeds=h,
-            attention_mask=self.mask,
-            past_key_values=cache,
-            position_ids=self.pos,
-        )
-        rope = self.base.rotary_emb(h, position_ids=self.pos)
+        causal, rope = self._mask_and_rope(h, cache)
         for layer in self.base.layers[lo:hi]:
             out = layer(
                 h,
@@ -315,15 +325,29 @@ class _SuffixRunner:
                 use_cache=cache is not None,
             )
             h = out[0] if isinstance(out, tuple) else out
-        return h, cache
+        return h
+
+    def _mask_and_rope(self, h: torch.Tensor, cache: Any) -> tuple[Any, Any]:
+        if self._mask_rope is None:
+            from transformers.masking_utils import create_causal_mask
+
+            causal = create_causal_mask(
+                config=self.base.config,
+                inputs_embeds=h,
+                attention_mask=self.mask,
+                past_key_values=cache,
+                position_ids=self.pos,
+            )
+            self._mask_rope = (causal, self.base.rotary_emb(h, position_ids=self.pos))
+        return self._mask_rope
 
     def _verify(self) -> bool:
         if not all(hasattr(self.base, a) for a in ("layers", "rotary_emb", "norm", "embed_tokens")):
             return False
         try:
             with torch.no_grad():
-                h, _ = self._walk(self.base.embed_tokens(self.ids), 0, len(self.base.layers))
-                walked = self.base.norm(h)
+                n_layers = len(self.base.layers)
+                walked = self.base.norm(self._walk(self.base.embed_tokens(self.ids), 0, n_layers))
                 cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
                 ref = self.base(
                     input_ids=self.ids,
@@ -333,6 +357,7 @@ class _SuffixRunner:
                     use_cache=cache is not None,
                 ).last_hidden_state
         except Exception:  # noqa: BLE001 - any layout mismatch means: use the model's own forward
+            self._mask_rope = None
             return False
         real = self.mask[:, -self.ids.shape[1] :].bool()
         return bool(torch.allclose(walked[real], ref[real], atol=1e-4, rtol=1e-4))
@@ -389,7 +414,7 @@ def compute_delta(
         kv = _kv_tensors(out.past_key_values)
     full_mask = torch.cat([pre_mask, suf_mask], dim=1)
     suf_pos = pre_len[:, None] + torch.arange(s_len, device=dev)[None, :]
-    suffix = _SuffixRunner(model, base, kv, suf_ids, full_mask, suf_pos, min(layers))
+    suffix = _SuffixRunner(model, hooks, kv, suf_ids, full_mask, suf_pos, min(layers))
 
     # Where the logits are needed: the positions predicting each target token, and the KL row's last.
     sel_r, sel_t, tgt = [], [], []
@@ -409,15 +434,11 @@ def compute_delta(
     d_model = hooks.d_model
     deltas = {i: torch.zeros(d_model, device=dev, dtype=torch.float32, requires_grad=True) for i in layers}
     opt = torch.optim.Adam(list(deltas.values()), lr=lr)
-    positions = [(r, 0) for r in range(n_rows)]  # the subject's last token is each suffix's first
     kl_ref: torch.Tensor | None = None
     initial_argmax: list[int] = []
     stats = {"steps": 0.0, "nll": math.nan}
     for step in range(max_steps + 1):
-        with ExitStack() as stack:
-            for i, d in deltas.items():
-                stack.enter_context(hooks.intervention(i, positions, d))
-            hs = suffix.forward()
+        hs = suffix.forward(deltas)
         logp = torch.log_softmax(head(hs[sel_r_t, sel_t_t]).float(), dim=-1)
         tl = logp[:-1].gather(1, tgt_t[:, None]).squeeze(1).view(problem.n_ctx, n_tgt)
         nll = -tl.mean()
@@ -448,6 +469,8 @@ def compute_delta(
                     d.mul_(clamp_factor * ref_norm / n)
     stats["converged"] = float(hit)
     return DeltaFit({i: d.detach().to(hooks.dtype) for i, d in deltas.items()}, stats, initial_argmax)
+
+
 
 
 def _first_step(deltas: dict[int, torch.Tensor], length: float) -> None:
