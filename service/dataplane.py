@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from service import __version__, metrics
 from service.config import Settings
+from service.engine.cpu_threads import released_after
 from service.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from service.router.routing import Route, Router
 from service.router.scope import ScopeDetector
@@ -110,7 +111,7 @@ class DataPlane:
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await asyncio.to_thread(self.manager.catch_up)
+                await asyncio.to_thread(released_after(self.manager.catch_up))
             except Exception:  # a database hiccup must not kill the tailer; the next poll retries
                 log.exception("reading the shared edit log failed; retrying in %.1f s", interval_s)
 
@@ -122,7 +123,7 @@ class DataPlane:
             await self.engine.stop(grace_s)
         finally:
             # Edits in flight finish their log commit under the manager's lock before it closes.
-            await asyncio.to_thread(self.manager.close)
+            await asyncio.to_thread(released_after(self.manager.close))
 
     def _require_ready(self) -> None:
         if not self._ready:
@@ -132,7 +133,7 @@ class DataPlane:
         current = self.manager.version
         if min_version > current:
             # Read-your-writes across replicas: the edit may already be in the shared log.
-            current = await asyncio.to_thread(self.manager.catch_up)
+            current = await asyncio.to_thread(released_after(self.manager.catch_up))
         if min_version > current:
             raise FailedPrecondition(
                 f"this replica serves edit version {current}, below the requested {min_version}",
@@ -197,9 +198,11 @@ class DataPlane:
     async def _route(self, request: GenerateInput) -> Route:
         if request.deadline is not None and time.monotonic() >= request.deadline:
             raise DeadlineExceeded("the deadline passed before the request was routed")
-        # Scope detection runs the sentence encoder: keep it off the event loop.
+        # Scope detection runs the sentence encoder: keep it off the event loop. Threads that ran torch
+        # give their OpenMP workers back (service/engine/cpu_threads.py), or every team sleeps between
+        # kernels on a 2-core host.
         return await asyncio.to_thread(
-            self.router.route_generate, request.prompt, request.messages, request.use_edits,
+            released_after(self.router.route_generate), request.prompt, request.messages, request.use_edits,
             request.edit_paths,
         )
 
@@ -209,7 +212,7 @@ class DataPlane:
         await self._require_version(request.min_version)
         version = self.manager.version
         route, continuation_ids = await asyncio.to_thread(
-            self.router.route_score, request.prompt, request.continuation, request.use_edits,
+            released_after(self.router.route_score), request.prompt, request.continuation, request.use_edits,
             request.edit_paths,
         )
         out = await self.engine.score(route.prompt_ids, continuation_ids, use_hooks=route.use_hooks)
@@ -232,11 +235,11 @@ class DataPlane:
 
     async def edit(self, request: EditInput) -> EditResult:
         self._require_ready()
-        return await asyncio.to_thread(self.manager.edit, request)
+        return await asyncio.to_thread(released_after(self.manager.edit), request)
 
     async def batch_edit(self, request: BatchEditInput) -> BatchEditResult:
         self._require_ready()
-        return await asyncio.to_thread(self.manager.batch_edit, request)
+        return await asyncio.to_thread(released_after(self.manager.batch_edit), request)
 
     async def get_edit(self, edit_id: str) -> EditView:
         return await asyncio.to_thread(self.manager.get, edit_id)
@@ -246,11 +249,11 @@ class DataPlane:
 
     async def rollback(self, request: RollbackInput) -> RollbackResult:
         self._require_ready()
-        return await asyncio.to_thread(self.manager.rollback, request)
+        return await asyncio.to_thread(released_after(self.manager.rollback), request)
 
     async def rollback_to(self, request: RollbackToInput) -> RollbackToResult:
         self._require_ready()
-        return await asyncio.to_thread(self.manager.rollback_to, request)
+        return await asyncio.to_thread(released_after(self.manager.rollback_to), request)
 
     async def server_info(self) -> ServerInfo:
         counts = self.manager.counts()

@@ -25,6 +25,7 @@ import torch
 
 from service import metrics
 from service.engine.batch import ForwardOutput, KVState, ModelRunner, ScoreOutput, plan_prefill_groups
+from service.engine.cpu_threads import release_cpu_threads
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry
 from service.engine.sampling import sample_row
@@ -261,6 +262,10 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
+                    if not (self._waiting or self._scores or self._rows or self._exit):
+                        # idle: end this thread's OpenMP team, so an edit computed meanwhile in another
+                        # thread gets its cores at full speed (service/engine/cpu_threads.py)
+                        release_cpu_threads()
                     while not (self._waiting or self._scores or self._rows or self._exit):
                         self._wakeup.wait()
                     if self._exit and not (self._waiting or self._scores or self._rows):
