@@ -63,3 +63,9 @@ def test_released_after_returns_the_result_and_releases_on_errors(monkeypatch):
     with pytest.raises(ValueError, match="caller's mistake"):
         released_after(fails)()
     assert calls == ["ran", "released", "released"]
+
+
+def test_auto_torch_threads_is_one_on_small_hosts_only():
+    from service.config import auto_torch_threads
+
+    assert [auto_torch_threads(n) for n in (None, 1, 2, 4, 16)] == [1, 1, 1, 0, 0]
