@@ -48,7 +48,8 @@ class Settings:
     # torch intra-op threads; 0 = auto: 1 on a host with at most 2 CPUs, else torch's default. The engine,
     # the edit computations and the scope detector run torch in different threads, each with an OpenMP
     # team; on 2 cores their workers then sleep between kernels. Measured in-process (`editserve eval`
-    # zsRE, 16 sequential edits, same metrics): edits 5.60 s with 2 threads, 3.55 s with 1.
+    # zsRE, 16 sequential edits, same metrics): edits 5.60 s with 2 threads, 3.55 s with 1; the engine
+    # alone (the unedited pass) is slower with 1: 2.6-3.0 -> 1.7 records/s.
     torch_threads: int = 0
     # Prompt KV states kept after Score and prefill forwards, so a Generate from the same prompt under the
     # same edit-set version skips its prefill (service/engine/prefix_cache.py); 0 = off. SmolLM2-135M

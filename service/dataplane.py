@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from service import __version__, metrics
-from service.config import Settings, auto_torch_threads
+from service.config import Settings
 from service.engine.cpu_threads import released_after
 from service.errors import DeadlineExceeded, FailedPrecondition, Unavailable
 from service.router.routing import Route, Router
@@ -80,11 +79,10 @@ class DataPlane:
         from service.engine import Engine
         from service.engine.loader import load_model
 
-        threads = settings.torch_threads or auto_torch_threads(os.cpu_count())
-        if threads > 0:
+        if settings.torch_threads > 0:  # 0 (auto) is applied by the command line, in the main thread
             import torch
 
-            torch.set_num_threads(threads)
+            torch.set_num_threads(settings.torch_threads)
         if loaded is None:
             loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
         manager = EditManager(loaded, settings)

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
-__all__ = ["release_cpu_threads", "released_after"]
+__all__ = ["release_cpu_threads", "released_after", "set_torch_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +81,19 @@ def released_after(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             release_cpu_threads()
 
     return call
+
+
+def set_torch_threads(requested: int) -> int:
+    """torch's intra-op threads for this process: `requested`, or for 0 the auto rule of
+    Settings.torch_threads (1 on a host with at most 2 CPUs). Call it from the main thread before any
+    other thread runs torch: a thread's OpenMP and MKL counts are set by the thread that asks."""
+    import os
+
+    from service.config import auto_torch_threads
+
+    threads = requested or auto_torch_threads(os.cpu_count())
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    return threads

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads in this process (default: torch's choice)",
+        help="torch CPU threads in this process (default: $EDITSERVE_TORCH_THREADS, else 1 on a host "
+        "with at most 2 CPUs, else torch's choice)",
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out and exit")
 
@@ -126,10 +127,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"editserve eval: error: --data {args.data} does not exist", file=sys.stderr)
         return 2
     cfg = config_from(args)
-    if args.threads:
-        import torch
+    from service.engine.cpu_threads import set_torch_threads
 
-        torch.set_num_threads(args.threads)
+    # --threads, else the in-process server's EDITSERVE_TORCH_THREADS, else the auto rule
+    set_torch_threads(args.threads or int(os.environ.get("EDITSERVE_TORCH_THREADS") or 0))
     if args.report_only:
         from service.eval.datasets import load_records
         from service.eval.report import write_report
