@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from service import __version__
-from service.config import DEVICES, DTYPES, LOG_LEVELS, Settings, SettingsError
+from service.config import (
+    CHAT_PLACEMENTS,
+    DEVICES,
+    DTYPES,
+    LOG_LEVELS,
+    RAW_PLACEMENTS,
+    Settings,
+    SettingsError,
+)
 
 ENV_PREFIX = "EDITSERVE_"
 EXIT_USAGE = 2
@@ -51,6 +59,10 @@ _HELP: dict[str, str] = {
     "retrieval_enabled": "use the retrieval path (--no-retrieval: hook layers only)",
     "fit_in_retrieval_prompt": "fit each edit's value also after its descriptor block as served",
     "max_descriptor_chars": "longest edit descriptor accepted",
+    "chat_placement": "where in-scope descriptors go in a chat: " + " | ".join(CHAT_PLACEMENTS)
+    + " (user: in the last user turn with an instruction to use them)",
+    "raw_placement": "raw prompts with in-scope descriptors: " + " | ".join(RAW_PLACEMENTS)
+    + " (qa: a question is framed Question:/Answer:)",
     "admin_token": "bearer token every EditService call must present (metadata authorization: Bearer ...)",
     "insecure_edits": "allow a non-loopback --host without an admin token (anyone reaching it can edit)",
     "log_level": " | ".join(LOG_LEVELS),

@@ -16,6 +16,9 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+CHAT_PLACEMENTS = ("user", "system")  # service/router/prompt.py keeps the same names
+RAW_PLACEMENTS = ("qa", "plain")
+
 SMALL_HOST_CPUS = 2  # at most this many CPUs: one torch thread (see Settings.torch_threads)
 
 
@@ -76,6 +79,11 @@ class Settings:
     # side (README), it lifts zsRE's "both" Rel/Gen .957/.882 -> .981/.935 but lowers CounterFact's PS
     # .947 -> .920 and costs 20-25 % more time per edit, and the T=1000 time target is the one still open.
     fit_in_retrieval_prompt: bool = False
+    # Where in-scope descriptors go (service/router/prompt.py; measured in docs/free-text-edits.md):
+    # chat "user" = in the user turn with an instruction to use them, "system" = in the system message;
+    # raw "qa" = a raw question is framed "Question: ...\nAnswer:", "plain" = block then the prompt.
+    chat_placement: str = "user"
+    raw_placement: str = "qa"
     max_descriptor_chars: int = 500
 
     # auth
@@ -93,6 +101,12 @@ class Settings:
             raise SettingsError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.chat_placement not in CHAT_PLACEMENTS:
+            raise SettingsError(f"--chat-placement must be one of {', '.join(CHAT_PLACEMENTS)}, "
+                                f"got {self.chat_placement!r}")
+        if self.raw_placement not in RAW_PLACEMENTS:
+            raise SettingsError(f"--raw-placement must be one of {', '.join(RAW_PLACEMENTS)}, "
+                                f"got {self.raw_placement!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_new_tokens_limit",

@@ -19,9 +19,10 @@ from service import __version__, metrics
 from service.config import Settings
 from service.engine.cpu_threads import released_after
 from service.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from service.router.prompt import PromptStyle
 from service.router.routing import Route, Router
 from service.router.scope import ScopeDetector
-from service.router.validation import Limits, validate_generate, validate_score
+from service.router.validation import Limits, effective_min_new_tokens, validate_generate, validate_score
 from service.types import (
     AppliedEdit,
     BatchEditInput,
@@ -64,7 +65,8 @@ class DataPlane:
         )
         limits = Limits(settings.max_prompt_tokens, settings.max_new_tokens_limit,
                         settings.default_max_new_tokens)
-        self.router = Router(loaded.tokenizer, scope, limits)
+        style = PromptStyle(chat=settings.chat_placement, raw=settings.raw_placement)  # type: ignore[arg-type]
+        self.router = Router(loaded.tokenizer, scope, limits, style)
         self._ready = False
         self._tailer: asyncio.Task[None] | None = None
         metrics.MODEL_INFO.info({
@@ -173,6 +175,7 @@ class DataPlane:
             top_k=request.top_k,
             seed=request.seed,
             stop=list(request.stop),
+            min_new_tokens=effective_min_new_tokens(request),
         )
         engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
                                        deadline=request.deadline)

@@ -33,6 +33,7 @@ class GenerateInput:
     prompt: str = ""
     messages: list[ChatMessage] = field(default_factory=list)
     max_new_tokens: int | None = None  # None (proto field unset) = Settings.default_max_new_tokens
+    min_new_tokens: int | None = None  # None (proto field unset) = 1: EOS is never the first token
     temperature: float = 0.0  # 0 = greedy
     top_p: float | None = None  # None (proto field unset) = 1.0, no nucleus cut
     top_k: int = 0  # 0 = no top-k cut

@@ -14,6 +14,8 @@ from service.router.calibration import FACTS, calibration_pairs
 from service.router.prompt import (
     BLOCK_CLOSE,
     BLOCK_OPEN,
+    USE_INSTRUCTION,
+    PromptStyle,
     build_prompt,
     derive_descriptor,
     query_text,
@@ -212,14 +214,39 @@ def test_raw_prompt_gets_a_prefix_block(tokenizer) -> None:
     )
 
 
+def test_raw_question_is_framed_as_question_and_answer(tokenizer) -> None:
+    out = build_prompt("Where is the Eiffel Tower? ", None, HITS[:1], tokenizer)
+    assert out == (
+        f"{BLOCK_OPEN}\n- The Eiffel Tower is located in Rome.\n{BLOCK_CLOSE}\n\n"
+        "Question: Where is the Eiffel Tower?\nAnswer:"
+    )
+    plain = build_prompt("Where is the Eiffel Tower?", None, HITS[:1], tokenizer, PromptStyle(raw="plain"))
+    assert plain.endswith(f"{BLOCK_CLOSE}\n\nWhere is the Eiffel Tower?")
+    assert build_prompt("Where is the Eiffel Tower?", None, [], tokenizer) == "Where is the Eiffel Tower?"
+
+
+def test_chat_block_goes_into_the_last_user_turn(tokenizer) -> None:
+    msgs = [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Where is it?")]
+    out = build_prompt(None, msgs, HITS[:1], tokenizer)
+    assert out.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>")
+    assert out.endswith(
+        f"<|im_start|>user\n{BLOCK_OPEN}\n- The Eiffel Tower is located in Rome.\n{BLOCK_CLOSE}\n"
+        f"{USE_INSTRUCTION}\n\nWhere is it?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    # without a user turn the block falls back to the system message
+    out = build_prompt(None, [("system", "Be brief.")], HITS[:1], tokenizer)
+    assert out.startswith("<|im_start|>system\nBe brief.\n\n" + BLOCK_OPEN)
+
+
 def test_chat_block_merges_into_system_and_template_stays_valid(tokenizer) -> None:
     msgs = [("system", "Be brief."), ("user", "Where is the Eiffel Tower?")]
-    out = build_prompt(None, msgs, HITS, tokenizer)
+    system = PromptStyle(chat="system")
+    out = build_prompt(None, msgs, HITS, tokenizer, system)
     assert out.startswith("<|im_start|>system\nBe brief.\n\n" + BLOCK_OPEN)
     assert out.endswith("<|im_start|>user\nWhere is the Eiffel Tower?<|im_end|>\n<|im_start|>assistant\n")
     assert out.count("<|im_start|>") == 3 and out.count("<|im_start|>system") == 1
     # no system message: the template's own default persona is kept and the block appended to it
-    out = build_prompt(None, msgs[1:], HITS, tokenizer)
+    out = build_prompt(None, msgs[1:], HITS, tokenizer, system)
     persona = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert out.startswith(f"<|im_start|>system\n{persona}\n\n{BLOCK_OPEN}")
     assert out.count("<|im_start|>system") == 1

@@ -21,6 +21,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = off
     seed: int = 0  # used when temperature > 0
     stop: list[str] = field(default_factory=list)  # text is cut before the first stop string found
+    min_new_tokens: int = 0  # EOS is masked out until this many tokens were generated
 
     @property
     def greedy(self) -> bool:
@@ -33,6 +34,8 @@ class SamplingParams:
             raise InvalidArgument("must be >= 0", field="temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidArgument("must be in (0, 1]", field="top_p")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InvalidArgument("must lie in [0, max_new_tokens]", field="min_new_tokens")
         if self.top_k < 0:
             raise InvalidArgument("must be >= 0", field="top_k")
 
@@ -65,6 +68,15 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     drop_sorted[..., 0] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
+
+
+def mask_tokens(logits: torch.Tensor, rows: list[int], token_ids: frozenset[int]) -> torch.Tensor:
+    """A copy of `logits` [B, V] with `token_ids` at -inf in `rows` (EOS before min_new_tokens)."""
+    masked = logits.clone()
+    ids = torch.tensor(sorted(token_ids), device=logits.device, dtype=torch.long)
+    row_index = torch.tensor(rows, device=logits.device, dtype=torch.long)
+    masked[row_index.unsqueeze(1), ids.unsqueeze(0)] = float("-inf")
+    return masked
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -28,7 +28,7 @@ from service.engine.batch import ForwardOutput, KVState, ModelRunner, ScoreOutpu
 from service.engine.cpu_threads import release_cpu_threads
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry
-from service.engine.sampling import sample_row
+from service.engine.sampling import mask_tokens, sample_row
 from service.engine.sequence import EngineError, EngineRequest, SequenceState, TokenEvent, TokenStream
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from service.hooks.layer import HookManager
@@ -440,7 +440,11 @@ class Engine:
 
     def _advance(self, seqs: list[SequenceState], out: ForwardOutput, outbox: _Outbox) -> list[int]:
         """Sample each row's next token and queue its event; returns the rows that keep running."""
-        greedy_tokens = out.logits.argmax(dim=-1).tolist()
+        logits = out.logits
+        early = [row for row, seq in enumerate(seqs) if len(seq.generated) < seq.params.min_new_tokens]
+        if early and self._eos_ids:
+            logits = mask_tokens(logits, early, self._eos_ids)
+        greedy_tokens = logits.argmax(dim=-1).tolist()
         keep: list[int] = []
         generated = fired = 0
         for row, seq in enumerate(seqs):
@@ -451,7 +455,7 @@ class Engine:
                 token = (
                     greedy_tokens[row]
                     if seq.params.greedy
-                    else sample_row(out.logits[row], seq.params, seq.generator)
+                    else sample_row(logits[row], seq.params, seq.generator)
                 )
                 event = seq.append(token)
             except Exception as exc:  # this row only (e.g. NaN probabilities, a tokenizer error)

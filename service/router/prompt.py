@@ -1,12 +1,22 @@
-"""The one prompt template that carries in-scope edit descriptors to the model (LTE's inference format).
+"""The prompt templates that carry in-scope edit descriptors to the model (LTE's inference format).
 
-Raw prompt:                         Chat messages (block appended to the system message):
-    [Updated Information]               <system prompt, or the template's default one>
-    - <descriptor>                      <blank line>
-    - <descriptor>                      [Updated Information]
-    [End of Updated Information]        - <descriptor>
-    <blank line>                        [End of Updated Information]
-    <prompt>                          then the tokenizer's own chat template, add_generation_prompt=True.
+The block itself is always the same:
+    [Updated Information]
+    - <descriptor>
+    - <descriptor>
+    [End of Updated Information]
+
+Where it goes is a `PromptStyle` (measured on the free-text benchmark: docs/free-text-edits.md):
+
+chat = "user" (default): the block, one instruction line, a blank line, then the last user message, all in
+    that user turn; then the tokenizer's own chat template with add_generation_prompt=True. A small
+    instruct model reads its user turn; a block in the system message is mostly ignored.
+chat = "system": the block appended to the system message (or the template's default system prompt).
+raw = "qa" (default): a raw prompt that is a question (ends with "?") is served as
+    <block><blank line>Question: <prompt>\nAnswer:  -- an instruct model otherwise ends a bare question at
+    once or echoes the block. Any other raw prompt (a completion) is served as <block><blank line><prompt>.
+raw = "plain": every raw prompt as <block><blank line><prompt>.
+Score always uses the plain raw form: its continuation is scored right after the caller's prompt.
 
 Descriptors are data, never instructions: one per line after "- ", line breaks folded to spaces, and
 `validate_descriptor` refuses anything that could close the block or open a chat turn. With no hits
@@ -18,14 +28,32 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from service.errors import InvalidArgument
 
 BLOCK_OPEN = "[Updated Information]"
 BLOCK_CLOSE = "[End of Updated Information]"
 
+USE_INSTRUCTION = "Answer using the updated information above where it is relevant."
 Message = tuple[str, str]  # (role, content)
+ChatPlacement = Literal["user", "system"]
+RawPlacement = Literal["qa", "plain"]
+CHAT_PLACEMENTS: tuple[ChatPlacement, ...] = ("user", "system")
+RAW_PLACEMENTS: tuple[RawPlacement, ...] = ("qa", "plain")
+
+
+@dataclass(frozen=True)
+class PromptStyle:
+    """Where in-scope descriptors go (see the module docstring)."""
+
+    chat: ChatPlacement = "user"
+    raw: RawPlacement = "qa"
+
+
+DEFAULT_STYLE = PromptStyle()
+PLAIN_RAW = PromptStyle(raw="plain")  # Score: the continuation follows the caller's prompt verbatim
 
 _LINE_BREAKS = re.compile(r"\s*(?:\r\n|[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029])\s*")
 _TEMPLATE_MARKERS = re.compile(r"\[\s*(?:end\s+of\s+)?updated\s+information\s*\]", re.IGNORECASE)
@@ -175,11 +203,16 @@ def template_default_system(tokenizer: Any) -> str | None:
     return result
 
 
+def is_question(prompt: str) -> bool:
+    return prompt.rstrip().endswith("?")
+
+
 def build_prompt(
     prompt: str | None,
     messages: Sequence[Message] | None,
     hits: Sequence[Any],
     tokenizer: Any,
+    style: PromptStyle = DEFAULT_STYLE,
 ) -> str:
     """The final text the engine tokenises. `hits` are ScopeHits (anything with `.descriptor`)."""
     if (prompt is None) == (messages is None):
@@ -187,11 +220,21 @@ def build_prompt(
     if prompt is not None:
         if not hits:
             return prompt
-        return raw_prompt_prefix([h.descriptor for h in hits]) + prompt
+        prefix = raw_prompt_prefix([h.descriptor for h in hits])
+        if style.raw == "qa" and is_question(prompt):
+            return f"{prefix}Question: {prompt.strip()}\nAnswer:"
+        return prefix + prompt
     msgs = list(messages or [])
     if not hits:
         return render_chat(msgs, tokenizer)
     block = format_block([h.descriptor for h in hits])
+    if style.chat == "user":
+        for n in range(len(msgs) - 1, -1, -1):
+            role, content = msgs[n]
+            if role == "user":
+                msgs[n] = ("user", f"{block}\n{USE_INSTRUCTION}\n\n{content}")
+                return render_chat(msgs, tokenizer)
+        # no user turn at all: fall through to the system placement
     for n, (role, content) in enumerate(msgs):
         if role == "system":
             msgs[n] = ("system", f"{content}\n\n{block}" if content.strip() else block)

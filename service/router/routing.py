@@ -16,7 +16,7 @@ from typing import Any
 
 from service import metrics
 from service.errors import InvalidArgument
-from service.router.prompt import build_prompt, query_text
+from service.router.prompt import DEFAULT_STYLE, PLAIN_RAW, PromptStyle, build_prompt, query_text
 from service.router.scope import ScopeDetector, ScopeHit
 from service.router.validation import Limits, check_prompt_tokens
 from service.types import AppliedEdit, ChatMessage
@@ -33,8 +33,11 @@ class Route:
 
 
 class Router:
-    def __init__(self, tokenizer: Any, scope: ScopeDetector | None, limits: Limits) -> None:
+    def __init__(
+        self, tokenizer: Any, scope: ScopeDetector | None, limits: Limits, style: PromptStyle = DEFAULT_STYLE
+    ) -> None:
         self.tokenizer = tokenizer
+        self.style = style
         self.scope = scope  # None: the retrieval path is switched off for this server
         self.limits = limits
 
@@ -57,7 +60,12 @@ class Router:
         return hits
 
     def route_generate(
-        self, prompt: str, messages: Sequence[ChatMessage], use_edits: bool, edit_paths: Sequence[str]
+        self,
+        prompt: str,
+        messages: Sequence[ChatMessage],
+        use_edits: bool,
+        edit_paths: Sequence[str],
+        style: PromptStyle | None = None,
     ) -> Route:
         use_hooks, use_retrieval = self.paths(use_edits, edit_paths)
         pairs = [(m.role, m.content) for m in messages] or None
@@ -70,13 +78,14 @@ class Router:
         # The limit applies to what the caller sent; injected descriptors are ours to pay for.
         check_prompt_tokens(len(plain_ids), self.limits, field)
         hits = self.detect(query_text(raw, pairs), use_retrieval)
-        ids = self._encode(build_prompt(raw, pairs, hits, self.tokenizer), special) if hits else plain_ids
+        styled = build_prompt(raw, pairs, hits, self.tokenizer, style or self.style)
+        ids = self._encode(styled, special) if hits else plain_ids
         return Route(ids, hits, use_hooks)
 
     def route_score(
         self, prompt: str, continuation: str, use_edits: bool, edit_paths: Sequence[str]
     ) -> tuple[Route, list[int]]:
-        route = self.route_generate(prompt, [], use_edits, edit_paths)
+        route = self.route_generate(prompt, [], use_edits, edit_paths, PLAIN_RAW)
         continuation_ids = self._encode(continuation, False)
         if not continuation_ids:
             raise InvalidArgument("encodes to no tokens", field="continuation")

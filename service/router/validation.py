@@ -18,6 +18,9 @@ MAX_STOP_CHARS = 256
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
 
 
+DEFAULT_MIN_NEW_TOKENS = 1
+
+
 @dataclass(frozen=True)
 class Limits:
     max_prompt_tokens: int
@@ -39,6 +42,10 @@ def validate_generate(req: GenerateInput, limits: Limits) -> int:
     if max_new < 1 or max_new > limits.max_new_tokens:
         raise InvalidArgument(f"must be between 1 and {limits.max_new_tokens}, got {max_new}",
                               field="max_new_tokens")
+    min_new = effective_min_new_tokens(req)
+    if min_new > max_new:
+        raise InvalidArgument(f"must not exceed max_new_tokens ({max_new}), got {min_new}",
+                              field="min_new_tokens")
     if not math.isfinite(req.temperature) or req.temperature < 0:
         raise InvalidArgument(f"must be a finite number >= 0, got {req.temperature}", field="temperature")
     if req.top_p is not None and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
@@ -54,6 +61,11 @@ def validate_generate(req: GenerateInput, limits: Limits) -> int:
             raise InvalidArgument(f"stop strings must have 1 to {MAX_STOP_CHARS} characters", field="stop")
     _validate_paths(req.edit_paths)
     return max_new
+
+
+def effective_min_new_tokens(req: GenerateInput) -> int:
+    """Unset = 1: the first token is never EOS, so a raw question does not come back empty."""
+    return DEFAULT_MIN_NEW_TOKENS if req.min_new_tokens is None else req.min_new_tokens
 
 
 def validate_score(req: ScoreInput) -> None:

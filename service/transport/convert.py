@@ -60,6 +60,7 @@ def generate_input(req: pb.GenerateRequest, deadline: float | None) -> t.Generat
         prompt=req.prompt,
         messages=[t.ChatMessage(role=m.role, content=m.content) for m in req.messages],
         max_new_tokens=req.max_new_tokens if req.HasField("max_new_tokens") else None,
+        min_new_tokens=req.min_new_tokens if req.HasField("min_new_tokens") else None,
         temperature=req.temperature,
         top_p=req.top_p if req.HasField("top_p") else None,
         top_k=req.top_k,
