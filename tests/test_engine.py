@@ -266,6 +266,27 @@ async def test_max_new_tokens_and_eos(tiny_llama):
     assert tokens_of(events) == expected[:3] and events[-1].finish_reason == "length"
 
 
+async def test_min_new_tokens_masks_eos_until_reached(tiny_llama):
+    """EOS as the first greedy token (an instruct model after a bare question) is skipped, in a batch
+    next to a row that allows it; sampling rows never draw it early either."""
+    prompt = ids_of(tiny_llama, PROMPTS[3])
+    expected = reference_greedy(tiny_llama, prompt, 4)
+    eos = expected[0]
+    async with running(tiny_llama, eos_token_ids=[eos]) as eng:
+        allowed, masked, sampled = await asyncio.gather(
+            collect(eng, EngineRequest(prompt, SamplingParams(max_new_tokens=4))),
+            collect(eng, EngineRequest(prompt, SamplingParams(max_new_tokens=4, min_new_tokens=3))),
+            collect(eng, EngineRequest(prompt, SamplingParams(max_new_tokens=3, min_new_tokens=3,
+                                                              temperature=50.0, seed=1))),
+        )
+    assert tokens_of(allowed) == [eos] and allowed[-1].finish_reason == "eos"
+    got = tokens_of(masked)
+    assert got[0] != eos and eos not in got[:3] and len(got) >= 3
+    assert eos not in tokens_of(sampled) and sampled[-1].finish_reason == "length"
+    with pytest.raises(InvalidArgument):
+        SamplingParams(max_new_tokens=2, min_new_tokens=3).validate()
+
+
 async def test_context_window_caps_generation(tiny_llama):
     prompt = ids_of(tiny_llama, PROMPTS[1])
     async with running(tiny_llama, max_context_tokens=len(prompt) + 3) as eng:

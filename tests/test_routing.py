@@ -27,6 +27,8 @@ LIMITS = Limits(max_prompt_tokens=64, max_new_tokens=64, default_max_new_tokens=
         (GenerateInput(messages=[ChatMessage("user", " ")]), "messages"),
         (GenerateInput(prompt="x", max_new_tokens=0), "max_new_tokens"),
         (GenerateInput(prompt="x", max_new_tokens=65), "max_new_tokens"),
+        (GenerateInput(prompt="x", max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
+        (GenerateInput(prompt="x", min_new_tokens=17), "min_new_tokens"),
         (GenerateInput(prompt="x", temperature=-0.1), "temperature"),
         (GenerateInput(prompt="x", temperature=math.nan), "temperature"),
         (GenerateInput(prompt="x", top_p=0.0), "top_p"),

@@ -107,6 +107,7 @@ async def test_sixteen_concurrent_clients(served: EditServeServer) -> None:
         ({"prompt": "word " * (MAX_PROMPT_TOKENS * 2)}, "prompt"),
         ({"prompt": FRANCE, "max_new_tokens": 0}, "max_new_tokens"),
         ({"prompt": FRANCE, "max_new_tokens": 100_000}, "max_new_tokens"),
+        ({"prompt": FRANCE, "max_new_tokens": 2, "min_new_tokens": 3}, "min_new_tokens"),
         ({"prompt": FRANCE, "temperature": -0.5}, "temperature"),
         ({"prompt": FRANCE, "top_p": 0.0}, "top_p"),
         ({"prompt": FRANCE, "top_p": 1.5}, "top_p"),
