@@ -59,6 +59,8 @@ _HELP: dict[str, str] = {
     "retrieval_enabled": "use the retrieval path (--no-retrieval: hook layers only)",
     "fit_in_retrieval_prompt": "fit each edit's value also after its descriptor block as served",
     "max_descriptor_chars": "longest edit descriptor accepted",
+    "compile_descriptors": "also compile a descriptor-only edit that states a fact into a hook edit "
+    "(kept when it passes the quality gate)",
     "chat_placement": "where in-scope descriptors go in a chat: " + " | ".join(CHAT_PLACEMENTS)
     + " (user: in the last user turn with an instruction to use them)",
     "raw_placement": "raw prompts with in-scope descriptors: " + " | ".join(RAW_PLACEMENTS)

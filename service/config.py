@@ -82,6 +82,9 @@ class Settings:
     # Where in-scope descriptors go (service/router/prompt.py; measured in docs/free-text-edits.md):
     # chat "user" = in the user turn with an instruction to use them, "system" = in the system message;
     # raw "qa" = a raw question is framed "Question: ...\nAnswer:", "plain" = block then the prompt.
+    # Compile a descriptor-only edit that states a fact into a hook edit too (service/edits/compile.py);
+    # a request's compile_descriptor overrides it. Measured in docs/free-text-edits.md.
+    compile_descriptors: bool = True
     chat_placement: str = "user"
     raw_placement: str = "qa"
     max_descriptor_chars: int = 500

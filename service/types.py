@@ -116,6 +116,7 @@ class EditInput:
     idempotency_key: str = ""
     force: bool = False
     actor: str = ""
+    compile_descriptor: bool | None = None  # None (proto field unset) = Settings.compile_descriptors
 
 
 @dataclass

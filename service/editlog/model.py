@@ -165,6 +165,8 @@ class StoredEdit:
     embedding: TensorBlob | None = None  # descriptor embedding, so replicas need not re-encode
     report: dict[str, Any] = field(default_factory=dict)
     supersedes: list[str] = field(default_factory=list)
+    # subject/prompt/target_new were compiled from the descriptor (service/edits/compile.py)
+    derived_from_descriptor: bool = False
 
     @property
     def hook_layers(self) -> list[int]:
@@ -175,7 +177,7 @@ class StoredEdit:
         return StoredEdit(**{name: getattr(self, name) for name in _STORED_EDIT_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "edit_id": self.edit_id,
             "kind": self.kind,
             "subject": self.subject,
@@ -189,6 +191,9 @@ class StoredEdit:
             "report": self.report,
             "supersedes": list(self.supersedes),
         }
+        if self.derived_from_descriptor:  # absent otherwise: entries logged before it keep their bytes
+            d["derived_from_descriptor"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoredEdit:
@@ -206,6 +211,7 @@ class StoredEdit:
             embedding=TensorBlob.from_dict(emb) if emb is not None else None,
             report=dict(d.get("report", {})),
             supersedes=list(d.get("supersedes", [])),
+            derived_from_descriptor=bool(d.get("derived_from_descriptor", False)),
         )
 
 

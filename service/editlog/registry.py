@@ -109,6 +109,7 @@ class _Record:
             embedding=e.embedding,
             report=dict(e.report),
             supersedes=list(e.supersedes),
+            derived_from_descriptor=e.derived_from_descriptor,
             version=self.version,
             ordinal=self.ordinal,
             created_at=self.created_at,

@@ -75,6 +75,11 @@ from .requests import EditPlan, batch_digest, edit_digest, plan_edit
 __all__ = ["EditManager", "EditSnapshot", "EditorFactory", "QualityGateRejected", "default_editor_factory"]
 
 LIST_PAGE_SIZE = 50  # ListEditsInput: page_size 0 = 50
+COMPILED_MESSAGE = "hook edit compiled from the descriptor"
+COMPILED_GATE_FAILED = (
+    "the hook edit compiled from the descriptor failed the quality gate and was dropped; "
+    "the descriptor is served by retrieval"
+)
 DESCRIPTOR_ONLY_MESSAGE = "descriptor-only edit: retrieval path only (no hook entry, no quality gate)"
 
 EditorFactory = Callable[[LoadedModel, HookManager], Editor]
@@ -318,6 +323,7 @@ class EditManager:
             force=force,
             field_prefix=field_prefix,
             fit_in_retrieval_prompt=self.settings.retrieval_enabled and self.settings.fit_in_retrieval_prompt,
+            compile_descriptors=self.settings.compile_descriptors,
         )
 
     def _replay(self, key: str, digest: str) -> LogEntry | None:
@@ -377,7 +383,10 @@ class EditManager:
         computed = dict(zip(hook_plans, out, strict=True))
         for ce in out:
             EDIT_COMPUTE.observe(ce.report.compute_seconds)
-        failed = [n for n, ce in computed.items() if not ce.report.passed and not plans[n].force]
+        failed = [
+            n for n, ce in computed.items()
+            if not ce.report.passed and not plans[n].force and not plans[n].derived
+        ]
         if failed:
             reports = [
                 QualityReportView.from_dict(computed[n].report.to_dict())
@@ -418,10 +427,17 @@ class EditManager:
                 in_batch.setdefault(plan.relation_key, []).append(edit_id)
             ce = computed.get(n)
             spec = plan.spec
+            report = ce.report.to_dict() if ce else asdict(_descriptor_report())
+            if ce is not None and plan.derived and not ce.report.passed:
+                # The compiled hook edit failed its gate: the descriptor alone carries the fact.
+                report["message"] = f"{COMPILED_GATE_FAILED}: {ce.report.message}"
+                ce = None
+            elif ce is not None and plan.derived:
+                report["message"] = f"{COMPILED_MESSAGE}; {ce.report.message}".rstrip("; ")
             edits.append(
                 StoredEdit(
                     edit_id=edit_id,
-                    kind=plan.kind,
+                    kind="triple" if ce is not None else "descriptor",
                     subject=spec.subject if spec else "",
                     prompt=spec.prompt if spec else "",
                     target_new=spec.target_new if spec else "",
@@ -430,8 +446,9 @@ class EditManager:
                     relation_key=plan.relation_key,
                     hooks=stored_hooks(ce.with_id(edit_id).entries) if ce else [],
                     embedding=embedding_blob(vectors[n]),
-                    report=ce.report.to_dict() if ce else asdict(_descriptor_report()),
+                    report=report,
                     supersedes=supersedes,
+                    derived_from_descriptor=plan.derived,
                 )
             )
         return edits

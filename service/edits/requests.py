@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from service.editlog import request_digest
+from service.edits.compile import compile_descriptor
 from service.errors import InvalidArgument
 from service.hooks import Editor, EditSpec
 from service.router.prompt import derive_descriptor, raw_prompt_prefix, relation_key, validate_descriptor
@@ -24,6 +25,9 @@ class EditPlan:
     descriptor: str  # as stored and injected: validated, line breaks folded
     relation_key: str  # "" for descriptor-only edits (they never supersede)
     force: bool
+    # The triple was compiled from a descriptor-only request: its hook entry is kept only when it passes
+    # the quality gate (force covers the caller's own triples, not the server's reading of a sentence).
+    derived: bool = False
 
 
 def plan_edit(
@@ -35,11 +39,14 @@ def plan_edit(
     force: bool | None = None,
     field_prefix: str = "",
     fit_in_retrieval_prompt: bool = False,
+    compile_descriptors: bool = False,
 ) -> EditPlan:
     """`fit_in_retrieval_prompt`: fit the value also after the edit's own descriptor block, the prompt the
     router builds when the edit is in scope (see EditSpec.serving_contexts)."""
     try:
-        plan = _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force)
+        compile_it = compile_descriptors if req.compile_descriptor is None else req.compile_descriptor
+        plan = _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force,
+                     compile_it)
     except InvalidArgument as exc:
         if not field_prefix:
             raise
@@ -49,7 +56,9 @@ def plan_edit(
     return plan
 
 
-def _plan(req: EditInput, editor: Editor, tokenizer: Any, max_chars: int, force: bool) -> EditPlan:
+def _plan(
+    req: EditInput, editor: Editor, tokenizer: Any, max_chars: int, force: bool, compile_it: bool
+) -> EditPlan:
     subject, prompt, target = (req.subject or ""), (req.prompt or ""), (req.target_new or "")
     paraphrases = list(req.paraphrases or [])
     descriptor = req.descriptor or ""
@@ -62,6 +71,8 @@ def _plan(req: EditInput, editor: Editor, tokenizer: Any, max_chars: int, force:
         if paraphrases:
             raise InvalidArgument("are only for subject/prompt/target_new edits", field="paraphrases")
         text = validate_descriptor(descriptor, tokenizer, max_chars)
+        if compile_it and (compiled := _compiled(text, editor, force)) is not None:
+            return compiled
         return EditPlan("descriptor", None, text, "", force)
 
     spec = EditSpec(subject, prompt, target, paraphrases)
@@ -82,6 +93,20 @@ def _plan(req: EditInput, editor: Editor, tokenizer: Any, max_chars: int, force:
     return EditPlan("triple", spec, text, relation_key(subject, prompt), force)
 
 
+def _compiled(descriptor: str, editor: Editor, force: bool) -> EditPlan | None:
+    """The hook plan of the last fact the descriptor states that the editor accepts (the last: a
+    two-sentence descriptor usually introduces its subject first and states the update second)."""
+    for fact in reversed(compile_descriptor(descriptor)):
+        spec = EditSpec(fact.subject, fact.prompt, fact.target_new)
+        try:
+            editor.validate(spec)
+        except InvalidArgument:
+            continue  # a target too long for v*, say: try another fact, else stay retrieval-only
+        key = relation_key(fact.subject, fact.prompt)
+        return EditPlan("triple", spec, descriptor, key, force, derived=True)
+    return None
+
+
 def edit_digest(req: EditInput) -> str:
     """What "the same content" means for an idempotent retry (the actor is who, not what)."""
     return request_digest({"op": "edit", **_content(req)})
@@ -94,7 +119,7 @@ def batch_digest(req: BatchEditInput) -> str:
 
 
 def _content(req: EditInput) -> dict[str, Any]:
-    return {
+    content: dict[str, Any] = {
         "subject": req.subject or "",
         "prompt": req.prompt or "",
         "target_new": req.target_new or "",
@@ -102,6 +127,9 @@ def _content(req: EditInput) -> dict[str, Any]:
         "descriptor": req.descriptor or "",
         "force": bool(req.force),
     }
+    if req.compile_descriptor is not None:  # absent when unset: digests of older requests stay the same
+        content["compile_descriptor"] = bool(req.compile_descriptor)
+    return content
 
 
 def _bare(exc: InvalidArgument) -> str:

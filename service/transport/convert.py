@@ -147,6 +147,7 @@ def edit_input(req: pb.EditRequest) -> t.EditInput:
         idempotency_key=req.idempotency_key,
         force=req.force,
         actor=req.actor,
+        compile_descriptor=req.compile_descriptor if req.HasField("compile_descriptor") else None,
     )
 
 
@@ -212,6 +213,7 @@ def edit_record(view: Any) -> pb.EditRecord:
         rollback_reason=view.rollback_reason,
         superseded_by=view.superseded_by,
         hook_layers=sorted({hook.layer for hook in view.hooks}),
+        derived_from_descriptor=bool(getattr(view, "derived_from_descriptor", False)),
     )
 
 

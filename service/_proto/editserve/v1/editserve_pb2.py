@@ -24,21 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64itserve/v1/editserve.proto\x12\x0c\x65\x64itserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf3\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.editserve.v1.ChatMessage\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\tuse_edits\x18\t \x01(\x08H\x02\x88\x01\x01\x12\x13\n\x0bmin_version\x18\n \x01(\x04\x12*\n\nedit_paths\x18\x0b \x03(\x0e\x32\x16.editserve.v1.EditPath\x12\x1b\n\x0emin_new_tokens\x18\x0c \x01(\rH\x03\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x0c\n\n_use_editsB\x11\n\x0f_min_new_tokens\"S\n\x0b\x41ppliedEdit\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12$\n\x04path\x18\x02 \x01(\x0e\x32\x16.editserve.v1.EditPath\x12\r\n\x05score\x18\x03 \x01(\x02\"\xcd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.editserve.v1.FinishReason\x12\x14\n\x0c\x65\x64it_version\x18\x05 \x01(\x04\x12\x30\n\rapplied_edits\x18\x06 \x03(\x0b\x32\x19.editserve.v1.AppliedEdit\"\xe6\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.editserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x14\n\x0c\x65\x64it_version\x18\x06 \x01(\x04\x12\x30\n\rapplied_edits\x18\x07 \x03(\x0b\x32\x19.editserve.v1.AppliedEdit\"\x9b\x01\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\x12\x16\n\tuse_edits\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x13\n\x0bmin_version\x18\x04 \x01(\x04\x12*\n\nedit_paths\x18\x05 \x03(\x0e\x32\x16.editserve.v1.EditPathB\x0c\n\n_use_edits\"l\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x11\n\tis_greedy\x18\x04 \x01(\x08\x12\x17\n\x0f\x61rgmax_token_id\x18\x05 \x01(\r\"\xb1\x01\n\rScoreResponse\x12*\n\x06tokens\x18\x01 \x03(\x0b\x32\x1a.editserve.v1.TokenLogprob\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x14\n\x0c\x65\x64it_version\x18\x03 \x01(\x04\x12\x30\n\rapplied_edits\x18\x04 \x03(\x0b\x32\x19.editserve.v1.AppliedEdit\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"\xa2\x01\n\x0b\x45\x64itRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ntarget_new\x18\x03 \x01(\t\x12\x13\n\x0bparaphrases\x18\x04 \x03(\t\x12\x12\n\ndescriptor\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\"3\n\x10ParaphraseResult\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\"\xa4\x02\n\rQualityReport\x12\x10\n\x08\x65\x66\x66icacy\x18\x01 \x01(\x08\x12\x12\n\nold_answer\x18\x02 \x01(\t\x12\x16\n\x0etarget_logprob\x18\x03 \x01(\x01\x12\x1a\n\x12old_answer_logprob\x18\x04 \x01(\x01\x12\x33\n\x0bparaphrases\x18\x05 \x03(\x0b\x32\x1e.editserve.v1.ParaphraseResult\x12\x1d\n\x15locality_top1_changed\x18\x06 \x01(\x01\x12\x18\n\x10locality_mean_kl\x18\x07 \x01(\x01\x12\x11\n\tthreshold\x18\x08 \x01(\x02\x12\x17\n\x0f\x63ompute_seconds\x18\t \x01(\x01\x12\x0e\n\x06passed\x18\n \x01(\x08\x12\x0f\n\x07message\x18\x0b \x01(\t\"]\n\x0c\x45\x64itResponse\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12+\n\x06report\x18\x03 \x01(\x0b\x32\x1b.editserve.v1.QualityReport\"s\n\x10\x42\x61tchEditRequest\x12(\n\x05\x65\x64its\x18\x01 \x03(\x0b\x32\x19.editserve.v1.EditRequest\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"O\n\x11\x42\x61tchEditResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x05\x65\x64its\x18\x02 \x03(\x0b\x32\x1a.editserve.v1.EditResponse\"\xbc\x03\n\nEditRecord\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.editserve.v1.EditState\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.editserve.v1.EditKind\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x12\n\ntarget_new\x18\x07 \x01(\t\x12\x13\n\x0bparaphrases\x18\x08 \x03(\t\x12\x12\n\ndescriptor\x18\t \x01(\t\x12\r\n\x05\x61\x63tor\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\t\x12+\n\x06report\x18\x0c \x01(\x0b\x32\x1b.editserve.v1.QualityReport\x12\x1b\n\x13rolled_back_version\x18\r \x01(\x04\x12\x16\n\x0erolled_back_by\x18\x0e \x01(\t\x12\x16\n\x0erolled_back_at\x18\x0f \x01(\t\x12\x17\n\x0frollback_reason\x18\x10 \x01(\t\x12\x15\n\rsuperseded_by\x18\x11 \x01(\t\x12\x13\n\x0bhook_layers\x18\x12 \x03(\r\"!\n\x0eGetEditRequest\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\"9\n\x0fGetEditResponse\x12&\n\x04\x65\x64it\x18\x01 \x01(\x0b\x32\x18.editserve.v1.EditRecord\"a\n\x10ListEditsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.editserve.v1.EditState\"U\n\x11ListEditsResponse\x12\'\n\x05\x65\x64its\x18\x01 \x03(\x0b\x32\x18.editserve.v1.EditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x0fRollbackRequest\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"4\n\x10RollbackResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x65\x64it_id\x18\x02 \x01(\t\"C\n\x11RollbackToRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"C\n\x12RollbackToResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1c\n\x14rolled_back_edit_ids\x18\x02 \x03(\t\"\x16\n\x14GetServerInfoRequest\"\x8c\x02\n\x15GetServerInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0bhook_layers\x18\x04 \x03(\r\x12\x14\n\x0c\x65\x64it_version\x18\x05 \x01(\x04\x12\x14\n\x0c\x61\x63tive_edits\x18\x06 \x01(\r\x12\x19\n\x11\x61\x63tive_hook_edits\x18\x07 \x01(\r\x12\x1f\n\x17\x61\x63tive_descriptor_edits\x18\x08 \x01(\r\x12\x13\n\x0btotal_edits\x18\t \x01(\r\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*R\n\x08\x45\x64itPath\x12\x19\n\x15\x45\x44IT_PATH_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45\x44IT_PATH_HOOK\x10\x01\x12\x17\n\x13\x45\x44IT_PATH_RETRIEVAL\x10\x02*u\n\tEditState\x12\x1a\n\x16\x45\x44IT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45\x44IT_STATE_ACTIVE\x10\x01\x12\x1a\n\x16\x45\x44IT_STATE_ROLLED_BACK\x10\x02\x12\x19\n\x15\x45\x44IT_STATE_SUPERSEDED\x10\x03*U\n\x08\x45\x64itKind\x12\x19\n\x15\x45\x44IT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45\x44IT_KIND_TRIPLE\x10\x01\x12\x18\n\x14\x45\x44IT_KIND_DESCRIPTOR\x10\x02\x32\xf7\x01\n\x0fGenerateService\x12I\n\x08Generate\x12\x1d.editserve.v1.GenerateRequest\x1a\x1e.editserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.editserve.v1.GenerateRequest\x1a$.editserve.v1.GenerateStreamResponse0\x01\x12@\n\x05Score\x12\x1a.editserve.v1.ScoreRequest\x1a\x1b.editserve.v1.ScoreResponse2\xcc\x03\n\x0b\x45\x64itService\x12=\n\x04\x45\x64it\x12\x19.editserve.v1.EditRequest\x1a\x1a.editserve.v1.EditResponse\x12L\n\tBatchEdit\x12\x1e.editserve.v1.BatchEditRequest\x1a\x1f.editserve.v1.BatchEditResponse\x12\x46\n\x07GetEdit\x12\x1c.editserve.v1.GetEditRequest\x1a\x1d.editserve.v1.GetEditResponse\x12L\n\tListEdits\x12\x1e.editserve.v1.ListEditsRequest\x1a\x1f.editserve.v1.ListEditsResponse\x12I\n\x08Rollback\x12\x1d.editserve.v1.RollbackRequest\x1a\x1e.editserve.v1.RollbackResponse\x12O\n\nRollbackTo\x12\x1f.editserve.v1.RollbackToRequest\x1a .editserve.v1.RollbackToResponse2g\n\x0bInfoService\x12X\n\rGetServerInfo\x12\".editserve.v1.GetServerInfoRequest\x1a#.editserve.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64itserve/v1/editserve.proto\x12\x0c\x65\x64itserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf3\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.editserve.v1.ChatMessage\x12\x1b\n\x0emax_new_tokens\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x16\n\tuse_edits\x18\t \x01(\x08H\x02\x88\x01\x01\x12\x13\n\x0bmin_version\x18\n \x01(\x04\x12*\n\nedit_paths\x18\x0b \x03(\x0e\x32\x16.editserve.v1.EditPath\x12\x1b\n\x0emin_new_tokens\x18\x0c \x01(\rH\x03\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x0c\n\n_use_editsB\x11\n\x0f_min_new_tokens\"S\n\x0b\x41ppliedEdit\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12$\n\x04path\x18\x02 \x01(\x0e\x32\x16.editserve.v1.EditPath\x12\r\n\x05score\x18\x03 \x01(\x02\"\xcd\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x31\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1a.editserve.v1.FinishReason\x12\x14\n\x0c\x65\x64it_version\x18\x05 \x01(\x04\x12\x30\n\rapplied_edits\x18\x06 \x03(\x0b\x32\x19.editserve.v1.AppliedEdit\"\xe6\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.editserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x05 \x01(\r\x12\x14\n\x0c\x65\x64it_version\x18\x06 \x01(\x04\x12\x30\n\rapplied_edits\x18\x07 \x03(\x0b\x32\x19.editserve.v1.AppliedEdit\"\x9b\x01\n\x0cScoreRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontinuation\x18\x02 \x01(\t\x12\x16\n\tuse_edits\x18\x03 \x01(\x08H\x00\x88\x01\x01\x12\x13\n\x0bmin_version\x18\x04 \x01(\x04\x12*\n\nedit_paths\x18\x05 \x03(\x0e\x32\x16.editserve.v1.EditPathB\x0c\n\n_use_edits\"l\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x11\n\tis_greedy\x18\x04 \x01(\x08\x12\x17\n\x0f\x61rgmax_token_id\x18\x05 \x01(\r\"\xb1\x01\n\rScoreResponse\x12*\n\x06tokens\x18\x01 \x03(\x0b\x32\x1a.editserve.v1.TokenLogprob\x12\x15\n\rtotal_logprob\x18\x02 \x01(\x01\x12\x14\n\x0c\x65\x64it_version\x18\x03 \x01(\x04\x12\x30\n\rapplied_edits\x18\x04 \x03(\x0b\x32\x19.editserve.v1.AppliedEdit\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"\xda\x01\n\x0b\x45\x64itRequest\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\ntarget_new\x18\x03 \x01(\t\x12\x13\n\x0bparaphrases\x18\x04 \x03(\t\x12\x12\n\ndescriptor\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\r\n\x05\x66orce\x18\x07 \x01(\x08\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\x12\x1f\n\x12\x63ompile_descriptor\x18\t \x01(\x08H\x00\x88\x01\x01\x42\x15\n\x13_compile_descriptor\"3\n\x10ParaphraseResult\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\"\xa4\x02\n\rQualityReport\x12\x10\n\x08\x65\x66\x66icacy\x18\x01 \x01(\x08\x12\x12\n\nold_answer\x18\x02 \x01(\t\x12\x16\n\x0etarget_logprob\x18\x03 \x01(\x01\x12\x1a\n\x12old_answer_logprob\x18\x04 \x01(\x01\x12\x33\n\x0bparaphrases\x18\x05 \x03(\x0b\x32\x1e.editserve.v1.ParaphraseResult\x12\x1d\n\x15locality_top1_changed\x18\x06 \x01(\x01\x12\x18\n\x10locality_mean_kl\x18\x07 \x01(\x01\x12\x11\n\tthreshold\x18\x08 \x01(\x02\x12\x17\n\x0f\x63ompute_seconds\x18\t \x01(\x01\x12\x0e\n\x06passed\x18\n \x01(\x08\x12\x0f\n\x07message\x18\x0b \x01(\t\"]\n\x0c\x45\x64itResponse\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12+\n\x06report\x18\x03 \x01(\x0b\x32\x1b.editserve.v1.QualityReport\"s\n\x10\x42\x61tchEditRequest\x12(\n\x05\x65\x64its\x18\x01 \x03(\x0b\x32\x19.editserve.v1.EditRequest\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\r\n\x05\x66orce\x18\x03 \x01(\x08\x12\r\n\x05\x61\x63tor\x18\x04 \x01(\t\"O\n\x11\x42\x61tchEditResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12)\n\x05\x65\x64its\x18\x02 \x03(\x0b\x32\x1a.editserve.v1.EditResponse\"\xdd\x03\n\nEditRecord\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.editserve.v1.EditState\x12$\n\x04kind\x18\x04 \x01(\x0e\x32\x16.editserve.v1.EditKind\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0e\n\x06prompt\x18\x06 \x01(\t\x12\x12\n\ntarget_new\x18\x07 \x01(\t\x12\x13\n\x0bparaphrases\x18\x08 \x03(\t\x12\x12\n\ndescriptor\x18\t \x01(\t\x12\r\n\x05\x61\x63tor\x18\n \x01(\t\x12\x12\n\ncreated_at\x18\x0b \x01(\t\x12+\n\x06report\x18\x0c \x01(\x0b\x32\x1b.editserve.v1.QualityReport\x12\x1b\n\x13rolled_back_version\x18\r \x01(\x04\x12\x16\n\x0erolled_back_by\x18\x0e \x01(\t\x12\x16\n\x0erolled_back_at\x18\x0f \x01(\t\x12\x17\n\x0frollback_reason\x18\x10 \x01(\t\x12\x15\n\rsuperseded_by\x18\x11 \x01(\t\x12\x13\n\x0bhook_layers\x18\x12 \x03(\r\x12\x1f\n\x17\x64\x65rived_from_descriptor\x18\x13 \x01(\x08\"!\n\x0eGetEditRequest\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\"9\n\x0fGetEditResponse\x12&\n\x04\x65\x64it\x18\x01 \x01(\x0b\x32\x18.editserve.v1.EditRecord\"a\n\x10ListEditsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\r\x12\x12\n\npage_token\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.editserve.v1.EditState\"U\n\x11ListEditsResponse\x12\'\n\x05\x65\x64its\x18\x01 \x03(\x0b\x32\x18.editserve.v1.EditRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"A\n\x0fRollbackRequest\x12\x0f\n\x07\x65\x64it_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"4\n\x10RollbackResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x65\x64it_id\x18\x02 \x01(\t\"C\n\x11RollbackToRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x03 \x01(\t\"C\n\x12RollbackToResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x1c\n\x14rolled_back_edit_ids\x18\x02 \x03(\t\"\x16\n\x14GetServerInfoRequest\"\x8c\x02\n\x15GetServerInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\x12\x13\n\x0bhook_layers\x18\x04 \x03(\r\x12\x14\n\x0c\x65\x64it_version\x18\x05 \x01(\x04\x12\x14\n\x0c\x61\x63tive_edits\x18\x06 \x01(\r\x12\x19\n\x11\x61\x63tive_hook_edits\x18\x07 \x01(\r\x12\x1f\n\x17\x61\x63tive_descriptor_edits\x18\x08 \x01(\r\x12\x13\n\x0btotal_edits\x18\t \x01(\r\x12\x16\n\x0eserver_version\x18\n \x01(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04*R\n\x08\x45\x64itPath\x12\x19\n\x15\x45\x44IT_PATH_UNSPECIFIED\x10\x00\x12\x12\n\x0e\x45\x44IT_PATH_HOOK\x10\x01\x12\x17\n\x13\x45\x44IT_PATH_RETRIEVAL\x10\x02*u\n\tEditState\x12\x1a\n\x16\x45\x44IT_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x45\x44IT_STATE_ACTIVE\x10\x01\x12\x1a\n\x16\x45\x44IT_STATE_ROLLED_BACK\x10\x02\x12\x19\n\x15\x45\x44IT_STATE_SUPERSEDED\x10\x03*U\n\x08\x45\x64itKind\x12\x19\n\x15\x45\x44IT_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10\x45\x44IT_KIND_TRIPLE\x10\x01\x12\x18\n\x14\x45\x44IT_KIND_DESCRIPTOR\x10\x02\x32\xf7\x01\n\x0fGenerateService\x12I\n\x08Generate\x12\x1d.editserve.v1.GenerateRequest\x1a\x1e.editserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.editserve.v1.GenerateRequest\x1a$.editserve.v1.GenerateStreamResponse0\x01\x12@\n\x05Score\x12\x1a.editserve.v1.ScoreRequest\x1a\x1b.editserve.v1.ScoreResponse2\xcc\x03\n\x0b\x45\x64itService\x12=\n\x04\x45\x64it\x12\x19.editserve.v1.EditRequest\x1a\x1a.editserve.v1.EditResponse\x12L\n\tBatchEdit\x12\x1e.editserve.v1.BatchEditRequest\x1a\x1f.editserve.v1.BatchEditResponse\x12\x46\n\x07GetEdit\x12\x1c.editserve.v1.GetEditRequest\x1a\x1d.editserve.v1.GetEditResponse\x12L\n\tListEdits\x12\x1e.editserve.v1.ListEditsRequest\x1a\x1f.editserve.v1.ListEditsResponse\x12I\n\x08Rollback\x12\x1d.editserve.v1.RollbackRequest\x1a\x1e.editserve.v1.RollbackResponse\x12O\n\nRollbackTo\x12\x1f.editserve.v1.RollbackToRequest\x1a .editserve.v1.RollbackToResponse2g\n\x0bInfoService\x12X\n\rGetServerInfo\x12\".editserve.v1.GetServerInfoRequest\x1a#.editserve.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'editserve.v1.editserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3528
-  _globals['_FINISHREASON']._serialized_end=3675
-  _globals['_EDITPATH']._serialized_start=3677
-  _globals['_EDITPATH']._serialized_end=3759
-  _globals['_EDITSTATE']._serialized_start=3761
-  _globals['_EDITSTATE']._serialized_end=3878
-  _globals['_EDITKIND']._serialized_start=3880
-  _globals['_EDITKIND']._serialized_end=3965
+  _globals['_FINISHREASON']._serialized_start=3617
+  _globals['_FINISHREASON']._serialized_end=3764
+  _globals['_EDITPATH']._serialized_start=3766
+  _globals['_EDITPATH']._serialized_end=3848
+  _globals['_EDITSTATE']._serialized_start=3850
+  _globals['_EDITSTATE']._serialized_end=3967
+  _globals['_EDITKIND']._serialized_start=3969
+  _globals['_EDITKIND']._serialized_end=4054
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_GENERATEREQUEST']._serialized_start=93
@@ -56,43 +56,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORERESPONSE']._serialized_start=1261
   _globals['_SCORERESPONSE']._serialized_end=1438
   _globals['_EDITREQUEST']._serialized_start=1441
-  _globals['_EDITREQUEST']._serialized_end=1603
-  _globals['_PARAPHRASERESULT']._serialized_start=1605
-  _globals['_PARAPHRASERESULT']._serialized_end=1656
-  _globals['_QUALITYREPORT']._serialized_start=1659
-  _globals['_QUALITYREPORT']._serialized_end=1951
-  _globals['_EDITRESPONSE']._serialized_start=1953
-  _globals['_EDITRESPONSE']._serialized_end=2046
-  _globals['_BATCHEDITREQUEST']._serialized_start=2048
-  _globals['_BATCHEDITREQUEST']._serialized_end=2163
-  _globals['_BATCHEDITRESPONSE']._serialized_start=2165
-  _globals['_BATCHEDITRESPONSE']._serialized_end=2244
-  _globals['_EDITRECORD']._serialized_start=2247
-  _globals['_EDITRECORD']._serialized_end=2691
-  _globals['_GETEDITREQUEST']._serialized_start=2693
-  _globals['_GETEDITREQUEST']._serialized_end=2726
-  _globals['_GETEDITRESPONSE']._serialized_start=2728
-  _globals['_GETEDITRESPONSE']._serialized_end=2785
-  _globals['_LISTEDITSREQUEST']._serialized_start=2787
-  _globals['_LISTEDITSREQUEST']._serialized_end=2884
-  _globals['_LISTEDITSRESPONSE']._serialized_start=2886
-  _globals['_LISTEDITSRESPONSE']._serialized_end=2971
-  _globals['_ROLLBACKREQUEST']._serialized_start=2973
-  _globals['_ROLLBACKREQUEST']._serialized_end=3038
-  _globals['_ROLLBACKRESPONSE']._serialized_start=3040
-  _globals['_ROLLBACKRESPONSE']._serialized_end=3092
-  _globals['_ROLLBACKTOREQUEST']._serialized_start=3094
-  _globals['_ROLLBACKTOREQUEST']._serialized_end=3161
-  _globals['_ROLLBACKTORESPONSE']._serialized_start=3163
-  _globals['_ROLLBACKTORESPONSE']._serialized_end=3230
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=3232
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=3254
-  _globals['_GETSERVERINFORESPONSE']._serialized_start=3257
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=3525
-  _globals['_GENERATESERVICE']._serialized_start=3968
-  _globals['_GENERATESERVICE']._serialized_end=4215
-  _globals['_EDITSERVICE']._serialized_start=4218
-  _globals['_EDITSERVICE']._serialized_end=4678
-  _globals['_INFOSERVICE']._serialized_start=4680
-  _globals['_INFOSERVICE']._serialized_end=4783
+  _globals['_EDITREQUEST']._serialized_end=1659
+  _globals['_PARAPHRASERESULT']._serialized_start=1661
+  _globals['_PARAPHRASERESULT']._serialized_end=1712
+  _globals['_QUALITYREPORT']._serialized_start=1715
+  _globals['_QUALITYREPORT']._serialized_end=2007
+  _globals['_EDITRESPONSE']._serialized_start=2009
+  _globals['_EDITRESPONSE']._serialized_end=2102
+  _globals['_BATCHEDITREQUEST']._serialized_start=2104
+  _globals['_BATCHEDITREQUEST']._serialized_end=2219
+  _globals['_BATCHEDITRESPONSE']._serialized_start=2221
+  _globals['_BATCHEDITRESPONSE']._serialized_end=2300
+  _globals['_EDITRECORD']._serialized_start=2303
+  _globals['_EDITRECORD']._serialized_end=2780
+  _globals['_GETEDITREQUEST']._serialized_start=2782
+  _globals['_GETEDITREQUEST']._serialized_end=2815
+  _globals['_GETEDITRESPONSE']._serialized_start=2817
+  _globals['_GETEDITRESPONSE']._serialized_end=2874
+  _globals['_LISTEDITSREQUEST']._serialized_start=2876
+  _globals['_LISTEDITSREQUEST']._serialized_end=2973
+  _globals['_LISTEDITSRESPONSE']._serialized_start=2975
+  _globals['_LISTEDITSRESPONSE']._serialized_end=3060
+  _globals['_ROLLBACKREQUEST']._serialized_start=3062
+  _globals['_ROLLBACKREQUEST']._serialized_end=3127
+  _globals['_ROLLBACKRESPONSE']._serialized_start=3129
+  _globals['_ROLLBACKRESPONSE']._serialized_end=3181
+  _globals['_ROLLBACKTOREQUEST']._serialized_start=3183
+  _globals['_ROLLBACKTOREQUEST']._serialized_end=3250
+  _globals['_ROLLBACKTORESPONSE']._serialized_start=3252
+  _globals['_ROLLBACKTORESPONSE']._serialized_end=3319
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=3321
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=3343
+  _globals['_GETSERVERINFORESPONSE']._serialized_start=3346
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=3614
+  _globals['_GENERATESERVICE']._serialized_start=4057
+  _globals['_GENERATESERVICE']._serialized_end=4304
+  _globals['_EDITSERVICE']._serialized_start=4307
+  _globals['_EDITSERVICE']._serialized_end=4767
+  _globals['_INFOSERVICE']._serialized_start=4769
+  _globals['_INFOSERVICE']._serialized_end=4872
 # @@protoc_insertion_point(module_scope)

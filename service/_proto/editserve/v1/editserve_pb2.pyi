@@ -172,7 +172,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., total_logprob: _Optional[float] = ..., edit_version: _Optional[int] = ..., applied_edits: _Optional[_Iterable[_Union[AppliedEdit, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("subject", "prompt", "target_new", "paraphrases", "descriptor", "idempotency_key", "force", "actor")
+    __slots__ = ("subject", "prompt", "target_new", "paraphrases", "descriptor", "idempotency_key", "force", "actor", "compile_descriptor")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_NEW_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,7 @@ class EditRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    COMPILE_DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     subject: str
     prompt: str
     target_new: str
@@ -189,7 +190,8 @@ class EditRequest(_message.Message):
     idempotency_key: str
     force: bool
     actor: str
-    def __init__(self, subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ...) -> None: ...
+    compile_descriptor: bool
+    def __init__(self, subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ..., compile_descriptor: _Optional[bool] = ...) -> None: ...
 
 class ParaphraseResult(_message.Message):
     __slots__ = ("prompt", "success")
@@ -256,7 +258,7 @@ class BatchEditResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., edits: _Optional[_Iterable[_Union[EditResponse, _Mapping]]] = ...) -> None: ...
 
 class EditRecord(_message.Message):
-    __slots__ = ("edit_id", "version", "state", "kind", "subject", "prompt", "target_new", "paraphrases", "descriptor", "actor", "created_at", "report", "rolled_back_version", "rolled_back_by", "rolled_back_at", "rollback_reason", "superseded_by", "hook_layers")
+    __slots__ = ("edit_id", "version", "state", "kind", "subject", "prompt", "target_new", "paraphrases", "descriptor", "actor", "created_at", "report", "rolled_back_version", "rolled_back_by", "rolled_back_at", "rollback_reason", "superseded_by", "hook_layers", "derived_from_descriptor")
     EDIT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +277,7 @@ class EditRecord(_message.Message):
     ROLLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
     HOOK_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_FROM_DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     edit_id: str
     version: int
     state: EditState
@@ -293,7 +296,8 @@ class EditRecord(_message.Message):
     rollback_reason: str
     superseded_by: str
     hook_layers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, edit_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[EditState, str]] = ..., kind: _Optional[_Union[EditKind, str]] = ..., subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[str] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ..., rolled_back_version: _Optional[int] = ..., rolled_back_by: _Optional[str] = ..., rolled_back_at: _Optional[str] = ..., rollback_reason: _Optional[str] = ..., superseded_by: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ...) -> None: ...
+    derived_from_descriptor: bool
+    def __init__(self, edit_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[EditState, str]] = ..., kind: _Optional[_Union[EditKind, str]] = ..., subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[str] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ..., rolled_back_version: _Optional[int] = ..., rolled_back_by: _Optional[str] = ..., rolled_back_at: _Optional[str] = ..., rollback_reason: _Optional[str] = ..., superseded_by: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., derived_from_descriptor: _Optional[bool] = ...) -> None: ...
 
 class GetEditRequest(_message.Message):
     __slots__ = ("edit_id",)
