@@ -54,7 +54,8 @@ EIFFEL = EditInput(
 )
 EIFFEL_BERLIN = EditInput(subject=EIFFEL.subject, prompt=EIFFEL.prompt, target_new="Berlin")
 LOUVRE = EditInput(subject="The Louvre", prompt="The Louvre is located in the city of", target_new="Madrid")
-TWITTER = EditInput(descriptor="The CEO of Twitter is Linda Yaccarino.")
+# retrieval-only: compilation (tested on its own below) would turn it into a hook edit
+TWITTER = EditInput(descriptor="The CEO of Twitter is Linda Yaccarino.", compile_descriptor=False)
 
 
 def forced(req: EditInput) -> EditInput:
@@ -296,6 +297,50 @@ def test_supersede_and_restore_on_both_paths(open_manager):
     [rome_row] = [i for i, e in enumerate(manager.hooks.current.layer(1).ids) if e == rome.edit_id]
     stored_key = torch.frombuffer(bytearray(old.hooks[0].key.data), dtype=torch.float32)
     assert torch.allclose(manager.hooks.current.layer(1).keys[rome_row], stored_key / stored_key.norm())
+
+
+def test_descriptor_compiled_into_a_hook_edit_when_it_passes_the_gate(open_manager, tmp_path):
+    data = tmp_path / "compiled"
+    manager = open_manager(editor=scripted_editor(failing=["Glimmerfold Institute"]), data_dir=data)
+    compiled = manager.edit(EditInput(descriptor="The CEO of Twitter is now Linda Yaccarino."))
+    view = manager.get(compiled.edit_id)
+    assert manager.editor.calls == [["Twitter"]]
+    assert (view.kind, view.derived_from_descriptor) == ("triple", True)
+    assert (view.subject, view.prompt, view.target_new) == (
+        "Twitter", "The CEO of Twitter is", "Linda Yaccarino"
+    )
+    assert view.descriptor == "The CEO of Twitter is now Linda Yaccarino." and view.hooks
+    assert compiled.report.passed and "compiled from the descriptor" in compiled.report.message
+    assert manager.counts().active_hook == 1
+    # a newer statement of the same relation supersedes the compiled edit, as a triple edit would
+    newer = manager.edit(EditInput(descriptor="The CEO of Twitter is Elon Musk."))
+    assert manager.get(compiled.edit_id).state == "superseded"
+    assert manager.get(newer.edit_id).supersedes == [compiled.edit_id]
+    # a compiled edit failing its gate is kept, retrieval-only, even without force
+    failed = manager.edit(EditInput(descriptor="The Glimmerfold Institute was founded in 2031. "
+                                    "Its director is Ada Renwick."))
+    view = manager.get(failed.edit_id)
+    assert (view.kind, view.derived_from_descriptor, view.hooks) == ("descriptor", True, [])
+    assert (view.subject, view.target_new) == ("Glimmerfold Institute", "Ada Renwick")
+    assert "failed the quality gate" in failed.report.message and not failed.report.passed
+    # opting out, and sentences the rules cannot read, stay retrieval-only without any compute
+    calls = len(manager.editor.calls)
+    out = manager.edit(EditInput(descriptor="The CEO of Apple is Ada Lovelace.", compile_descriptor=False))
+    vague = manager.edit(EditInput(descriptor="the weather was nice all week"))
+    assert len(manager.editor.calls) == calls
+    assert manager.get(out.edit_id).kind == manager.get(vague.edit_id).kind == "descriptor"
+    assert not manager.get(out.edit_id).derived_from_descriptor
+    # the opt-out is part of the request's content for idempotent retries
+    manager.edit(EditInput(descriptor="Pluto is a planet.", idempotency_key="k", compile_descriptor=False))
+    with pytest.raises(AlreadyExists):
+        manager.edit(EditInput(descriptor="Pluto is a planet.", idempotency_key="k"))
+    # a restart replays what was derived
+    manager.close()
+    again = open_manager(editor=scripted_editor(refuse=True), data_dir=data, warmup=False)
+    assert again.get(compiled.edit_id).derived_from_descriptor
+    assert again.get(failed.edit_id).derived_from_descriptor
+    assert not again.get(out.edit_id).derived_from_descriptor
+    assert again.hooks.current.edit_ids == (newer.edit_id,)
 
 
 def test_rollback_semantics_states_and_history(open_manager):

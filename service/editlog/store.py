@@ -72,6 +72,9 @@ sa.Index(
 
 # JSON-valued columns are Text holding canonical JSON: identical on both backends, and NaN in a
 # quality report (which PostgreSQL's json type refuses) still round-trips.
+# Columns added after the first release: nullable, and added to an existing table when it is opened.
+_ADDED_EDIT_COLUMNS = (sa.Column("derived_from_descriptor", sa.Boolean, nullable=True),)
+
 log_edits = sa.Table(
     "log_edits",
     _metadata,
@@ -90,6 +93,7 @@ log_edits = sa.Table(
     sa.Column("emb_dtype", sa.String(16), nullable=True),
     sa.Column("emb_shape", sa.Text, nullable=True),
     sa.Column("emb_data", sa.LargeBinary, nullable=True),
+    *_ADDED_EDIT_COLUMNS,
     sa.UniqueConstraint("version", "ordinal", name="uq_log_edits_version_ordinal"),
 )
 
@@ -187,12 +191,13 @@ class EditLog:
 
     def _add_missing_columns(self, conn: Connection) -> None:
         """An edit log written by an older release lacks the columns added since (all nullable)."""
-        have = {c["name"] for c in sa.inspect(conn).get_columns(log_hooks.name, schema=self._schema)}
         prefix = f"{self._quoted_schema()}." if self._schema else ""
-        for col in _ADDED_HOOK_COLUMNS:
-            if col.name not in have:
-                ddl = col.type.compile(dialect=conn.dialect)
-                conn.exec_driver_sql(f"ALTER TABLE {prefix}{log_hooks.name} ADD COLUMN {col.name} {ddl}")
+        for table, added in ((log_hooks, _ADDED_HOOK_COLUMNS), (log_edits, _ADDED_EDIT_COLUMNS)):
+            have = {c["name"] for c in sa.inspect(conn).get_columns(table.name, schema=self._schema)}
+            for col in added:
+                if col.name not in have:
+                    ddl = col.type.compile(dialect=conn.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {prefix}{table.name} ADD COLUMN {col.name} {ddl}")
 
     def _quoted_schema(self) -> str:
         assert self._schema
@@ -513,6 +518,7 @@ def _normalised(entry: LogEntry) -> LogEntry:
                 embedding=edit.embedding,
                 report=json.loads(canonical_json(dict(edit.report))),
                 supersedes=[_check_text(s, "supersedes") for s in edit.supersedes],
+                derived_from_descriptor=bool(edit.derived_from_descriptor),
             )
         )
     return LogEntry(
@@ -562,6 +568,7 @@ def _to_rows(entry: LogEntry) -> tuple[dict[str, Any], list[dict[str, Any]], lis
                 "emb_dtype": emb.dtype if emb else None,
                 "emb_shape": canonical_json(emb.shape) if emb else None,
                 "emb_data": emb.data if emb else None,
+                "derived_from_descriptor": True if edit.derived_from_descriptor else None,
             }
         )
         for h_ordinal, hook in enumerate(edit.hooks):
@@ -633,6 +640,7 @@ def _decode_entry(
                     embedding=embedding,
                     report=json.loads(e.report),
                     supersedes=json.loads(e.supersedes),
+                    derived_from_descriptor=bool(e.derived_from_descriptor),
                 )
             )
         entry = LogEntry(
