@@ -2,6 +2,8 @@
 
   editserve eval --data FILE --format counterfact|zsre|knowedit [--n N] [--sequential T [T ...]]
                  [--methods ...] [--server ADDR] [--out DIR] [--seed S]
+  editserve eval --data bench/data/freetext-edits.jsonl --format freetext [--n N] [--sequential T ...]
+                 [--methods unedited off retrieval hook both]   (service/eval/freetext.py)
 
 Without --server a real server is started in this process. Re-running the same command resumes from
 --out; adding T values or methods to an --out extends it, and the report covers everything in it.
@@ -16,12 +18,18 @@ import sys
 from pathlib import Path
 
 from service.eval.datasets import FORMATS
+from service.eval.freetext import DEFAULT_MAX_NEW_TOKENS, FREETEXT_METHODS
 from service.eval.runner import METHODS, EvalConfig
+
+FREETEXT_DEFAULT = ("unedited", "both")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="records file (JSON array or JSON Lines)")
-    parser.add_argument("--format", dest="fmt", choices=FORMATS, required=True, help="record format")
+    parser.add_argument(
+        "--format", dest="fmt", choices=(*FORMATS, "freetext"), required=True,
+        help="record format; freetext = descriptor edits asked as chat and raw questions, judged on the text",
+    )
     parser.add_argument("--n", type=int, default=None, help="evaluate the first N parsable records (all)")
     parser.add_argument(
         "--sequential",
@@ -35,9 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         nargs="+",
-        choices=METHODS,
-        default=list(METHODS),
-        help="methods to evaluate (default: all)",
+        choices=tuple(dict.fromkeys((*METHODS, *FREETEXT_METHODS))),
+        default=None,
+        help=f"methods to evaluate (default: {' '.join(METHODS)}; freetext: {' '.join(FREETEXT_DEFAULT)}; "
+        "freetext's off = use_edits=false with the edits applied)",
     )
     parser.add_argument(
         "--server",
@@ -89,16 +98,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "with at most 2 CPUs, else torch's choice)",
     )
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from --out and exit")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="freetext: tokens per answer"
+    )
+    parser.add_argument(
+        "--unedited-from", type=Path, default=None, metavar="FILE",
+        help="freetext: reuse the unedited answers of an earlier run (its unedited.json) with the same model",
+    )
 
 
 def config_from(args: argparse.Namespace, argv: list[str] | None = None) -> EvalConfig:
+    bad = sorted(set(args.methods or []) - set(METHODS))
+    if bad:
+        raise SystemExit(f"editserve eval: error: --methods {' '.join(bad)} are for --format freetext")
     return EvalConfig(
         data=args.data,
         fmt=args.fmt,
         out=args.out,
         n=args.n,
         sequential=list(dict.fromkeys(args.sequential)),
-        methods=list(dict.fromkeys(args.methods)),
+        methods=list(dict.fromkeys(args.methods or METHODS)),
         server=args.server,
         admin_token=args.admin_token,
         seed=args.seed,
@@ -126,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.data.exists():
         print(f"editserve eval: error: --data {args.data} does not exist", file=sys.stderr)
         return 2
+    if args.fmt == "freetext":
+        return _run_freetext(args)
     cfg = config_from(args)
     from service.engine.cpu_threads import set_torch_threads
 
@@ -142,4 +163,34 @@ def run(args: argparse.Namespace) -> int:
 
         run_eval_sync(cfg)
     print(f"wrote {cfg.out / 'results.json'}, {cfg.out / 'summary.md'}, {cfg.out / 'plot.png'}")
+    return 0
+
+
+def _run_freetext(args: argparse.Namespace) -> int:
+    from service.engine.cpu_threads import set_torch_threads
+    from service.eval.freetext import FreetextConfig, run_freetext_sync
+
+    methods = list(dict.fromkeys(args.methods or FREETEXT_DEFAULT))
+    bad = sorted(set(methods) - set(FREETEXT_METHODS))
+    if bad:
+        print(f"editserve eval: error: --format freetext has no method {' '.join(bad)}", file=sys.stderr)
+        return 2
+    cfg = FreetextConfig(
+        data=args.data,
+        out=args.out,
+        n=args.n,
+        sequential=list(dict.fromkeys(args.sequential)),
+        methods=methods,
+        server=args.server,
+        admin_token=args.admin_token,
+        concurrency=args.concurrency,
+        max_new_tokens=args.max_new_tokens,
+        unedited_from=args.unedited_from,
+        model=args.model,
+        device=args.device,
+        command=["editserve", "eval", *_eval_argv()],
+    )
+    set_torch_threads(args.threads or int(os.environ.get("EDITSERVE_TORCH_THREADS") or 0))
+    run_freetext_sync(cfg)
+    print(f"wrote {cfg.out / 'results.json'}, {cfg.out / 'summary.md'}")
     return 0
