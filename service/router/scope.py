@@ -3,7 +3,12 @@
 embed the query -> top-k descriptors by cosine -> keep those scoring >= threshold.
 
 A query is embedded in up to two views, the whole text and its last sentence, and each descriptor
-keeps its best score over the views. Requests often put context before the question ("We are moving
+keeps its best score over the views. An edit whose subject the query names ("Who runs Microsoft?" for
+"The CEO of Microsoft is now Priya Deshmukh.") is scored even outside the top-k and needs only
+`subject_threshold`: a question about a named subject in other words than the descriptor's scores
+0.55-0.67 with MiniLM, under the plain threshold (the hook layer keys on the same subject tokens).
+
+Requests often put context before the question ("We are moving
 to Australia next year. What is its capital?"); the context dilutes the whole-text embedding and
 MiniLM truncates at 256 tokens. max() over views never lowers a score, so it can only add hits.
 """
@@ -35,6 +40,9 @@ __all__ = [
 # (Youden's J picks the same cut). Another encoder has another score scale: calibrate it the same
 # way and pass the result as `threshold` (--scope-threshold).
 DEFAULT_SCOPE_THRESHOLD = 0.6785
+# For edits whose subject the query names; 0 turns the subject rule off. Chosen on the free-text
+# benchmark (docs/free-text-edits.md), where it is measured against the plain threshold.
+DEFAULT_SUBJECT_THRESHOLD = 0.5
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
 
@@ -122,10 +130,18 @@ class ScopeHit:
 
 
 class ScopeDetector:
-    def __init__(self, store: RetrievalStore, threshold: float | None = None, top_k: int = 4) -> None:
+    def __init__(
+        self,
+        store: RetrievalStore,
+        threshold: float | None = None,
+        top_k: int = 4,
+        subject_threshold: float | None = DEFAULT_SUBJECT_THRESHOLD,
+    ) -> None:
         # None or 0 (Settings.scope_threshold's "unset") mean the calibrated default.
         self.store = store
         self.threshold = float(threshold) if threshold else DEFAULT_SCOPE_THRESHOLD
+        # None or 0: no subject rule (a subject-named edit needs the plain threshold like any other)
+        self.subject_threshold = float(subject_threshold) if subject_threshold else None
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         self.top_k = top_k
@@ -141,19 +157,30 @@ class ScopeDetector:
         """In-scope descriptors for this query, best first; [] for an empty query or an empty store."""
         if len(self.store) == 0 or not query or not query.strip():
             return []  # no encoder call: requests cost nothing extra while no edit is live
-        return self.detect_embedding(self.embed(query))
+        return self.detect_embedding(self.embed(query), query)
 
-    def detect_embedding(self, vectors: np.ndarray) -> list[ScopeHit]:
-        """Hits for precomputed query view embeddings ([dim] or [views, dim])."""
+    def detect_embedding(self, vectors: np.ndarray, query: str = "") -> list[ScopeHit]:
+        """Hits for precomputed query view embeddings ([dim] or [views, dim]); `query` (the text) enables
+        the subject rule."""
         vectors = np.asarray(vectors, np.float32)
         if vectors.ndim == 1:
             vectors = vectors[None, :]
         if len(vectors) == 0:
             return []
+        snap = self.store.snapshot()
         best: dict[str, tuple[str, float]] = {}
-        for hits in self.store.snapshot().search_vectors(vectors, self.top_k):
+        for hits in snap.search_vectors(vectors, self.top_k):
             for edit_id, descriptor, score in hits:
                 if edit_id not in best or score > best[edit_id][1]:
                     best[edit_id] = (descriptor, score)
-        ranked = sorted(best.items(), key=lambda kv: -kv[1][1])[: self.top_k]
-        return [ScopeHit(e, d, s) for e, (d, s) in ranked if s >= self.threshold]
+        named: set[str] = set()
+        if query and self.subject_threshold is not None:
+            for entry in snap.mentioned(query):
+                named.add(entry.edit_id)
+                best[entry.edit_id] = (entry.descriptor, float((vectors @ entry.embedding).max()))
+        passed = [
+            (e, d, s) for e, (d, s) in best.items()
+            if s >= (self.subject_threshold if e in named else self.threshold)  # type: ignore[operator]
+        ]
+        passed.sort(key=lambda h: -h[2])
+        return [ScopeHit(e, d, s) for e, d, s in passed[: self.top_k]]
