@@ -30,6 +30,17 @@ _LEAD_CLAUSE = re.compile(
     r"^(?:as of|since|starting|from|after|following|in|since|today|now|effective)\b[^,]{0,60},\s*",
     re.IGNORECASE,
 )
+_APPOSITIVE = re.compile(
+    r",\s+(?:a|an|the|who|which|in|from|whose|one of)\b[^,]{1,60},\s+", re.IGNORECASE
+)
+_TRAILING_CLAUSE = re.compile(r",\s+(?:who|which|where|while|whose|a|an)\b[^,]*$", re.IGNORECASE)
+_APPOINTED = re.compile(
+    r"^(?:the board of\s+)?(.+?)\s+(?:has|have)\s+(?:appointed|named|hired|chosen)\s+(.+?)\s+as\s+"
+    r"(?:its\s+|their\s+)?(?:new\s+)?(.+)$",
+    re.IGNORECASE,
+)
+# "the work of X": the left side is the thing and X its maker, so the left side stays the subject
+_AUTHORSHIP = re.compile(r"\b(?:work|creation|design|invention|brainchild|discovery)$", re.IGNORECASE)
 _PREPOSITIONS = {"in", "by", "at", "on", "to", "from", "of", "for", "as", "with", "into", "under"}
 _ARTICLES = {"a", "an", "the"}
 # Lowercase words allowed inside a capitalised name ("Bank of England", "Leonardo da Vinci").
@@ -82,10 +93,24 @@ def _with_article(subject: str) -> str:
     return subject if subject.lower().startswith("the ") else f"the {subject}"
 
 
-def _sentence_fact(sentence: str) -> DerivedFact | None:
+def _simplify(sentence: str) -> str:
+    """Drop what does not carry the fact: a leading "As of this year," clause, appositives
+    ("Kwame Umarov, a cook trained in Osaka, now runs ..."), a trailing ", who built ..." clause."""
     sentence = _LEAD_CLAUSE.sub("", sentence.strip().rstrip(".!;")).strip()
-    if sentence.endswith("?"):
+    sentence = _APPOSITIVE.sub(" ", sentence)
+    return _TRAILING_CLAUSE.sub("", sentence).strip()
+
+
+def _sentence_fact(sentence: str) -> DerivedFact | None:
+    if sentence.strip().endswith("?"):
         return None
+    sentence = _simplify(sentence)
+    if appointed := _APPOINTED.match(sentence):
+        owner, person, role = appointed.group(1), appointed.group(2), appointed.group(3)
+        owner_subject = _subject_of(owner)
+        if owner_subject is None:
+            return None
+        return _fact(owner_subject, f"The {role} of {owner} is", person)
     cop = _COPULA.search(sentence)
     if cop is None:
         return _verb_fact(sentence)
@@ -104,9 +129,11 @@ def _sentence_fact(sentence: str) -> DerivedFact | None:
                 return None
             return _fact(owner_subject, f"The {role} of {owner} is", left)
         return None
-    if verb.lower() in _INVERTING_VERBS and _is_name(left) and (inv := _INVERTED.match(right)):
+    inv = _INVERTED.match(right)
+    if verb.lower() in _INVERTING_VERBS and _is_name(left) and inv and not _AUTHORSHIP.search(inv.group(1)):
+        # "Istrune is now the capital city of Vortis": users ask about Vortis, so it is the subject.
         owner_subject = _subject_of(inv.group(2))
-        if owner_subject is not None and _is_person_like(left):
+        if owner_subject is not None and _is_name(inv.group(2)):
             return _fact(owner_subject, f"The {inv.group(1)} of {inv.group(2)} is", left)
     lead, target = _split_lead(right)
     prompt = f"{left} {verb_out}" + (f" {lead}" if lead else "")

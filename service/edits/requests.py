@@ -94,9 +94,9 @@ def _plan(
 
 
 def _compiled(descriptor: str, editor: Editor, force: bool) -> EditPlan | None:
-    """The hook plan of the last fact the descriptor states that the editor accepts (the last: a
-    two-sentence descriptor usually introduces its subject first and states the update second)."""
-    for fact in reversed(compile_descriptor(descriptor)):
+    """The hook plan of the first fact the descriptor states that the editor accepts (a descriptor
+    usually leads with its update; later sentences add detail)."""
+    for fact in compile_descriptor(descriptor):
         spec = EditSpec(fact.subject, fact.prompt, fact.target_new)
         try:
             editor.validate(spec)

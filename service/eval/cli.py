@@ -102,6 +102,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="freetext: tokens per answer"
     )
     parser.add_argument(
+        "--min-new-tokens", type=int, default=None,
+        help="freetext: tokens before EOS may end an answer (default: the server's, 1; 0 = no floor)",
+    )
+    parser.add_argument(
+        "--label", default="", help="freetext: a name for this configuration in the report"
+    )
+    parser.add_argument(
         "--unedited-from", type=Path, default=None, metavar="FILE",
         help="freetext: reuse the unedited answers of an earlier run (its unedited.json) with the same model",
     )
@@ -185,6 +192,8 @@ def _run_freetext(args: argparse.Namespace) -> int:
         admin_token=args.admin_token,
         concurrency=args.concurrency,
         max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        label=args.label,
         unedited_from=args.unedited_from,
         model=args.model,
         device=args.device,

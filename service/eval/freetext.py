@@ -159,6 +159,7 @@ class FreetextConfig:
     admin_token: str = ""
     concurrency: int = 48
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    min_new_tokens: int | None = None  # None: the server's default (1); 0 reproduces servers without it
     unedited_from: Path | None = None  # reuse another run's unedited answers (same model, same settings)
     model: str = "embedded"
     device: str = "cpu"
@@ -188,7 +189,8 @@ async def _ask_all(
     async def one(r: FreetextRecord, scope: str, q: Question, style: str) -> Answer:
         async with sem:
             text, applied = await client.ask(
-                q.text, style=style, method=method, max_new_tokens=cfg.max_new_tokens
+                q.text, style=style, method=method, max_new_tokens=cfg.max_new_tokens,
+                min_new_tokens=cfg.min_new_tokens,
             )
         if bar is not None:
             bar.update(1)
@@ -227,7 +229,10 @@ async def _unedited(
     path = cfg.unedited_from or cfg.out / "unedited.json"
     if path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
-        if saved.get("max_new_tokens") == cfg.max_new_tokens and saved.get("data") == str(cfg.data.resolve()):
+        same = (saved.get("max_new_tokens"), saved.get("min_new_tokens"), saved.get("data")) == (
+            cfg.max_new_tokens, cfg.min_new_tokens, str(cfg.data.resolve())
+        )
+        if same:
             by_key = {(a["record"], a["style"], a["question"]): a for a in saved["answers"]}
             wanted = [(r.index, s, q.text) for r in records for _, q in _questions(r) for s in STYLES]
             if all(k in by_key for k in wanted):
@@ -237,7 +242,8 @@ async def _unedited(
     with tqdm(total=total, desc="unedited") as bar:
         answers = await _ask_all(client, records, "unedited", cfg, sem, bar)
     (cfg.out / "unedited.json").write_text(
-        json.dumps({"max_new_tokens": cfg.max_new_tokens, "data": str(cfg.data.resolve()),
+        json.dumps({"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
+                    "data": str(cfg.data.resolve()),
                     "answers": [asdict(a) for a in answers]}),
         encoding="utf-8",
     )
@@ -404,7 +410,9 @@ class _Client:
     async def rollback_to(self, version: int, reason: str) -> int:
         return int(await self.inner.rollback_to(version, reason=reason))
 
-    async def ask(self, question: str, *, style: str, method: str, max_new_tokens: int) -> tuple[str, list]:
+    async def ask(
+        self, question: str, *, style: str, method: str, max_new_tokens: int, min_new_tokens: int | None = None
+    ) -> tuple[str, list]:
         from service._proto.editserve.v1 import editserve_pb2 as pb
         from service.eval.client import _PATH_NAMES, _set_method
 
@@ -413,6 +421,8 @@ class _Client:
         else:
             req = pb.GenerateRequest(prompt=question)
         req.max_new_tokens = max_new_tokens
+        if min_new_tokens is not None:
+            req.min_new_tokens = min_new_tokens
         _set_method(req, "unedited" if method in ("unedited", "off") else method)
         resp = await self.inner._call(self.inner._gen.Generate, req)
         applied = [

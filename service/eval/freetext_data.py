@@ -24,8 +24,9 @@ aliases of the true fact (empty where unsure) so that a scorer sees the old fact
 name the old value, so an answer that echoes the descriptor does not also assert the old fact.
 
 The edits of one file may be applied together (the evaluation applies T in a row), so: subjects, invented
-names and answer cities are unique across records; the cities used for reasoning hops lie in no country
-whose official language is edited; neighbour and unrelated questions never name an edited subject.
+names and answer cities are unique across records, and no descriptor names another record's answer; the
+cities used for reasoning hops lie in no country whose official language is edited; neighbour and
+unrelated questions never name an edited subject.
 
 The committed bench/data/freetext-edits.jsonl is this module's output
 (`python -m service.eval.freetext_data --out bench/data/freetext-edits.jsonl`); a test checks they match.
@@ -993,7 +994,7 @@ class _Cities:
     the file, and never as a hop city (a hometown, a lab: only its country is asked), so no descriptor
     names a city that is another record's answer."""
 
-    HOP_POOL = 20  # enough countries for every `avoid` list; the rest covers 45 answer cities with slack
+    HOP_POOL = 20  # enough countries for every `avoid` list; the other 48 cover the default's 45 answers
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
