@@ -411,7 +411,13 @@ class _Client:
         return int(await self.inner.rollback_to(version, reason=reason))
 
     async def ask(
-        self, question: str, *, style: str, method: str, max_new_tokens: int, min_new_tokens: int | None = None
+        self,
+        question: str,
+        *,
+        style: str,
+        method: str,
+        max_new_tokens: int,
+        min_new_tokens: int | None = None,
     ) -> tuple[str, list]:
         from service._proto.editserve.v1 import editserve_pb2 as pb
         from service.eval.client import _PATH_NAMES, _set_method
