@@ -63,6 +63,8 @@ _HELP: dict[str, str] = {
     "max_descriptor_chars": "longest edit descriptor accepted",
     "compile_descriptors": "also compile a descriptor-only edit that states a fact into a hook edit "
     "(kept when it passes the quality gate)",
+    "descriptor_hooks": "a compiled descriptor also gets a hook entry (off: its subject only feeds scope "
+    "detection)",
     "chat_placement": "where in-scope descriptors go in a chat: " + " | ".join(CHAT_PLACEMENTS)
     + " (user: in the last user turn with an instruction to use them)",
     "raw_placement": "raw prompts with in-scope descriptors: " + " | ".join(RAW_PLACEMENTS)

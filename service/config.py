@@ -87,6 +87,9 @@ class Settings:
     # Compile a descriptor-only edit that states a fact into a hook edit too (service/edits/compile.py);
     # a request's compile_descriptor overrides it. Measured in docs/free-text-edits.md.
     compile_descriptors: bool = True
+    # A compiled descriptor also gets a hook entry (a v* fit, ~2-5 s); off: only its subject is kept, for
+    # the scope detector's subject rule, and the edit stays retrieval-only.
+    descriptor_hooks: bool = True
     chat_placement: str = "user"
     raw_placement: str = "qa"
     max_descriptor_chars: int = 500

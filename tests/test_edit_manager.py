@@ -321,7 +321,7 @@ def test_descriptor_compiled_into_a_hook_edit_when_it_passes_the_gate(open_manag
                                     "Its director is Ada Renwick."))
     view = manager.get(failed.edit_id)
     assert (view.kind, view.derived_from_descriptor, view.hooks) == ("descriptor", True, [])
-    assert (view.subject, view.target_new) == ("Glimmerfold Institute", "Ada Renwick")
+    assert (view.subject, view.target_new) == ("Glimmerfold Institute", "2031")  # the first fact
     assert "failed the quality gate" in failed.report.message and not failed.report.passed
     # opting out, and sentences the rules cannot read, stay retrieval-only without any compute
     calls = len(manager.editor.calls)
@@ -341,6 +341,16 @@ def test_descriptor_compiled_into_a_hook_edit_when_it_passes_the_gate(open_manag
     assert again.get(failed.edit_id).derived_from_descriptor
     assert not again.get(out.edit_id).derived_from_descriptor
     assert again.hooks.current.edit_ids == (newer.edit_id,)
+
+
+def test_compiled_descriptor_without_hooks_keeps_its_subject_for_scope(open_manager):
+    manager = open_manager(descriptor_hooks=False)
+    made = manager.edit(EditInput(descriptor="The CEO of Twitter is now Linda Yaccarino."))
+    view = manager.get(made.edit_id)
+    assert manager.editor.calls == [] and view.hooks == []  # no v* fit
+    assert (view.kind, view.derived_from_descriptor, view.subject) == ("descriptor", True, "Twitter")
+    assert "no hook entry" in made.report.message and made.report.passed
+    assert manager.store.snapshot().mentioned("Who runs Twitter these days?")[0].edit_id == made.edit_id
 
 
 def test_rollback_semantics_states_and_history(open_manager):

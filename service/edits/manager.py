@@ -76,6 +76,10 @@ __all__ = ["EditManager", "EditSnapshot", "EditorFactory", "QualityGateRejected"
 
 LIST_PAGE_SIZE = 50  # ListEditsInput: page_size 0 = 50
 COMPILED_MESSAGE = "hook edit compiled from the descriptor"
+COMPILED_WITHOUT_HOOK = (
+    "descriptor-only edit: subject, prompt and target_new read from the descriptor for scope detection; "
+    "no hook entry (--no-descriptor-hooks)"
+)
 COMPILED_GATE_FAILED = (
     "the hook edit compiled from the descriptor failed the quality gate and was dropped; "
     "the descriptor is served by retrieval"
@@ -324,6 +328,7 @@ class EditManager:
             field_prefix=field_prefix,
             fit_in_retrieval_prompt=self.settings.retrieval_enabled and self.settings.fit_in_retrieval_prompt,
             compile_descriptors=self.settings.compile_descriptors,
+            descriptor_hooks=self.settings.descriptor_hooks,
         )
 
     def _replay(self, key: str, digest: str) -> LogEntry | None:
@@ -434,6 +439,8 @@ class EditManager:
                 ce = None
             elif ce is not None and plan.derived:
                 report["message"] = f"{COMPILED_MESSAGE}; {ce.report.message}".rstrip("; ")
+            elif plan.derived:
+                report["message"] = COMPILED_WITHOUT_HOOK
             edits.append(
                 StoredEdit(
                     edit_id=edit_id,

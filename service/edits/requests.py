@@ -40,13 +40,14 @@ def plan_edit(
     field_prefix: str = "",
     fit_in_retrieval_prompt: bool = False,
     compile_descriptors: bool = False,
+    descriptor_hooks: bool = True,
 ) -> EditPlan:
     """`fit_in_retrieval_prompt`: fit the value also after the edit's own descriptor block, the prompt the
     router builds when the edit is in scope (see EditSpec.serving_contexts)."""
     try:
         compile_it = compile_descriptors if req.compile_descriptor is None else req.compile_descriptor
         plan = _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force,
-                     compile_it)
+                     compile_it, descriptor_hooks)
     except InvalidArgument as exc:
         if not field_prefix:
             raise
@@ -57,7 +58,13 @@ def plan_edit(
 
 
 def _plan(
-    req: EditInput, editor: Editor, tokenizer: Any, max_chars: int, force: bool, compile_it: bool
+    req: EditInput,
+    editor: Editor,
+    tokenizer: Any,
+    max_chars: int,
+    force: bool,
+    compile_it: bool,
+    descriptor_hooks: bool = True,
 ) -> EditPlan:
     subject, prompt, target = (req.subject or ""), (req.prompt or ""), (req.target_new or "")
     paraphrases = list(req.paraphrases or [])
@@ -71,7 +78,7 @@ def _plan(
         if paraphrases:
             raise InvalidArgument("are only for subject/prompt/target_new edits", field="paraphrases")
         text = validate_descriptor(descriptor, tokenizer, max_chars)
-        if compile_it and (compiled := _compiled(text, editor, force)) is not None:
+        if compile_it and (compiled := _compiled(text, editor, force, descriptor_hooks)) is not None:
             return compiled
         return EditPlan("descriptor", None, text, "", force)
 
@@ -93,9 +100,10 @@ def _plan(
     return EditPlan("triple", spec, text, relation_key(subject, prompt), force)
 
 
-def _compiled(descriptor: str, editor: Editor, force: bool) -> EditPlan | None:
-    """The hook plan of the first fact the descriptor states that the editor accepts (a descriptor
-    usually leads with its update; later sentences add detail)."""
+def _compiled(descriptor: str, editor: Editor, force: bool, hooks: bool) -> EditPlan | None:
+    """The plan of the first fact the descriptor states that the editor accepts (a descriptor usually
+    leads with its update; later sentences add detail): a hook plan, or with `hooks` off a descriptor
+    plan that only records the fact (its subject feeds the scope detector's subject rule)."""
     for fact in compile_descriptor(descriptor):
         spec = EditSpec(fact.subject, fact.prompt, fact.target_new)
         try:
@@ -103,7 +111,7 @@ def _compiled(descriptor: str, editor: Editor, force: bool) -> EditPlan | None:
         except InvalidArgument:
             continue  # a target too long for v*, say: try another fact, else stay retrieval-only
         key = relation_key(fact.subject, fact.prompt)
-        return EditPlan("triple", spec, descriptor, key, force, derived=True)
+        return EditPlan("triple" if hooks else "descriptor", spec, descriptor, key, force, derived=True)
     return None
 
 
