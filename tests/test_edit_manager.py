@@ -301,7 +301,9 @@ def test_supersede_and_restore_on_both_paths(open_manager):
 
 def test_descriptor_compiled_into_a_hook_edit_when_it_passes_the_gate(open_manager, tmp_path):
     data = tmp_path / "compiled"
-    manager = open_manager(editor=scripted_editor(failing=["Glimmerfold Institute"]), data_dir=data)
+    manager = open_manager(
+        editor=scripted_editor(failing=["Glimmerfold Institute"]), data_dir=data, descriptor_hooks=True
+    )
     compiled = manager.edit(EditInput(descriptor="The CEO of Twitter is now Linda Yaccarino."))
     view = manager.get(compiled.edit_id)
     assert manager.editor.calls == [["Twitter"]]
@@ -336,7 +338,9 @@ def test_descriptor_compiled_into_a_hook_edit_when_it_passes_the_gate(open_manag
         manager.edit(EditInput(descriptor="Pluto is a planet.", idempotency_key="k"))
     # a restart replays what was derived
     manager.close()
-    again = open_manager(editor=scripted_editor(refuse=True), data_dir=data, warmup=False)
+    again = open_manager(
+        editor=scripted_editor(refuse=True), data_dir=data, warmup=False, descriptor_hooks=True
+    )
     assert again.get(compiled.edit_id).derived_from_descriptor
     assert again.get(failed.edit_id).derived_from_descriptor
     assert not again.get(out.edit_id).derived_from_descriptor

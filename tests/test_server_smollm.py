@@ -144,25 +144,26 @@ async def test_score_edit_records_and_min_version(served: EditServeServer) -> No
         made = await edits.Edit(pb.EditRequest(descriptor="The Eiffel Tower is located in Rome.",
                                                actor="tester"), metadata=AUTH, timeout=120)
         record = (await edits.GetEdit(pb.GetEditRequest(edit_id=made.edit_id), metadata=AUTH)).edit
-        # the descriptor states a fact: compiled into a hook edit, which passed its gate
+        # the descriptor states a fact: compiled (its subject feeds scope detection; no hook entry by default)
         assert (record.kind, record.state, record.actor) == (
-            pb.EDIT_KIND_TRIPLE, pb.EDIT_STATE_ACTIVE, "tester"
+            pb.EDIT_KIND_DESCRIPTOR, pb.EDIT_STATE_ACTIVE, "tester"
         )
-        assert record.derived_from_descriptor and record.hook_layers and made.report.passed
+        assert record.derived_from_descriptor and not record.hook_layers and made.report.passed
         assert (record.subject, record.prompt, record.target_new) == (
             "Eiffel Tower", "The Eiffel Tower is located in", "Rome"
         )
         assert record.created_at.endswith("Z")
-        # a plain question, in chat and raw, answers with the new fact and names the edit on both paths
+        # a plain question finds it through its subject, in chat and raw; never an empty answer
         question = "Where is the Eiffel Tower?"
         chat = await generate.Generate(pb.GenerateRequest(
             messages=[pb.ChatMessage(role="user", content=question)], max_new_tokens=16), timeout=120)
         raw = await generate.Generate(pb.GenerateRequest(prompt=question, max_new_tokens=8), timeout=120)
+        assert "Rome" in raw.text, raw.text  # framed "Question: ... Answer:" behind the block
         for answer in (chat, raw):
-            assert "Rome" in answer.text, answer.text
-            assert {(e.edit_id, e.path) for e in answer.applied_edits} == {
-                (made.edit_id, pb.EDIT_PATH_HOOK), (made.edit_id, pb.EDIT_PATH_RETRIEVAL)
-            }
+            assert answer.text.strip()
+            assert [(e.edit_id, e.path) for e in answer.applied_edits] == [
+                (made.edit_id, pb.EDIT_PATH_RETRIEVAL)
+            ]
 
         ahead = await _rpc_error(generate.Generate(
             pb.GenerateRequest(prompt=FRANCE, max_new_tokens=2, min_version=made.version + 1)))
