@@ -2,12 +2,15 @@
 edits, and start-up time with 1,000 logged edits vs none.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/edit_benchmark.py [--edits 20] [--rounds 7] [--tokens 32]
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/edit_benchmark.py --device cuda --dtype bfloat16 --only generate \
+        --table-sizes 0,10000 --json out.json
 
 Compute: the editor's compute_seconds (key, value, calibration, quality gate) of real edits through
 EditManager.edit on SmolLM2-135M (the 11 facts of service/hooks/benchmark.py, then service/edits/facts.py),
 and the wall time of the whole call (plus encode, fsync'd append, publish).
 Generate: greedy model.generate of a fixed prompt through the hooked model; the active edits are synthetic
-(random keys that never fire), so the difference is the gate's cost; rounds alternate the tables.
+(random keys that never fire), so the difference is the gate's cost; rounds alternate the tables
+(`--table-sizes`, default 0,1000,10000).
 Start-up: (a) EditManager open + restore + warm-up on a loaded model, (b) restore() alone, (c) a fresh
 process doing everything a server start does (imports, model and encoder load, EditManager).
 """
@@ -43,6 +46,13 @@ from service.hooks.benchmark import FACTS  # noqa: E402
 from service.retrieval import DescriptorEncoder  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a map."
+FIGURES: dict[str, object] = {}  # what --json writes
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work before a clock is read (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def p90(values: list[float]) -> float:
@@ -61,6 +71,14 @@ def bench_compute(lm: LoadedModel, encoder: DescriptorEncoder, data_dir: Path, n
             wall.append(time.perf_counter() - t)
             compute.append(result.report.compute_seconds)
             passed += result.report.passed
+    FIGURES["compute"] = {
+        "edits": len(facts),
+        "compute_median_s": statistics.median(compute),
+        "compute_p90_s": p90(compute),
+        "wall_median_s": statistics.median(wall),
+        "wall_p90_s": p90(wall),
+        "gate_passed": passed,
+    }
     print(
         f"edit compute over {len(facts)} edits: median {statistics.median(compute):.2f} s, "
         f"p90 {p90(compute):.2f} s (target <= 2 s); whole Edit call median {statistics.median(wall):.2f} s, "
@@ -79,22 +97,26 @@ def synthetic_table(hooks: HookManager, n: int, seed: int = 0) -> HookTable:
 
 @torch.no_grad()
 def bench_generate(
-    lm: LoadedModel, encoder: DescriptorEncoder, data_dir: Path, rounds: int, tokens: int
+    lm: LoadedModel,
+    encoder: DescriptorEncoder,
+    data_dir: Path,
+    rounds: int,
+    tokens: int,
+    sizes: tuple[int, ...] = (0, 1000, 10_000),
 ) -> None:
+    sizes = (0, *sorted({n for n in sizes if n > 0}))  # the no-edit table is every ratio's reference
     with EditManager(lm, Settings(data_dir=data_dir), encoder=encoder) as manager:
         hooks = manager.hooks
-        tables = {
-            0: hooks.empty_table(),
-            1000: synthetic_table(hooks, 1000),
-            10_000: synthetic_table(hooks, 10_000),
-        }
+        tables = {n: synthetic_table(hooks, n) if n else hooks.empty_table() for n in sizes}
         ids = lm.tokenizer(PROMPT, return_tensors="pt").to(hooks.device)
         times: dict[int, list[float]] = {n: [] for n in tables}
         for r in range(rounds + 1):
             for n, table in tables.items():
                 hooks.publish(table)
+                _sync(hooks.device)
                 t = time.perf_counter()
                 lm.model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                _sync(hooks.device)
                 if r:  # round 0 warms up
                     times[n].append(time.perf_counter() - t)
         hooks.publish(hooks.empty_table())
@@ -105,6 +127,16 @@ def bench_generate(
         f"({statistics.median([a / b for a, b in zip(v, times[0], strict=True)]):.3f}x)"
         for n, v in times.items()
     ]
+    FIGURES["generate"] = {
+        "tokens": tokens,
+        "rounds": rounds,
+        "layers": list(hooks.layers),
+        "median_s": {str(n): statistics.median(v) for n, v in times.items()},
+        "ratio_to_none": {
+            str(n): statistics.median([a / b for a, b in zip(v, times[0], strict=True)])
+            for n, v in times.items()
+        },
+    }
     print(
         f"Generate {tokens} tokens greedy, median of {rounds} rounds, layers {hooks.layers}: "
         + ", ".join(parts),
@@ -127,8 +159,10 @@ def bench_decode_step(
         for r in range(rounds + 1):
             for n, table in tables.items():
                 hooks.publish(table)
+                _sync(hooks.device)
                 t = time.perf_counter()
                 lm.model(input_ids=step, past_key_values=past, use_cache=False)
+                _sync(hooks.device)
                 if r:
                     times[n].append(time.perf_counter() - t)
         hooks.publish(hooks.empty_table())
@@ -137,6 +171,14 @@ def bench_decode_step(
         f"({statistics.median([a / b for a, b in zip(v, times[0], strict=True)]):.3f}x)"
         for n, v in times.items()
     ]
+    FIGURES["decode_step"] = {
+        "rounds": rounds,
+        "median_ms": {str(n): 1e3 * statistics.median(v) for n, v in times.items()},
+        "ratio_to_none": {
+            str(n): statistics.median([a / b for a, b in zip(v, times[0], strict=True)])
+            for n, v in times.items()
+        },
+    }
     print(f"one decode step, median of {rounds} paired rounds: " + ", ".join(parts), flush=True)
 
 
@@ -177,10 +219,10 @@ def write_synthetic_log(lm: LoadedModel, data_dir: Path, n: int, dim: int) -> No
             log.append(LogEntry(kind="edit", actor="bench", edits=[edit]))
 
 
-def startup_child(data_dir: str) -> None:
+def startup_child(data_dir: str, device: str = "cpu", dtype: str = "float32") -> None:
     """One whole server start in a fresh process; prints its timings as JSON."""
     t0 = time.perf_counter()
-    lm = load_model("embedded", device="cpu", dtype="float32")
+    lm = load_model("embedded", device=device, dtype=dtype)
     t1 = time.perf_counter()
     encoder = DescriptorEncoder()
     t2 = time.perf_counter()
@@ -209,7 +251,16 @@ def bench_startup(lm: LoadedModel, encoder: DescriptorEncoder, root: Path, n: in
     for _ in range(2):
         for name, d in dirs.items():
             out = subprocess.run(
-                [sys.executable, __file__, "--startup-child", str(d)],
+                [
+                    sys.executable,
+                    __file__,
+                    "--startup-child",
+                    str(d),
+                    "--device",
+                    lm.device.type,
+                    "--dtype",
+                    str(lm.dtype).removeprefix("torch."),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -235,22 +286,46 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--logged", type=int, default=1000)
     ap.add_argument("--only", choices=["compute", "generate", "startup"], default=None)
+    ap.add_argument(
+        "--table-sizes",
+        default="0,1000,10000",
+        help="generate: active (synthetic) edit counts, comma-separated; 0 is always measured",
+    )
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (default float32)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("EDITSERVE_TORCH_THREADS") or 0),
+        help="torch intra-op threads (default: $EDITSERVE_TORCH_THREADS, else 0: torch's default)",
+    )
+    ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--startup-child", metavar="DATA_DIR", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.startup_child:
-        startup_child(args.startup_child)
+        startup_child(args.startup_child, args.device, args.dtype)
         return
-    print(f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}", flush=True)
-    lm = load_model("embedded", device="cpu", dtype="float32")
+    lm = load_model("embedded", device=args.device, dtype=args.dtype)
+    print(
+        f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, "
+        f"model on {lm.device} ({lm.dtype})",
+        flush=True,
+    )
+    FIGURES.update(device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."))
     encoder = DescriptorEncoder()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         if args.only in (None, "compute"):
             bench_compute(lm, encoder, root / "compute", args.edits)
         if args.only in (None, "generate"):
-            bench_generate(lm, encoder, root / "generate", args.rounds, args.tokens)
+            sizes = tuple(int(n) for n in args.table_sizes.split(",") if n.strip())
+            bench_generate(lm, encoder, root / "generate", args.rounds, args.tokens, sizes)
         if args.only in (None, "startup"):
             bench_startup(lm, encoder, root / "startup", args.logged, 3)
+    if args.json:
+        args.json.write_text(json.dumps(FIGURES, indent=2))
 
 
 if __name__ == "__main__":

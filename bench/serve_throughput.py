@@ -3,10 +3,15 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_throughput.py
     HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_throughput.py --repeats 2 --threads 1 --json out.json
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/serve_throughput.py --device cuda --dtype bfloat16 \
+        --clients 1,16,64
 
-Every mode generates greedily for the same 16 prompts, `--new-tokens` each. Tokens are counted up to and
-including a sequence's end token, in every mode alike, so tokens/s is real output per wall second: the static
-batch keeps computing rows that already ended (what static batching costs), the engine drops them.
+Every mode generates greedily for the same 16 prompts, `--new-tokens` each. With more than 16 clients the
+prompts are cycled to one per client for that run, and the static batch and the in-process engine take as
+many rows as the largest client count (the one-at-a-time baseline stays at 16 prompts: it is a rate).
+Tokens are counted up to and including a sequence's end token, in every mode alike, so tokens/s is real
+output per wall second: the static batch keeps computing rows that already ended (what static batching
+costs), the engine drops them.
 
 The service runs in this process (grpc.aio server with the real data plane: router, edit manager with its
 hook layers, engine) on a free port; the clients run in a second process (this script with --client-of),
@@ -64,10 +69,23 @@ class Row:
     tokens: int
     seconds: float
     mean_ttft_s: float | None = None
+    kind: str = ""  # hf_one_at_a_time | hf_static_batch | service | engine (for machine readers of --json)
+    streams: int = 1  # concurrent clients / batch rows
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+
+def prompts_for(n: int) -> list[str]:
+    """The 16 prompts, cycled to at least `n`."""
+    return [PROMPTS[i % len(PROMPTS)] for i in range(max(len(PROMPTS), n))]
+
+
+def _sync(loaded: LoadedModel) -> None:
+    """Wait for queued GPU work before a clock is read (CUDA kernels run asynchronously)."""
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize(loaded.device)
 
 
 # ------------------------------------------------------------------------------------ plain transformers
@@ -93,33 +111,47 @@ def hf_one_at_a_time(loaded: LoadedModel, new_tokens: int) -> Row:
     tokens = 0
     started = time.perf_counter()
     for prompt in PROMPTS:
-        enc = tok(prompt, return_tensors="pt")
+        enc = tok(prompt, return_tensors="pt").to(loaded.device)
         out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         tokens += _real_tokens(out[0, enc["input_ids"].shape[1] :], eos)
     return Row(
-        "transformers generate, one prompt at a time", len(PROMPTS), tokens, time.perf_counter() - started
+        "transformers generate, one prompt at a time",
+        len(PROMPTS),
+        tokens,
+        time.perf_counter() - started,
+        kind="hf_one_at_a_time",
     )
 
 
 @torch.inference_mode()
-def hf_static_batch(loaded: LoadedModel, new_tokens: int) -> Row:
+def hf_static_batch(loaded: LoadedModel, new_tokens: int, size: int = len(PROMPTS)) -> Row:
     tok, model, eos = loaded.tokenizer, loaded.model, _eos_ids(loaded)
+    prompts = prompts_for(size)
     started = time.perf_counter()
-    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(loaded.device)
     out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    _sync(loaded)
     seconds = time.perf_counter() - started
     width = enc["input_ids"].shape[1]
     tokens = sum(_real_tokens(row[width:], eos) for row in out)
-    return Row(f"transformers generate, static batch of {len(PROMPTS)}", len(PROMPTS), tokens, seconds)
+    return Row(
+        f"transformers generate, static batch of {len(prompts)}",
+        len(prompts),
+        tokens,
+        seconds,
+        kind="hf_static_batch",
+        streams=len(prompts),
+    )
 
 
 # ------------------------------------------------------------------------------------ the engine in-process
 
 
-async def engine_in_process(loaded: LoadedModel, new_tokens: int) -> Row:
-    engine = Engine(loaded, max_batch_size=len(PROMPTS))
+async def engine_in_process(loaded: LoadedModel, new_tokens: int, streams: int = len(PROMPTS)) -> Row:
+    prompts = prompts_for(streams)
+    engine = Engine(loaded, max_batch_size=len(prompts))
     await engine.start()
-    ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+    ids = [loaded.tokenizer(p)["input_ids"] for p in prompts]
 
     async def one(prompt_ids: list[int]) -> tuple[int, float]:
         started = time.perf_counter()
@@ -138,11 +170,13 @@ async def engine_in_process(loaded: LoadedModel, new_tokens: int) -> Row:
     finally:
         await engine.stop(grace_s=0)
     return Row(
-        f"engine in-process (no gRPC), {len(PROMPTS)} streams",
-        len(PROMPTS),
+        f"engine in-process (no gRPC), {len(prompts)} streams",
+        len(prompts),
         sum(c for c, _ in results),
         seconds,
         sum(t for _, t in results) / len(results),
+        kind="engine",
+        streams=len(prompts),
     )
 
 
@@ -165,8 +199,8 @@ class Service:
             port=0,
             metrics_port=0,
             data_dir=Path(self._data_dir.name),
-            device="cpu",
-            dtype="float32",
+            device=self.loaded.device.type,
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
             max_batch_size=max(16, self.max_clients),
             max_new_tokens_limit=max(512, self.new_tokens),
         )
@@ -227,7 +261,7 @@ class LoadGenerator:
         async def client(prompts: list[str]) -> list[tuple[int, float]]:
             return [await self.one(p) for p in prompts]
 
-        shares = [PROMPTS[i::n] for i in range(n)]  # the same 16 prompts, split over n clients
+        shares = [prompts_for(n)[i::n] for i in range(n)]  # the prompts (cycled to n), split over n clients
         started = time.perf_counter()
         results = [r for rs in await asyncio.gather(*[client(s) for s in shares]) for r in rs]
         seconds = time.perf_counter() - started
@@ -237,6 +271,8 @@ class LoadGenerator:
             sum(c for c, _ in results),
             seconds,
             sum(t for _, t in results) / len(results),
+            kind="service",
+            streams=n,
         )
 
 
@@ -258,7 +294,7 @@ def print_table(rows: list[Row], one_at_a_time: Row, static: Row) -> None:
     print()
     print(
         f"{'mode':<52} {'req':>4} {'tokens':>6} {'seconds':>8} {'tok/s':>7} {'TTFT s':>7} "
-        f"{'x 1-at-a-time':>13} {'x static-16':>11}"
+        f"{'x 1-at-a-time':>13} {'x static-' + str(static.requests):>11}"
     )
     for r in rows:
         ttft = f"{r.mean_ttft_s:7.2f}" if r.mean_ttft_s is not None else f"{'':>7}"
@@ -278,16 +314,17 @@ async def measure(loaded: LoadedModel, new_tokens: int, clients: list[int], repe
         if row.mode not in best or row.seconds < best[row.mode].seconds:
             best[row.mode] = row
 
-    hf_static_batch(loaded, 4)  # warm-up
+    widest = max([len(PROMPTS), *clients])
+    hf_static_batch(loaded, 4, widest)  # warm-up
     async with Service(loaded, new_tokens, max(clients)) as service:
         # The service's edit manager wrapped its hook layer's MLP; with no edits published the wrapper calls
         # the original module directly, so the transformers baselines below run the same computation.
         for _ in range(repeats):
             keep(hf_one_at_a_time(loaded, new_tokens))
-            keep(hf_static_batch(loaded, new_tokens))
+            keep(hf_static_batch(loaded, new_tokens, widest))
             for row in await service.measure_clients(clients):
                 keep(row)
-            keep(await engine_in_process(loaded, new_tokens))
+            keep(await engine_in_process(loaded, new_tokens, widest))
     return list(best.values())
 
 
@@ -298,7 +335,16 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--clients", default="1,4,16", help="comma-separated concurrent client counts")
     parser.add_argument("--repeats", type=int, default=1, help="runs per mode; the fastest is reported")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("EDITSERVE_TORCH_THREADS") or 0),
+        help="torch intra-op threads (default: $EDITSERVE_TORCH_THREADS, else 0: torch's default)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument(
+        "--dtype", default="float32", help="float32, bfloat16, float16 or auto (default float32)"
+    )
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--client-of", metavar="ADDRESS", help=argparse.SUPPRESS)  # the client process
     args = parser.parse_args()
@@ -310,7 +356,7 @@ def main() -> None:
         # On a CPU shared with other busy processes, one thread per op avoids stalls at OpenMP barriers.
         torch.set_num_threads(args.threads)
 
-    loaded = load_model("embedded", device="cpu", dtype="float32")
+    loaded = load_model("embedded", device=args.device, dtype=args.dtype)
     print(
         f"model {loaded.name} on {loaded.device} ({loaded.dtype}), torch threads {torch.get_num_threads()}, "
         f"{len(PROMPTS)} prompts x {args.new_tokens} new tokens, greedy, best of {args.repeats}"

@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="embedded", help="model for the in-process server and ROME's copy")
     parser.add_argument("--device", default="cpu", help="device for the in-process server and ROME")
     parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights' dtype for the in-process server and ROME (default float32)",
+    )
+    parser.add_argument(
         "--rome-layer", type=int, default=None, help="ROME's edited layer (default: hook layer)"
     )
     parser.add_argument(
@@ -133,6 +139,7 @@ def config_from(args: argparse.Namespace, argv: list[str] | None = None) -> Eval
         generate=args.generate,
         model=args.model,
         device=args.device,
+        dtype=args.dtype,
         rome_layer=args.rome_layer,
         rome_cov_tokens=args.rome_cov_tokens,
         rome_cache=args.rome_cache,

@@ -57,6 +57,7 @@ class EvalConfig:
     generate: bool = True  # the greedy-generation companions of every metric
     model: str = "embedded"  # in-process server and ROME's private copy
     device: str = "cpu"
+    dtype: str = "float32"  # the in-process server's and ROME's weights
     rome_layer: int | None = None
     rome_cov_tokens: int = 40_000
     rome_cache: Path | None = None  # where ROME's covariance is cached (default: --out/rome)
@@ -76,6 +77,8 @@ class EvalConfig:
         }
         if self.server is None and (env := server_env()):  # absent when empty: older --out dirs resume
             identity["server_env"] = env
+        if self.dtype != "float32":  # absent for the default: older --out dirs resume
+            identity["dtype"] = self.dtype
         return identity
 
 
@@ -269,7 +272,7 @@ class Runner:
         if self.loaded is None:
             from service.engine.loader import load_model
 
-            self.loaded = load_model(self.cfg.model, device=self.cfg.device, dtype="float32")
+            self.loaded = load_model(self.cfg.model, device=self.cfg.device, dtype=self.cfg.dtype)
         return self.loaded
 
     async def rome_protocol(self, t: int) -> None:
@@ -389,7 +392,9 @@ async def connect(cfg: EvalConfig, runner: Runner) -> AsyncIterator[EditServeCli
     from service.eval.inprocess import in_process_server
 
     # The same EDITSERVE_<NAME> settings as `editserve serve` (address, data dir and token are the harness's).
-    base = replace(settings_from(argparse.Namespace(), os.environ), model=cfg.model, device=cfg.device)
+    base = replace(
+        settings_from(argparse.Namespace(), os.environ), model=cfg.model, device=cfg.device, dtype=cfg.dtype
+    )
     async with in_process_server(cfg.out / "server-data", loaded=runner.model(), base=base) as srv:
         async with EditServeClient(srv.address, admin_token=srv.admin_token) as client:
             await client.wait_ready()
