@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from service import __version__, metrics
 from service.config import Settings
 from service.engine.cpu_threads import released_after
-from service.errors import DeadlineExceeded, FailedPrecondition, Unavailable
+from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotServable, Unavailable
 from service.router.prompt import PromptStyle
 from service.router.routing import Route, Router
 from service.router.scope import ScopeDetector
@@ -52,6 +52,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def check_servable(loaded: LoadedModel) -> None:
+    """Refuse, before any edit-log work, a model the engine or the editor would serve wrongly: an unknown
+    cache layout, or logits that are not the LM head of the last hidden state (hooks/arch.py). A model
+    without MLP down projections fails the same way when the hook manager is built."""
+    from service.hooks.arch import UnsupportedArchitecture, check_cache_layout, check_logits_path
+
+    try:
+        check_cache_layout(loaded.model)
+        probe = loaded.tokenizer("The capital of France is")["input_ids"] or [0]
+        check_logits_path(loaded.model, probe)
+    except UnsupportedArchitecture as exc:
+        raise ModelNotServable(str(exc)) from exc
+
+
 class DataPlane:
     def __init__(self, settings: Settings, loaded: LoadedModel, manager: EditManager, engine: Engine) -> None:
         self.settings = settings
@@ -73,6 +87,7 @@ class DataPlane:
         metrics.MODEL_INFO.info({
             "model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
             "device": str(loaded.device), "hook_layers": ",".join(map(str, manager.hooks.layers)),
+            "hook_layer_rule": manager.hook_rule, "architecture": loaded.architecture,
         })
 
     @classmethod
@@ -88,6 +103,7 @@ class DataPlane:
             torch.set_num_threads(settings.torch_threads)
         if loaded is None:
             loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
+        check_servable(loaded)
         manager = EditManager(loaded, settings)
         try:
             engine = Engine(loaded, manager.hooks, max_batch_size=settings.max_batch_size,
@@ -266,6 +282,8 @@ class DataPlane:
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             device=str(self.loaded.device),
             hook_layers=list(self.manager.hooks.layers),
+            hook_layer_rule=self.manager.hook_rule,
+            architecture=self.loaded.architecture,
             edit_version=self.manager.version,
             active_edits=counts.active,
             active_hook_edits=counts.active_hook,

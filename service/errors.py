@@ -65,3 +65,10 @@ class EditLogCorrupted(EditServeError):
     """The log cannot be read back exactly; the server refuses to start on a partial state."""
 
     code = "DATA_LOSS"
+
+
+class ModelNotServable(EditServeError):
+    """The model or device asked for cannot be served (an architecture the hook layers or the engine do
+    not know, CUDA asked for and absent): the server refuses to start, with exit code 2."""
+
+    code = "FAILED_PRECONDITION"

@@ -209,6 +209,8 @@ class ServerInfo:
     total_edits: int
     server_version: str
     max_batch_size: int
+    hook_layer_rule: str = ""  # how hook_layers were chosen (--hook-layers, measured, or the depth rule)
+    architecture: str = ""  # e.g. LlamaForCausalLM
 
 
 # ------------------------------------------------------------------------------------------ data plane

@@ -17,6 +17,7 @@ table just before the rollback.)
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -42,11 +43,14 @@ from service.errors import (
     EditServeError,
     FailedPrecondition,
     InvalidArgument,
+    ModelNotServable,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
-from service.hooks import ComputedEdit, Editor, HookManager, HookTable, default_hook_layers
+from service.hooks import ComputedEdit, Editor, HookManager, HookTable
+from service.hooks.arch import UnsupportedArchitecture
+from service.hooks.defaults import choose_hook_layers
 from service.metrics import (
     EDIT_COMPUTE,
     EDIT_LOG_VERSION,
@@ -55,6 +59,7 @@ from service.metrics import (
     RETRIEVAL_INDEX_SIZE,
 )
 from service.retrieval import DescriptorEncoder, RetrievalStore, StoreSnapshot
+from service.retrieval.encoder import LazyDescriptorEncoder
 from service.retrieval.store import Encoder
 from service.types import (
     BatchEditInput,
@@ -87,6 +92,8 @@ COMPILED_GATE_FAILED = (
 DESCRIPTOR_ONLY_MESSAGE = "descriptor-only edit: retrieval path only (no hook entry, no quality gate)"
 
 EditorFactory = Callable[[LoadedModel, HookManager], Editor]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,19 +146,28 @@ class EditManager:
         self._compute_lock = threading.Lock()
         self._commit_lock = threading.RLock()
         self._closed = False
-        self.store = RetrievalStore(encoder if encoder is not None else DescriptorEncoder(settings.encoder))
+        if encoder is None:  # with retrieval off, the encoder loads only if an Edit brings a descriptor
+            encoder = (DescriptorEncoder(settings.encoder) if settings.retrieval_enabled
+                       else LazyDescriptorEncoder(settings.encoder))
+        self.store = RetrievalStore(encoder)
         self.log = EditLog.open(settings.edit_log_url or None, settings.data_dir)
         hooks: HookManager | None = None
         try:
-            hooks = HookManager(loaded.model, list(settings.hook_layers) or default_hook_layers(loaded.model))
-            self.hooks = hooks
+            choice = choose_hook_layers(loaded.model, settings.hook_layers)
+            try:
+                hooks = HookManager(loaded.model, choice.layers)
+            except UnsupportedArchitecture as exc:
+                raise ModelNotServable(str(exc)) from exc
+            log.info("hook layers %s: %s", choice.layers, choice.rule)
+            self.hooks, self.hook_rule = hooks, choice.rule
             self.editor = (editor_factory or default_editor_factory(settings))(loaded, hooks)
             self.registry = EditRegistry()
             self._snapshot = EditSnapshot(0, hooks.current, self.store.snapshot())
             self.restore()
             if warmup:  # otherwise the first edit pays: probe activations, the encoder's first call
                 self.editor.warmup()
-                self.store.encoder.encode(["warm-up"])
+                if settings.retrieval_enabled:
+                    self.store.encoder.encode(["warm-up"])
         except BaseException:
             # Never leave a half-started manager's wrappers on a model someone else keeps using.
             if hooks is not None:

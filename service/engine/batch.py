@@ -20,6 +20,7 @@ from transformers.cache_utils import DynamicLayer
 
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
+from service.hooks.arch import full_width_cache
 from service.hooks.layer import HookManager, Recorder
 
 
@@ -28,13 +29,15 @@ def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def _cache_from(config: object, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    cache = DynamicCache(config=config)
-    for layer, (k, v) in zip(cache.layers, kv, strict=True):
-        if type(layer) is DynamicLayer:
-            layer.lazy_initialization(k, v)
-            layer.keys, layer.values = k, v  # adopt the tensors: `update` would copy them once more
-        else:
-            layer.update(k, v)
+    """A full-width cache adopting `kv` (every layer a DynamicLayer: see hooks/arch.py
+    SERVABLE_ATTENTION for why sliding-window layers get one too)."""
+    cache = full_width_cache()
+    for i, (k, v) in enumerate(kv):
+        while len(cache.layers) <= i:
+            cache.layers.append(DynamicLayer())
+        layer = cache.layers[i]
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v  # adopt the tensors: `update` would copy them once more
     return cache
 
 
@@ -194,7 +197,7 @@ class ModelRunner:
         pad_t = torch.tensor(pads)
         mask = (columns[None, :] >= pad_t[:, None]).long()
         positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
-        cache = DynamicCache(config=self.config)
+        cache = full_width_cache()
         with self._hook_scope(hooks_enabled, [-p for p in pads]) as (rec, version):
             out = self.model(
                 input_ids=input_ids.to(self.device),
@@ -331,7 +334,7 @@ class ModelRunner:
             if len(seqs) > 1:  # a lone row needs no mask: the plain causal forward, as before batching
                 kwargs = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
             if keeping:
-                kwargs |= {"past_key_values": DynamicCache(config=self.config), "use_cache": True}
+                kwargs |= {"past_key_values": full_width_cache(), "use_cache": True}
                 if rec is not None:
                     rec.key_columns = [width - n - 1 for n in n_cont]
             else:

@@ -17,6 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase  # noqa: E402
 
+from service.errors import ModelNotServable  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "embedded"
@@ -31,6 +33,11 @@ class LoadedModel:
     name: str
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def architecture(self) -> str:
+        archs = getattr(self.model.config, "architectures", None)
+        return str(archs[0]) if archs else type(self.model).__name__
 
 
 def embedded_gguf_path() -> Path:
@@ -50,11 +57,15 @@ def embedded_gguf_path() -> Path:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda, not {device!r}")
-    return torch.device(device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelNotServable(f"--device {device} asked for, but torch sees no CUDA device "
+                               f"(torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'})")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, not {device!r}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelNotServable(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

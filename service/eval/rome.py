@@ -32,8 +32,8 @@ from torch import nn
 from service.eval.datasets import EvalRecord
 from service.eval.metrics import TokenScores
 from service.hooks import Editor, EditSpec, HookManager, default_hook_layers
+from service.hooks.arch import find_hook_sites
 from service.hooks.editor import _DeltaProblem, _pad_right, _Row, compute_delta, compute_k_star
-from service.hooks.layer import decoder_layers, down_projection
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,9 @@ class RomeBaseline:
         # The hook manager only reads keys and injects v*'s delta; its table stays empty (no gate).
         self.hooks = HookManager(self.model, [self.layer])
         self.editor = Editor(self.model, tokenizer, self.hooks)
-        down = down_projection(decoder_layers(self.model)[self.layer].mlp)
+        down = find_hook_sites(self.model, [self.layer])[self.layer].module
+        if not isinstance(down, torch.nn.Linear):  # GPT-2's Conv1D stores the transpose
+            raise ValueError(f"the ROME baseline writes nn.Linear weights, not {type(down).__name__}")
         self.weight: torch.Tensor = down.weight  # [d_model, d_ff], written in place
         self.original = self.weight.detach().clone()
         self.cov_inv = self._cov_inverse(cov_tokens, seed, cache_dir)

@@ -32,9 +32,24 @@ An earlier run with an early stop at NLL < 0.3 instead of 0.1 was ~0.3 s faster 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from torch import nn
 
-MEASURED_FRACTION = 6 / 30  # SmolLM2-135M's measured best layer, as a fraction of depth
+from service.hooks.arch import decoder_layers, hookable_layers
+
+# SmolLM2-135M's measured best layer (6 of 30) as a fraction of depth. For models nobody measured, the
+# same fraction lands where the published single-layer editors put their layer (ROME/EasyEdit: GPT-J
+# 5 of 28 = 0.18, Llama-2-7B 5 of 32 = 0.16): the early-middle MLPs that causal tracing finds carrying
+# a subject's facts at its last token. docs/hook-layers.md has the rule and its evidence.
+MEASURED_FRACTION = 6 / 30
+
+
+@dataclass(frozen=True)
+class HookLayerChoice:
+    layers: list[int]
+    rule: str  # how they were chosen, for the start log and GetServerInfo
 
 
 def _is_smollm2_135m(config: object) -> bool:
@@ -46,10 +61,23 @@ def _is_smollm2_135m(config: object) -> bool:
     )
 
 
+def choose_hook_layers(model: nn.Module, requested: Sequence[int] = ()) -> HookLayerChoice:
+    """`requested` (--hook-layers) if given; layer 6 for SmolLM2-135M (measured above); otherwise
+    round(MEASURED_FRACTION x depth), at least 1 and below the last layer, moved to the nearest layer
+    that has an MLP down projection."""
+    if requested:
+        return HookLayerChoice(sorted({int(i) for i in requested}), "--hook-layers")
+    if _is_smollm2_135m(model.config):
+        return HookLayerChoice([6], "measured for SmolLM2-135M (service/hooks/defaults.py)")
+    depth = len(decoder_layers(model))
+    target = min(depth - 1, max(1, round(MEASURED_FRACTION * depth)))
+    candidates = hookable_layers(model)
+    layer = min(candidates, key=lambda i: (abs(i - target), i)) if candidates else target
+    return HookLayerChoice(
+        [layer], f"round({MEASURED_FRACTION:.2f} x {depth} layers) = {target} (unmeasured model)"
+        + ("" if layer == target else f", nearest hookable layer {layer}"),
+    )
+
+
 def default_hook_layers(model: nn.Module) -> list[int]:
-    """Layer 6 for SmolLM2-135M (measured above); otherwise the same fraction of depth (at least 1)."""
-    config = model.config
-    if _is_smollm2_135m(config):
-        return [6]
-    n = int(config.num_hidden_layers)
-    return [min(n - 1, max(1, round(MEASURED_FRACTION * n)))]
+    return choose_hook_layers(model).layers

@@ -30,14 +30,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.errors import InvalidArgument
+from service.hooks.arch import base_model, final_logits, full_width_cache
 from service.hooks.layer import (
     NO_PREV_CONDITION,
     HookEntry,
     HookManager,
     HookTable,
     LayerTable,
-    decoder_layers,
-    down_projection,
 )
 from service.hooks.probes import PROBES
 
@@ -198,27 +197,11 @@ def _kv_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache, strict=True))
 
 
-def _fresh_cache(config: Any, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    from transformers import DynamicCache
-
-    try:
-        cache = DynamicCache(config=config)
-    except TypeError:
-        cache = DynamicCache()
+def _fresh_cache(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    cache = full_width_cache()
     for i, (k, v) in enumerate(kv):
         cache.update(k, v, i)
     return cache
-
-
-def _lm_head(model: nn.Module) -> nn.Module:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None:
-        raise ValueError(f"{type(model).__name__} has no output embeddings")
-    return head
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return getattr(model, getattr(model, "base_model_prefix", "model"), None) or model.model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -272,16 +255,21 @@ class _SuffixRunner:
         pos: torch.Tensor,
         first: int,
     ) -> None:
-        self.model, self.hooks, self.base, self.kv = model, hooks, _base(model), kv
+        self.model, self.hooks, self.base, self.kv = model, hooks, base_model(model), kv
         self.ids, self.mask, self.pos, self.first = ids, mask, pos, first
         # the delta goes to every row's first suffix token: the subject's last token
         self.positions = [(r, 0) for r in range(ids.shape[0])]
         self._mask_rope: tuple[Any, Any] | None = None
         self.after_first: torch.Tensor | None = None  # hidden state leaving layer `first`, delta = 0
-        ok = self._verified.get(model)
-        if ok is None:
-            ok = self._verify()
-            self._verified[model] = ok
+        # The walk builds one full causal mask: with a sliding window shorter than these rows it would
+        # let tokens see further back than the model does (such rows take the model's own forward).
+        window = getattr(model.config, "sliding_window", None)
+        ok = not window or self.mask.shape[1] <= int(window)
+        if ok:
+            ok = self._verified.get(model)
+            if ok is None:
+                ok = self._verify()
+                self._verified[model] = ok
         if ok:
             with torch.no_grad():
                 entry = self._walk(self.base.embed_tokens(ids), 0, first)  # with the calling thread's table
@@ -297,7 +285,7 @@ class _SuffixRunner:
                     stack.enter_context(self.hooks.intervention(i, self.positions, d))
             stack.enter_context(self.hooks.disabled())
             if self.after_first is None:
-                cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
+                cache = _fresh_cache(self.kv) if self.kv else None
                 return self.base(
                     input_ids=self.ids,
                     attention_mask=self.mask,
@@ -313,7 +301,7 @@ class _SuffixRunner:
             return self.base.norm(self._walk(h, self.first + 1, len(self.base.layers)))
 
     def _walk(self, h: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-        cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
+        cache = _fresh_cache(self.kv) if self.kv else None
         causal, rope = self._mask_and_rope(h, cache)
         for layer in self.base.layers[lo:hi]:
             out = layer(
@@ -342,25 +330,49 @@ class _SuffixRunner:
         return self._mask_rope
 
     def _verify(self) -> bool:
+        """Whether the walk reproduces the model's own forward, with no delta and with a delta: a block
+        whose output is not linear in its MLP output (Gemma-2's post-MLP norm) fails the second check."""
         if not all(hasattr(self.base, a) for a in ("layers", "rotary_emb", "norm", "embed_tokens")):
             return False
+        real = self.mask[:, -self.ids.shape[1] :].bool()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), self.hooks.disabled():
                 n_layers = len(self.base.layers)
-                walked = self.base.norm(self._walk(self.base.embed_tokens(self.ids), 0, n_layers))
-                cache = _fresh_cache(self.model.config, self.kv) if self.kv else None
-                ref = self.base(
-                    input_ids=self.ids,
-                    attention_mask=self.mask,
-                    position_ids=self.pos,
-                    past_key_values=cache,
-                    use_cache=cache is not None,
-                ).last_hidden_state
+                entry = self._walk(self.base.embed_tokens(self.ids), 0, self.first)
+                after = self._walk(entry, self.first, self.first + 1)
+                if not torch.allclose(
+                    self.base.norm(self._walk(after, self.first + 1, n_layers))[real],
+                    self._reference({})[real],
+                    atol=1e-4,
+                    rtol=1e-4,
+                ):
+                    return False
+                gen = torch.Generator().manual_seed(0)
+                delta = torch.randn(after.shape[-1], generator=gen)
+                scale = after[:, 0].float().norm(dim=-1).mean().cpu() / delta.norm()
+                delta = (delta * scale).to(after.device, after.dtype)
+                rows = torch.arange(after.shape[0], device=after.device)
+                moved = after.index_put((rows, torch.zeros_like(rows)), delta, accumulate=True)
+                walked = self.base.norm(self._walk(moved, self.first + 1, n_layers))
+                ref = self._reference({self.first: delta})
         except Exception:  # noqa: BLE001 - any layout mismatch means: use the model's own forward
             self._mask_rope = None
             return False
-        real = self.mask[:, -self.ids.shape[1] :].bool()
         return bool(torch.allclose(walked[real], ref[real], atol=1e-4, rtol=1e-4))
+
+    def _reference(self, deltas: dict[int, torch.Tensor]) -> torch.Tensor:
+        """The model's own forward of the suffix, hooks off, `deltas` added as interventions."""
+        with ExitStack() as stack:
+            for i, d in deltas.items():
+                stack.enter_context(self.hooks.intervention(i, self.positions, d))
+            cache = _fresh_cache(self.kv) if self.kv else None
+            return self.base(
+                input_ids=self.ids,
+                attention_mask=self.mask,
+                position_ids=self.pos,
+                past_key_values=cache,
+                use_cache=cache is not None,
+            ).last_hidden_state
 
 
 @dataclass
@@ -395,7 +407,7 @@ def compute_delta(
     clamp_factor * ref_norm. Everything runs with the calling thread's hook table (the edits already
     published).
     """
-    base, head = _base(model), _lm_head(model)
+    base = base_model(model)
     dev = hooks.device
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
     starts = [r.subject[1] for r in problem.rows]  # type: ignore[index]
@@ -410,7 +422,13 @@ def compute_delta(
         pre_ids, pre_mask = _pad_left(prefixes, pad, dev)
         pre_pos = (pre_mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():  # with the calling thread's table: the world the edit will be served in
-            out = base(input_ids=pre_ids, attention_mask=pre_mask, position_ids=pre_pos, use_cache=True)
+            out = base(
+                input_ids=pre_ids,
+                attention_mask=pre_mask,
+                position_ids=pre_pos,
+                past_key_values=full_width_cache(),  # whole columns: they are re-used as a prefix below
+                use_cache=True,
+            )
         kv = _kv_tensors(out.past_key_values)
     full_mask = torch.cat([pre_mask, suf_mask], dim=1)
     suf_pos = pre_len[:, None] + torch.arange(s_len, device=dev)[None, :]
@@ -439,7 +457,7 @@ def compute_delta(
     stats = {"steps": 0.0, "nll": math.nan}
     for step in range(max_steps + 1):
         hs = suffix.forward(deltas)
-        logp = torch.log_softmax(head(hs[sel_r_t, sel_t_t]).float(), dim=-1)
+        logp = torch.log_softmax(final_logits(model, hs[sel_r_t, sel_t_t]).float(), dim=-1)
         tl = logp[:-1].gather(1, tgt_t[:, None]).squeeze(1).view(problem.n_ctx, n_tgt)
         nll = -tl.mean()
         stop_nll = -tl[: problem.n_ctx - problem.n_serving].mean() if problem.n_serving else nll
@@ -812,7 +830,7 @@ class Editor:
         return entries, "; ".join(msgs), None if bare is None else fit.initial_argmax[bare]
 
     def _down(self, layer: int) -> nn.Module:
-        return down_projection(decoder_layers(self.model)[layer].mlp)
+        return self.hooks.sites[layer].module
 
     # ---- probes ----------------------------------------------------------------------------------------
     def _probe_rows(self) -> list[list[int]]:
@@ -911,9 +929,9 @@ class Editor:
     def _last_logprobs(self, rows: Sequence[Sequence[int]], table: HookTable) -> torch.Tensor:
         ids, mask = _pad_right(rows, self.pad_id, self.hooks.device)
         with self.hooks.table_override(table):
-            hs = _base(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
+            hs = base_model(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
         last = mask.sum(-1) - 1
-        logits = _lm_head(self.model)(hs[torch.arange(len(rows), device=ids.device), last])
+        logits = final_logits(self.model, hs[torch.arange(len(rows), device=ids.device), last])
         return torch.log_softmax(logits.float(), dim=-1)
 
     # ---- quality gate -----------------------------------------------------------------------------------
@@ -973,12 +991,11 @@ class Editor:
             seqs.append((prompt_ids, old_ids))  # (empty only for a tokenizer without an EOS token)
         ids, mask = _pad_right([a + b[:-1] for a, b in seqs], self.pad_id, self.hooks.device)
         with self.hooks.table_override(override):
-            hs = _base(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
-        head = _lm_head(self.model)
+            hs = base_model(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
         hits, lps = [], []
         for r, (a, b) in enumerate(seqs):
             pos = torch.arange(len(a) - 1, len(a) - 1 + len(b), device=ids.device)
-            logp = torch.log_softmax(head(hs[r, pos]).float(), dim=-1)
+            logp = torch.log_softmax(final_logits(self.model, hs[r, pos]).float(), dim=-1)
             bt = torch.tensor(b, device=ids.device)
             hits.append(bool((logp.argmax(-1) == bt).all()))
             lps.append(float(logp.gather(1, bt[:, None]).sum()))

@@ -1,8 +1,8 @@
 """Hook layers: gated side memory attached to chosen MLP modules (base weights are never written).
 
-Each hooked MLP is replaced by a thin wrapper that calls the original module, reads the down_proj INPUT
-(the ROME key space: act(gate(x)) * up(x) for gated MLPs) through a forward pre-hook, and adds the value of
-the best-matching stored edit where that edit's cosine gate passes:
+Each hooked MLP's down projection (found per architecture, see hooks/arch.py) gets a forward hook that
+reads its INPUT (the ROME key space: act(gate(x)) * up(x) for gated MLPs) and adds to its output, the MLP
+output, the value of the best-matching stored edit where that edit's cosine gate passes:
 
     cos = normalize(h) @ K_norm^T          one matmul over every stored key of the layer
     best = argmax(cos); fire = cos[best] >= threshold[best]; out[fire] += values[best]
@@ -16,7 +16,7 @@ activation of the previous step, `Recorder.last_keys`). Where nobody passes it, 
 tokens starts the text (nothing precedes its first token, which meets no condition) and a one-token
 forward is a decode step without state (unknown: the condition holds, the last-token gate alone).
 
-Tables are immutable snapshots; `HookManager.publish` swaps a reference and every wrapper call reads the
+Tables are immutable snapshots; `HookManager.publish` swaps a reference and every hook call reads the
 reference once, so a swap between forward passes is atomic. All per-request switches (recording,
 disabled, intervention, captures, table override) are thread-local, so the editor can optimise and
 measure on the serving model while other threads keep generating with the published table.
@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.hooks.arch import UnsupportedArchitecture, decoder_layers, find_hook_sites
+
 __all__ = [
     "Capture",
     "Fire",
@@ -45,8 +47,8 @@ __all__ = [
     "NO_PREV_CONDITION",
     "Recorder",
     "StopForward",
+    "UnsupportedArchitecture",
     "decoder_layers",
-    "down_projection",
     "param_checksum",
 ]
 
@@ -335,83 +337,31 @@ class _ThreadState(threading.local):
         self.override: HookTable | None = None
         self.interventions: dict[int, list[_Intervention]] = {}
         self.captures: dict[int, list[Capture]] = {}
-        self.down_in: torch.Tensor | None = None
-        self.want_layer: int | None = None
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a HF causal LM (Llama/Qwen/Mistral style, with GPT-2/NeoX fallbacks)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
-        obj: Any = model
-        for name in path.split("."):
-            obj = getattr(obj, name, None)
-            if obj is None:
-                break
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-
-
-_DOWN_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out")
-
-
-def down_projection(mlp: nn.Module) -> nn.Module:
-    for name in _DOWN_NAMES:
-        mod = getattr(mlp, name, None)
-        if isinstance(mod, nn.Module):
-            return mod
-    raise ValueError(f"cannot find the down projection of {type(mlp).__name__}")
-
-
-class HookedMLP(nn.Module):
-    """Wraps one MLP. Shares the original's child-module dict, so parameter names and state_dict keys
-    are unchanged while installed (checksums and checkpoints see the same model)."""
-
-    def __init__(self, inner: nn.Module, layer: int, manager: HookManager) -> None:
-        super().__init__()
-        object.__setattr__(self, "_inner", inner)  # not registered: its children already are, below
-        object.__setattr__(self, "_manager", manager)
-        self._modules = inner._modules  # same dict object: same names, no copies
-        self.layer = layer
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_inner"), name)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._manager._forward(self, x, *args, **kwargs)
+        self.block_shapes: dict[int, tuple[int, int]] = {}
 
 
 class HookManager:
-    """Installs `HookedMLP` wrappers on `layers` and holds the published `HookTable`."""
+    """Hooks the MLP down projections of `layers` and holds the published `HookTable`."""
 
     def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
         self.model = model
-        blocks = decoder_layers(model)
         self.layers = sorted({int(i) for i in layers})
         if not self.layers:
             raise ValueError("HookManager needs at least one layer")
-        for i in self.layers:
-            if not 0 <= i < len(blocks):
-                raise ValueError(f"hook layer {i} out of range (model has {len(blocks)} layers)")
+        self.sites = find_hook_sites(model, self.layers)  # UnsupportedArchitecture where one cannot be
         self._tls = _ThreadState()
-        self._originals: dict[int, nn.Module] = {}
-        self._wrappers: dict[int, HookedMLP] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        for i in self.layers:
-            mlp = blocks[i].mlp
-            down = down_projection(mlp)
-            self.d_ff = int(down.in_features) if hasattr(down, "in_features") else int(down.weight.shape[-1])
-            self._originals[i] = mlp
-            self._handles.append(down.register_forward_pre_hook(self._make_pre_hook(i)))
-            wrapper = HookedMLP(mlp, i, self)
-            self._wrappers[i] = wrapper
-            blocks[i].mlp = wrapper
-        self.d_model = int(getattr(model.config, "hidden_size", 0)) or int(param.shape[-1])
+        widths = {(s.d_ff, s.d_model) for s in self.sites.values()}
+        if len(widths) != 1:
+            raise UnsupportedArchitecture(f"hook layers {self.layers} differ in MLP widths {sorted(widths)}")
+        self.d_ff, self.d_model = widths.pop()
+        blocks = decoder_layers(model)
+        for i, site in self.sites.items():
+            self._handles.append(site.module.register_forward_hook(self._make_hook(i)))
+            block_hook = self._make_block_hook(i)
+            self._handles.append(blocks[i].register_forward_pre_hook(block_hook, with_kwargs=True))
         self._table = HookTable.empty(self.device, self.dtype)
 
     # ---- table --------------------------------------------------------------------------------
@@ -429,7 +379,7 @@ class HookManager:
 
     def _check(self, table: HookTable) -> None:
         for i, t in table.layers.items():
-            if i not in self._wrappers:
+            if i not in self.sites:
                 raise ValueError(f"table has entries for layer {i}, which is not hooked ({self.layers})")
             if t.keys.shape[1] != self.d_ff or t.values.shape[1] != self.d_model:
                 raise ValueError(
@@ -484,7 +434,7 @@ class HookManager:
     ) -> Iterator[None]:
         """Add `delta` ([d_model] or [len(positions), d_model]; may require grad) at (row, position) of
         `layer`'s MLP output, in this thread. The table is off meanwhile unless `with_table`."""
-        if layer not in self._wrappers:
+        if layer not in self.sites:
             raise ValueError(f"layer {layer} is not hooked ({self.layers})")
         rows = torch.tensor([p[0] for p in positions], dtype=torch.long, device=self.device)
         pos = torch.tensor([p[1] for p in positions], dtype=torch.long, device=self.device)
@@ -506,7 +456,7 @@ class HookManager:
     def capture_keys(self, layer: int, *, stop: bool = False) -> Iterator[Capture]:
         """Yield a Capture whose `.value` is the last down_proj input [B, T, d_ff] seen at `layer` in this
         thread. With `stop=True` the forward raises `StopForward` right after (layers above are skipped)."""
-        if layer not in self._wrappers:
+        if layer not in self.sites:
             raise ValueError(f"layer {layer} is not hooked ({self.layers})")
         cap = Capture(layer=layer, stop=stop)
         st = self._tls
@@ -540,35 +490,41 @@ class HookManager:
         return out
 
     # ---- the forward ---------------------------------------------------------------------------
-    def _make_pre_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
+    def _make_block_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
         tls = self._tls
 
-        def pre_hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
-            # Only the wrapper of this layer, in this thread, asks for the key; otherwise a no-op.
-            if tls.want_layer == layer:
-                tls.down_in = args[0]
+        def pre_hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            # The block's [batch, tokens] shape: OPT flattens its MLP input to [batch * tokens, width].
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor) and hidden.dim() == 3:
+                tls.block_shapes[layer] = (hidden.shape[0], hidden.shape[1])
 
         return pre_hook
 
-    def _forward(self, wrapper: HookedMLP, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def _make_hook(self, layer: int):  # noqa: ANN202 - torch hook signature
+        tls = self._tls
+
+        def hook(_mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor | None:
+            h = args[0]
+            if h.dim() == 2:  # flattened tokens: give the gate its [batch, tokens, width] view back
+                shape = tls.block_shapes.get(layer)
+                if shape is not None and shape[0] * shape[1] == h.shape[0]:
+                    res = self._on_down_projection(layer, h.view(*shape, -1), out.view(*shape, -1))
+                    return None if res is None else res.reshape(out.shape)
+            return self._on_down_projection(layer, h, out)
+
+        return hook
+
+    def _on_down_projection(self, layer: int, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """Forward hook of a down projection: `h` is its input (the key), `out` the MLP output. Returns
+        None (output untouched, bit for bit) unless an edit, a capture or an intervention applies."""
         st = self._tls
-        layer = wrapper.layer
         table = st.override if st.override is not None else self._table  # read ONCE per forward
         lt = None if st.disabled else table.layer(layer)
         caps = st.captures.get(layer)
         ivs = st.interventions.get(layer)
-        inner = object.__getattribute__(wrapper, "_inner")
         if lt is None and caps is None and ivs is None:
-            return inner(x, *args, **kwargs)  # the unwrapped computation, bit for bit
-
-        prev_want, st.want_layer = st.want_layer, layer
-        try:
-            out = inner(x, *args, **kwargs)
-            h = st.down_in
-        finally:
-            st.want_layer, st.down_in = prev_want, None
-        if h is None:
-            raise RuntimeError(f"layer {layer}: the down projection was not called")
+            return None
         if caps:
             stop = False
             for c in caps:
@@ -682,21 +638,15 @@ class HookManager:
         return flat.view(shape)
 
     def uninstall(self) -> None:
-        """Put the original MLP modules back and remove the pre-hooks."""
-        blocks = decoder_layers(self.model)
+        """Remove the forward hooks: the model is exactly as it was loaded."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        for i, mlp in self._originals.items():
-            if blocks[i].mlp is self._wrappers[i]:
-                blocks[i].mlp = mlp
-        self._originals.clear()
-        self._wrappers.clear()
 
 
 def param_checksum(model: nn.Module) -> str:
     """sha256 over every parameter (name, dtype, shape, bytes): equal before and after any edits, because the
-    wrappers share the original modules' parameters and nothing here writes them."""
+    hooks only read activations and add to outputs; nothing here writes a parameter."""
     import hashlib
 
     h = hashlib.sha256()

@@ -95,3 +95,54 @@ class DescriptorEncoder:
     def encode_one(self, text: str) -> np.ndarray:
         """[dim] vector for one query (the scope detector's hot path)."""
         return self.encode([text])[0]
+
+
+def declared_dimension(folder: Path) -> int | None:
+    """The sentence-embedding width a sentence-transformers folder declares without loading it: its
+    Pooling module's width, when no later module (Dense) can change it."""
+    import json
+
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+        pooling = next(m for m in modules if m["type"].endswith(".Pooling"))
+        if any(k not in ("Transformer", "Pooling", "Normalize") for k in kinds):
+            return None
+        config = json.loads((folder / pooling["path"] / "config.json").read_text())
+        return int(config["word_embedding_dimension"])
+    except (OSError, ValueError, KeyError, StopIteration):
+        return None
+
+
+class LazyDescriptorEncoder:
+    """A DescriptorEncoder loaded on its first `encode`: with the retrieval path off (--no-retrieval) no
+    query is ever encoded, and only an Edit carrying a descriptor (whose embedding the log keeps for a
+    later start with retrieval on) needs the model."""
+
+    def __init__(self, path: str = EMBEDDED_ENCODER) -> None:
+        self.path = path
+        self._encoder: DescriptorEncoder | None = None
+        self._lock = threading.Lock()
+        folder = embedded_encoder_path() if path == EMBEDDED_ENCODER else Path(path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--encoder {path!r} is not a directory (and not 'embedded')")
+        dim = declared_dimension(folder)
+        self.dim: int = dim if dim is not None else self._loaded().dim
+
+    @property
+    def loaded(self) -> bool:
+        return self._encoder is not None
+
+    def _loaded(self) -> DescriptorEncoder:
+        with self._lock:
+            if self._encoder is None:
+                self._encoder = DescriptorEncoder(self.path)
+            return self._encoder
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if isinstance(texts, list) and not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._loaded().encode(texts)
+
+    def encode_one(self, text: str) -> np.ndarray:
+        return self.encode([text])[0]

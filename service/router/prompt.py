@@ -167,10 +167,18 @@ def query_text(prompt: str | None, messages: Sequence[Message] | None) -> str:
     return messages[-1][1]
 
 
+def render_plain_chat(messages: Sequence[Message]) -> str:
+    """A chat for a model without a chat template (base checkpoints: GPT-2, OPT, ...): one "Role: text"
+    line per message and an open "Assistant:" turn, the transcript layout such models saw in pre-training."""
+    lines = [f"{role.capitalize()}: {content.strip()}" for role, content in messages]
+    return "\n".join([*lines, "Assistant:"])
+
+
 def render_chat(messages: Sequence[Message], tokenizer: Any) -> str:
-    """The plain chat rendering serving uses without edits (generation prompt appended)."""
+    """The plain chat rendering serving uses without edits (generation prompt appended); the model's
+    chat template, or `render_plain_chat` where it has none."""
     if not getattr(tokenizer, "chat_template", None):
-        raise InvalidArgument("this model has no chat template; send a raw prompt", field="messages")
+        return render_plain_chat(messages)
     conversation = [{"role": role, "content": content} for role, content in messages]
     return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 

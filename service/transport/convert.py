@@ -262,4 +262,6 @@ def server_info_response(info: t.ServerInfo) -> pb.GetServerInfoResponse:
         total_edits=info.total_edits,
         server_version=info.server_version,
         max_batch_size=info.max_batch_size,
+        hook_layer_rule=info.hook_layer_rule,
+        architecture=info.architecture,
     )

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
 from service.config import Settings
-from service.errors import EditLogCorrupted, EditServeError
+from service.errors import EditLogCorrupted, EditServeError, ModelNotServable
 from service.types import DataPlaneProtocol
 
 from .interceptors import AuthInterceptor, ErrorToStatusInterceptor, MetricsInterceptor
@@ -43,6 +43,7 @@ _HEALTH_NAMES = ("", *API_SERVICES)  # "" is the whole server, as grpc-health-pr
 
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1
+EXIT_NOT_SERVABLE = 2  # the model or device cannot be served (ModelNotServable): fix the command line
 
 
 class ServablePlane(DataPlaneProtocol, Protocol):
@@ -214,10 +215,11 @@ async def _run(server: EditServeServer, stop: asyncio.Event, settings: Settings)
     stop_requested = asyncio.create_task(stop.wait(), name="editserve-stop")
     await asyncio.wait({loading, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is not None:
-        _log_load_failure(loading.exception(), settings)
+        failure = loading.exception()
+        _log_load_failure(failure, settings)
         stop_requested.cancel()
         await server.stop(0.0)
-        return EXIT_LOAD_FAILED
+        return EXIT_NOT_SERVABLE if isinstance(failure, ModelNotServable) else EXIT_LOAD_FAILED
     await stop_requested
     if not loading.done():
         log.info("stop requested while loading; exiting without serving")
@@ -238,6 +240,8 @@ def _log_load_failure(exc: BaseException | None, settings: Settings) -> None:
         where = settings.edit_log_url or f"SQLite under {settings.data_dir}"
         log.error("edit log (%s) is corrupted or unreadable: %s. Refusing to serve a partial state; "
                   "restore the log from a backup or point --data-dir / --edit-log-url elsewhere.", where, exc)
+    elif isinstance(exc, ModelNotServable):
+        log.error("cannot serve this model: %s", exc)
     elif isinstance(exc, EditServeError):
         log.error("cannot start: %s", exc)
     else:
@@ -247,6 +251,7 @@ def _log_load_failure(exc: BaseException | None, settings: Settings) -> None:
 __all__ = [
     "API_SERVICES",
     "EXIT_LOAD_FAILED",
+    "EXIT_NOT_SERVABLE",
     "EXIT_OK",
     "EditServeServer",
     "PlaneFactory",

@@ -370,7 +370,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model_name", "dtype", "device", "hook_layers", "edit_version", "active_edits", "active_hook_edits", "active_descriptor_edits", "total_edits", "server_version", "max_batch_size")
+    __slots__ = ("model_name", "dtype", "device", "hook_layers", "edit_version", "active_edits", "active_hook_edits", "active_descriptor_edits", "total_edits", "server_version", "max_batch_size", "hook_layer_rule", "architecture")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -382,6 +382,8 @@ class GetServerInfoResponse(_message.Message):
     TOTAL_EDITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    HOOK_LAYER_RULE_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     dtype: str
     device: str
@@ -393,4 +395,6 @@ class GetServerInfoResponse(_message.Message):
     total_edits: int
     server_version: str
     max_batch_size: int
-    def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., edit_version: _Optional[int] = ..., active_edits: _Optional[int] = ..., active_hook_edits: _Optional[int] = ..., active_descriptor_edits: _Optional[int] = ..., total_edits: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    hook_layer_rule: str
+    architecture: str
+    def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., edit_version: _Optional[int] = ..., active_edits: _Optional[int] = ..., active_hook_edits: _Optional[int] = ..., active_descriptor_edits: _Optional[int] = ..., total_edits: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., hook_layer_rule: _Optional[str] = ..., architecture: _Optional[str] = ...) -> None: ...
