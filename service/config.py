@@ -64,9 +64,12 @@ class Settings:
     # how often a replica reads edits other replicas appended to a shared log (0 = never; on start only)
     log_poll_s: float = 1.0
 
-    # hook layers; empty = the model's measured default (see service/hooks/defaults.py)
+    # hook layers; empty = measured for SmolLM2-135M, else round(0.2 x depth) (service/hooks/defaults.py)
     hook_layers: list[int] = field(default_factory=list)
     max_edits: int = 100_000
+    # Bound on the hook table's bytes on the model's device (0 = none): an edit that would pass it gets
+    # RESOURCE_EXHAUSTED. SmolLM2-135M entries take about 13 KiB each (float32 keys of width 1536).
+    max_hook_table_mb: int = 2048
     locality_max_top1_changed: float = 0.05  # quality gate bound on probe drift
 
     # retrieval
@@ -128,7 +131,7 @@ class Settings:
                 f"--default-max-new-tokens ({self.default_max_new_tokens}) exceeds "
                 f"--max-new-tokens-limit ({self.max_new_tokens_limit})"
             )
-        for name in ("torch_threads", "log_poll_s", "prefix_cache_mb"):
+        for name in ("torch_threads", "log_poll_s", "prefix_cache_mb", "max_hook_table_mb"):
             if getattr(self, name) < 0:
                 raise SettingsError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.grace_period_s < 0:

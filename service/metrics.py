@@ -38,6 +38,9 @@ PREFIX_CACHE_LOOKUPS = Counter(
     "editserve_prefix_cache_lookups", "Prefills that looked up a kept prompt state, by result", ["result"]
 )
 PREFIX_CACHE_BYTES = Gauge("editserve_prefix_cache_bytes", "Bytes of prompt KV states kept for reuse")
+HOOK_TABLE_BYTES = Gauge(
+    "editserve_hook_table_bytes", "Bytes of the published hook table (keys, values, gates) on its device"
+)
 MODEL_INFO = Info("editserve_model", "Served model")
 
 EDITS_ACTIVE = Gauge("editserve_edits_active", "Active edits", ["path"])

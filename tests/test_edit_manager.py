@@ -640,3 +640,26 @@ def test_base_weights_identical_after_many_edits_and_rollbacks(open_manager, tin
     assert torch.equal(next_logits(manager, probes), before)
     manager.close()
     assert param_checksum(tiny_llama.model) == start
+
+
+def test_no_retrieval_loads_the_encoder_only_for_a_descriptor(tiny_llama, tmp_path):
+    """--no-retrieval: no query is ever encoded, so the sentence encoder is not loaded at start; an Edit
+    with a descriptor still stores its embedding (a later start with retrieval on serves it)."""
+    from service.retrieval.encoder import DescriptorEncoder, LazyDescriptorEncoder
+
+    manager = EditManager(
+        tiny_llama, Settings(data_dir=tmp_path / "data", retrieval_enabled=False),
+        editor_factory=scripted_editor(),
+    )
+    try:
+        encoder = manager.store.encoder
+        assert isinstance(encoder, LazyDescriptorEncoder) and not encoder.loaded
+        assert encoder.dim == 384  # read from the model folder, without loading it
+        manager.edit(TWITTER)
+        assert encoder.loaded
+        stored = manager.store.snapshot().entries
+        [entry] = stored.values()
+        np.testing.assert_allclose(entry.embedding, DescriptorEncoder().encode([TWITTER.descriptor])[0],
+                                   atol=1e-6)
+    finally:
+        manager.close()

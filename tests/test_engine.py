@@ -569,3 +569,44 @@ async def test_hook_fires_are_reported_per_request(tiny_llama):
             assert unscored.hook_fires == {} and not all(unscored.greedy)
     finally:
         hooks.uninstall()
+
+
+async def test_deferred_gate_decisions_match_the_synchronous_gate(tiny_llama):
+    """The CUDA decode path (Recorder.defer: no read-back inside the forward, decisions fetched with the
+    sampled ids) gives the same tokens and the same reported fires as the CPU path, prefill and decode."""
+    model = tiny_llama.model
+    subject = ids_of(tiny_llama, "The Eiffel Tower is located in the city of")
+    other = ids_of(tiny_llama, "Completely unrelated words about cooking pasta at home tonight")
+    hooks = HookManager(model, [HOOK_LAYER])
+    gen = torch.Generator().manual_seed(1)
+    d_model = model.config.hidden_size
+    try:
+        key = hooks.keys_at([HOOK_LAYER], torch.tensor([subject]))[HOOK_LAYER][0, 3]
+        hooks.publish(HookTable.build([
+            HookEntry("eiffel", HOOK_LAYER, key, torch.randn(d_model, generator=gen) * 5, 0.9999),
+            # fires at every token where "eiffel" does not win, decode steps included
+            HookEntry("everywhere", HOOK_LAYER, torch.randn(key.shape[0], generator=gen),
+                      torch.randn(d_model, generator=gen) * 0.5, -1.0),
+        ], version=3))
+        results = {}
+        for defer in (False, True):
+            async with running(tiny_llama, hooks) as eng:
+                eng._runner.defer_fires = defer
+                outs = await asyncio.gather(*(
+                    collect(eng, EngineRequest(ids, SamplingParams(max_new_tokens=8), use_hooks=use))
+                    for ids, use in ((subject, True), (other, True), (subject, False))
+                ))
+                sampled = await collect(eng, EngineRequest(subject, SamplingParams(
+                    max_new_tokens=8, temperature=0.8, seed=5)))
+                results[defer] = (
+                    [tokens_of(o) for o in outs] + [tokens_of(sampled)],
+                    [o[-1].hook_fires for o in outs],
+                )
+        assert results[True][0] == results[False][0]
+        fires_sync, fires_deferred = results[False][1], results[True][1]
+        assert [set(f) for f in fires_deferred] == [set(f) for f in fires_sync]
+        for a, b in zip(fires_deferred, fires_sync, strict=True):
+            assert all(a[k] == pytest.approx(b[k], abs=1e-6) for k in a)
+        assert set(fires_sync[0]) == {"eiffel", "everywhere"} and fires_sync[2] == {}
+    finally:
+        hooks.uninstall()

@@ -56,6 +56,7 @@ from service.metrics import (
     EDIT_LOG_VERSION,
     EDIT_OPERATIONS,
     EDITS_ACTIVE,
+    HOOK_TABLE_BYTES,
     RETRIEVAL_INDEX_SIZE,
 )
 from service.retrieval import DescriptorEncoder, RetrievalStore, StoreSnapshot
@@ -371,6 +372,7 @@ class EditManager:
             self._check_open()
             self._check_capacity(plans)
             computed = self._compute(plans, hook_plans) if hook_plans else {}
+            self._check_table_bytes(computed)
             vectors = self.store.encoder.encode([p.descriptor for p in plans])
             with self._commit_lock:
                 self._check_open()
@@ -432,6 +434,19 @@ class EditManager:
             raise ResourceExhausted(
                 f"{active} edits are active and max_edits is {self.settings.max_edits}: "
                 f"this request would make {after}; roll some back first"
+            )
+
+    def _check_table_bytes(self, computed: dict[int, ComputedEdit]) -> None:
+        """The hook table lives in device memory: refuse an edit that would grow it past its bound."""
+        limit = self.settings.max_hook_table_mb << 20
+        if not limit or not computed:
+            return
+        table = self.hooks.current
+        after = table.nbytes + sum(table.entry_nbytes(e) for ce in computed.values() for e in ce.entries)
+        if after > limit:
+            raise ResourceExhausted(
+                f"the hook table would hold {after / 2**20:.1f} MiB and max_hook_table_mb is "
+                f"{self.settings.max_hook_table_mb}: roll some edits back first"
             )
 
     def _stored_edits(
@@ -523,6 +538,7 @@ class EditManager:
 
     def _publish_table(self, table: HookTable) -> None:
         self.hooks.publish(table)
+        HOOK_TABLE_BYTES.set(table.nbytes)
         self._snapshot = EditSnapshot(table.version, table, self.store.snapshot())
         counts = self.registry.counts()
         EDITS_ACTIVE.labels(path="hook").set(counts.active_hook)

@@ -73,9 +73,21 @@ class KVState:
     # previous-token condition at the next decode step (see hooks/layer.py)
     hook_keys: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    # `lengths` on the device, made once per batch composition and advanced there by each decode step
+    _device_lengths: torch.Tensor | None = field(default=None, repr=False)
+
     @property
     def width(self) -> int:
         return self.cache.get_seq_length()
+
+    def device_lengths(self, device: torch.device) -> torch.Tensor:
+        if self._device_lengths is None or self._device_lengths.shape[0] != len(self.lengths):
+            self._device_lengths = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        return self._device_lengths
+
+    def advance_device_lengths(self) -> None:
+        if self._device_lengths is not None:
+            self._device_lengths = self._device_lengths + 1
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -120,6 +132,21 @@ class ForwardOutput:
     fires: list[dict[str, float]]  # per row: edit_id -> best gate score at this forward's real tokens
     fired_tokens: list[int]  # per row: real tokens of this forward where some edit fired
     edit_version: int  # version of the hook table this forward used (0 without hooks)
+    # a decode step's gate decisions still on the device (Recorder.defer); `host_tokens` fetches them
+    pending: Recorder | None = None
+
+    def host_tokens(self, tokens: torch.Tensor) -> list[int]:
+        """`tokens` ([B] ids on the device) as a list, and `fires`/`fired_tokens` filled in from deferred
+        gate decisions in the same device-to-host copy: a decode step's only one."""
+        rec, self.pending = self.pending, None
+        if rec is None or not rec.pending:
+            return tokens.tolist()
+        n = tokens.numel()
+        # float32 holds every id below 2**24 exactly (vocabularies are far smaller)
+        host = torch.cat([tokens.to(torch.float32), rec.packed_pending()]).cpu().numpy()
+        rec.take_pending(host[n:])
+        self.fires, self.fired_tokens = ModelRunner._collect(rec, len(self.fires))
+        return [int(t) for t in host[:n]]
 
 
 @dataclass
@@ -144,6 +171,10 @@ class ModelRunner:
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         pad = loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)  # any id works: padded columns are masked out
+        # Off the CPU, decode steps read no gate decision back mid-forward (see Recorder.defer); on the
+        # CPU a read costs nothing and lets a step where nothing fired skip the value add.
+        self.defer_fires = self.device.type != "cpu"
+        self._row_flags: dict[tuple[bool, ...], torch.Tensor] = {}  # hooks on/off per batch, on the device
 
     # ---- hooks --------------------------------------------------------------------------------
     @contextmanager
@@ -159,11 +190,21 @@ class ModelRunner:
             yield None, 0
             return
         table = self.hooks.current
-        row_enabled = torch.tensor(list(enabled), dtype=torch.bool, device=self.device)
-        with self.hooks.table_override(table), self.hooks.recording(row_enabled=row_enabled) as rec:
+        with self.hooks.table_override(table), self.hooks.recording(self._flags(enabled)) as rec:
             rec.position_offset = list(offsets)
             rec.prev_keys = prev_keys
+            rec.defer = self.defer_fires
             yield rec, table.version
+
+    def _flags(self, enabled: Sequence[bool]) -> torch.Tensor:
+        """The per-row hooks switch on the device, copied there once per batch composition, not per step."""
+        key = tuple(bool(e) for e in enabled)
+        flags = self._row_flags.get(key)
+        if flags is None:
+            if len(self._row_flags) >= 256:
+                self._row_flags.clear()
+            flags = self._row_flags[key] = torch.tensor(key, dtype=torch.bool, device=self.device)
+        return flags
 
     @staticmethod
     def _collect(
@@ -174,6 +215,7 @@ class ModelRunner:
         fires: list[dict[str, float]] = [{} for _ in range(rows)]
         fired_positions: list[set[int]] = [set() for _ in range(rows)]
         if rec is not None:
+            rec.resolve()
             for f in rec.fires:
                 if f.position < 0 or (before is not None and f.position >= before[f.row]):
                     continue  # a padding column, not one of the row's tokens (or not of its prompt)
@@ -288,24 +330,30 @@ class ModelRunner:
     def decode(
         self, state: KVState, last_tokens: Sequence[int], hooks_enabled: Sequence[bool]
     ) -> ForwardOutput:
-        """One new token per row; `state` grows by one column and every length by one."""
+        """One new token per row; `state` grows by one column and every length by one. Mask and positions
+        are built on the device from lengths kept there: the step copies only the new token ids over."""
         width = state.width
-        lengths = torch.tensor(state.lengths)
-        columns = torch.arange(width + 1)
+        lengths = state.device_lengths(self.device)
+        columns = torch.arange(width + 1, device=self.device)
         mask = (columns[None, :] >= (width - lengths)[:, None]).long()  # the new column is real for every row
         with self._hook_scope(hooks_enabled, state.lengths, state.hook_keys) as (rec, version):
             out = self.model(
                 input_ids=torch.tensor(list(last_tokens), dtype=torch.long)[:, None].to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=lengths[:, None].to(self.device),
+                attention_mask=mask,
+                position_ids=lengths[:, None],
                 past_key_values=state.cache,
                 use_cache=True,
             )
         state.cache = out.past_key_values
         state.lengths = [n + 1 for n in state.lengths]
+        state.advance_device_lengths()
         state.hook_keys = {} if rec is None else dict(rec.last_keys)
-        fires, fired = self._collect(rec, len(last_tokens))
-        return ForwardOutput(out.logits[:, -1, :].float(), fires, fired, version)
+        logits = out.logits[:, -1, :].float()
+        rows = len(last_tokens)
+        if rec is not None and rec.pending:  # fetched with the sampled ids (ForwardOutput.host_tokens)
+            return ForwardOutput(logits, [{} for _ in range(rows)], [0] * rows, version, pending=rec)
+        fires, fired = self._collect(rec, rows)
+        return ForwardOutput(logits, fires, fired, version)
 
     def score(
         self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], use_hooks: bool

@@ -40,12 +40,13 @@ class SamplingParams:
             raise InvalidArgument("must be >= 0", field="top_k")
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
-    """The sequence's own random stream (None for greedy: no randomness needed)."""
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The sequence's own random stream on the logits' device (None for greedy: no randomness needed), so a
+    draw copies only the sampled id to the host. A seed gives the same text on the same kind of device."""
     if params.greedy:
         return None
     # manual_seed wants a value in [-2**63, 2**64); mask so any Python int (negative, huge) is accepted.
-    return torch.Generator(device="cpu").manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return torch.Generator(device=device).manual_seed(params.seed & 0xFFFF_FFFF_FFFF_FFFF)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -86,4 +87,6 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     scaled = logits.float() / params.temperature
     scaled = top_p_filter(top_k_filter(scaled, params.top_k), params.top_p)
     probs = scaled.softmax(dim=-1)
-    return int(torch.multinomial(probs.to("cpu"), 1, generator=generator))
+    if generator is not None and generator.device != probs.device:
+        probs = probs.to(generator.device)
+    return int(torch.multinomial(probs, 1, generator=generator))

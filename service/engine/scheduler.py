@@ -207,7 +207,8 @@ class Engine:
         self._check_prompt(request.prompt_ids, "prompt_ids")
         request.params.validate()
         seq = SequenceState(
-            request, asyncio.get_running_loop(), self.loaded.tokenizer, self._eos_ids, self._max_context
+            request, asyncio.get_running_loop(), self.loaded.tokenizer, self._eos_ids, self._max_context,
+            self.loaded.device,
         )
         self._enqueue(self._waiting, seq)
         return TokenStream(seq)
@@ -444,7 +445,7 @@ class Engine:
         early = [row for row, seq in enumerate(seqs) if len(seq.generated) < seq.params.min_new_tokens]
         if early and self._eos_ids:
             logits = mask_tokens(logits, early, self._eos_ids)
-        greedy_tokens = logits.argmax(dim=-1).tolist()
+        greedy_tokens = out.host_tokens(logits.argmax(dim=-1))  # also fetches deferred gate decisions
         keep: list[int] = []
         generated = fired = 0
         for row, seq in enumerate(seqs):

@@ -58,6 +58,7 @@ class SequenceState:
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: frozenset[int],
         max_context_tokens: int,
+        device: torch.device | str = "cpu",
     ) -> None:
         self.request = request
         self.params = request.params
@@ -66,7 +67,7 @@ class SequenceState:
         self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
         self.cancelled = False  # the consumer went away
         self.finished = False
-        self.generator: torch.Generator | None = make_generator(self.params)
+        self.generator: torch.Generator | None = make_generator(self.params, device)
         self._eos_ids = eos_ids
         self._detok = IncrementalDetokenizer(tokenizer, self.prompt_ids)
         self._stops = StopMatcher(self.params.stop)

@@ -295,13 +295,16 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8, 10])
+    ap.add_argument("--model", default="embedded", help='"embedded" or a Hugging Face model folder')
+    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    ap.add_argument("--dtype", default="float32", help="auto | float32 | float16 | bfloat16")
     ap.add_argument("--repeat", type=int, default=1, help="repeat the whole fact list (timing)")
     ap.add_argument("--nll-stop", type=float, default=None)
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--latency", action="store_true", help="Generate latency with 0 vs 10,000 edits")
     args = ap.parse_args()
     kwargs = {k: v for k, v in (("nll_stop", args.nll_stop), ("lr", args.lr)) if v is not None}
-    lm = load_model("embedded", device="cpu", dtype="float32")
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
     if args.latency:
         res = generate_latency(lm.model, lm.tokenizer, args.layers)
         base, full = res["0"], res["10000"]

@@ -226,6 +226,21 @@ class HookTable:
             seen.update(dict.fromkeys(self._layers[i].ids))
         self._edit_ids = tuple(seen)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the table holds (keys, values, thresholds, prefilter, conditions)."""
+        total = 0
+        for t in self._layers.values():
+            parts = [t.keys, t.values, t.thresholds, t.prev_keys, t.prev_thresholds]
+            parts += list(t.prefilter) if t.prefilter is not None else []
+            total += sum(x.numel() * x.element_size() for x in parts if x is not None)
+        return total
+
+    def entry_nbytes(self, entry: HookEntry) -> int:
+        """An upper bound of what `entry` adds to a table like this one (as `nbytes` counts it)."""
+        d_ff, d_model = entry.key.shape[-1], entry.value.shape[-1]
+        return 3 * 4 * d_ff + d_model * torch.empty(0, dtype=self.dtype).element_size() + d_ff + 16
+
     @classmethod
     def build(
         cls,
@@ -307,6 +322,49 @@ class Recorder:
     last_keys: dict[int, torch.Tensor] = field(default_factory=dict)
     key_columns: Sequence[int] | None = None
     column_keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    # defer: the gate adds values without reading its decisions back (no host sync inside the forward, for
+    # CUDA); the decisions wait in `pending` until the caller copies them to the host with whatever else
+    # it copies (the sampled ids) and hands them to `take_pending`.
+    defer: bool = False
+    pending: list[_PendingFires] = field(default_factory=list)
+
+    def packed_pending(self) -> torch.Tensor:
+        """Every deferred decision as one float32 vector: per gated layer, (fire, entry row, score) of each
+        token, so they reach the host in one copy."""
+        return torch.cat([torch.stack([p.fire.float(), p.index.float(), p.score.float()]).reshape(-1)
+                          for p in self.pending])
+
+    def take_pending(self, host: Any) -> None:
+        """Record the fires of the deferred decisions from the host copy (numpy) of `packed_pending()`."""
+        import numpy as np
+
+        offset = 0
+        offs = self.position_offset
+        for p in self.pending:
+            n = p.fire.numel()
+            block = np.asarray(host[offset : offset + 3 * n]).reshape(3, n)
+            offset += 3 * n
+            for flat in np.nonzero(block[0])[0].tolist():
+                row, tpos = divmod(flat, p.t_len)
+                off = offs if isinstance(offs, int) else int(offs[row])
+                self.fires.append(Fire(row=row, position=tpos + off, edit_id=p.ids[int(block[1, flat])],
+                                       score=float(block[2, flat]), layer=p.layer))
+        self.pending.clear()
+
+    def resolve(self) -> None:
+        """Fetch deferred decisions now (one copy), for callers that do not batch it with anything."""
+        if self.pending:
+            self.take_pending(self.packed_pending().cpu().numpy())
+
+
+@dataclass(eq=False)
+class _PendingFires:
+    layer: int
+    t_len: int
+    ids: tuple[str, ...]  # the layer table's entry ids
+    fire: torch.Tensor  # [tokens] bool
+    index: torch.Tensor  # [tokens] entry row of the best candidate
+    score: torch.Tensor  # [tokens] its cosine
 
 
 @dataclass(eq=False)
@@ -624,6 +682,11 @@ class HookManager:
         fire = best >= lt.thresholds[idx]
         if rec is not None and rec.row_enabled is not None:
             fire &= rec.row_enabled.to(fire.device).repeat_interleave(t_len)
+        if rec is not None and rec.defer:
+            # No data-dependent branch: every token adds its best entry's value times fire (0 or 1).
+            rec.pending.append(_PendingFires(layer, t_len, lt.ids, fire, idx, best))
+            add = lt.values[idx].to(out.dtype) * fire[:, None].to(out.dtype)
+            return (out.reshape(-1, shape[-1]) + add).view(shape)
         pos = fire.nonzero().squeeze(1)
         if pos.numel() == 0:
             return out  # nothing fired: output untouched
