@@ -55,17 +55,17 @@ def tokenizer() -> Any:
     return embedded_tokenizer()
 
 
-def _settings(folder: Path, data_dir: Path) -> Settings:
+def _settings(folder: Path, data_dir: Path, dtype: str = "float32") -> Settings:
     return Settings(
-        port=0, metrics_port=0, data_dir=data_dir, model=str(folder), device="cpu", dtype="float32",
+        port=0, metrics_port=0, data_dir=data_dir, model=str(folder), device="cpu", dtype=dtype,
         log_poll_s=0, grace_period_s=5.0,
     )
 
 
-async def _serve(folder: Path, data_dir: Path) -> EditServeServer:
+async def _serve(folder: Path, data_dir: Path, dtype: str = "float32") -> EditServeServer:
     from service.dataplane import DataPlane
 
-    settings = _settings(folder, data_dir)
+    settings = _settings(folder, data_dir, dtype)
     server = EditServeServer(settings, lambda: DataPlane.load(settings))
     await server.start()
     await server.load_plane()
@@ -207,6 +207,32 @@ CONFIGS_ARCH_CLASS = {
 }
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+async def test_half_precision_serves_edits_and_rolls_back_exactly(
+    dtype: str, tmp_path: Path, tokenizer: Any, client_factory: Any
+) -> None:
+    """A half-precision model serves, edits (v* is fitted in float32) and rolls back to identical logits.
+    Batch = alone is not asserted: padding changes the order of half-precision sums."""
+    folder = save_tiny_checkpoint("llama", tmp_path / "llama", tokenizer=tokenizer)
+    server = await _serve(folder, tmp_path / "data", dtype)
+    try:
+        c = client_factory(server)
+        info = await c.info.GetServerInfo(pb.GetServerInfoRequest(), timeout=30)
+        assert info.dtype == dtype
+        before = await c.score(EDIT_PROBE, EDIT["target_new"])
+        base_out = await c.greedy(EDIT_PROBE)
+        assert base_out.completion_tokens > 0 and all(math.isfinite(x) for x in before)
+        res = await c.edit.Edit(pb.EditRequest(force=True, **EDIT), timeout=300)
+        edited = await c.greedy(EDIT_PROBE)
+        assert res.edit_id in [a.edit_id for a in edited.applied_edits]
+        assert sum(await c.score(EDIT_PROBE, EDIT["target_new"])) > sum(before)
+        await c.edit.Rollback(pb.RollbackRequest(edit_id=res.edit_id, reason="test"), timeout=60)
+        assert await c.score(EDIT_PROBE, EDIT["target_new"]) == before
+        assert (await c.greedy(EDIT_PROBE)).text == base_out.text
+    finally:
+        await server.stop(5.0)
+
+
 def test_unhookable_architecture_refuses_to_start(tmp_path: Path, tokenizer: Any) -> None:
     """A mixture of experts has no MLP down projection: `editserve serve` exits 2 with one line naming the
     architecture and what is missing, and no traceback."""
@@ -222,3 +248,15 @@ def test_unhookable_architecture_refuses_to_start(tmp_path: Path, tokenizer: Any
     assert len(errors) == 1, proc.stderr[-2000:]
     assert "MixtralForCausalLM" in errors[0] and "no MLP down projection" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+async def test_cuda_asked_for_without_a_gpu_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from service.dataplane import DataPlane
+    from service.transport import serve
+
+    settings = Settings(port=0, metrics_port=0, data_dir=tmp_path / "data", device="cuda")
+    code = await serve(settings, lambda: DataPlane.load(settings))
+    assert code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "--device cuda" in errors[0] and "no CUDA device" in errors[0]
