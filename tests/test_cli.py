@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from service import __version__, cli
+from service import __version__, cli, settings_args
 from service.config import Settings, SettingsError, is_loopback
 
 
 def settings(argv: list[str], env: dict[str, str] | None = None) -> Settings:
     args = cli.build_parser().parse_args(["serve", *argv])
-    return cli.settings_from(args, env or {})
+    return settings_args.settings_from(args, env or {})
 
 
 def test_defaults_match_the_settings_dataclass() -> None:
@@ -61,8 +61,8 @@ def test_every_settings_field_has_a_flag_and_an_env_var(capsys: pytest.CaptureFi
         cli.run(["serve", "--help"], env={})
     serve_help = capsys.readouterr().out
     for field in dataclasses.fields(Settings):
-        assert cli.env_name(field.name) in serve_help
-        flag = "--retrieval" if field.name == "retrieval_enabled" else cli.flag_name(field.name)
+        assert settings_args.env_name(field.name) in serve_help
+        flag = "--retrieval" if field.name == "retrieval_enabled" else settings_args.flag_name(field.name)
         assert flag in serve_help, flag
 
 
@@ -187,8 +187,9 @@ def _code_blocks(language: str) -> list[str]:
 def test_readme_configuration_table_covers_every_setting() -> None:
     rows = [line for line in README.splitlines() if line.startswith("| `--")]
     for field in dataclasses.fields(Settings):
-        flag = "--retrieval" if field.name == "retrieval_enabled" else cli.flag_name(field.name)
-        assert any(f"`{flag}`" in row and f"`{cli.env_name(field.name)}`" in row for row in rows), field.name
+        flag = "--retrieval" if field.name == "retrieval_enabled" else settings_args.flag_name(field.name)
+        env = settings_args.env_name(field.name)
+        assert any(f"`{flag}`" in row and f"`{env}`" in row for row in rows), field.name
 
 
 def test_readme_grpcurl_payloads_are_valid_requests() -> None:

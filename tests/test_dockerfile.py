@@ -119,8 +119,8 @@ def test_kustomizations_name_files_that_exist() -> None:
 
 
 def test_deployment_probes_grpc_health_and_is_scraped() -> None:
-    from service.cli import env_name
     from service.config import Settings
+    from service.settings_args import env_name
 
     (deployment,) = manifests("base/deployment.yaml")
     pod = deployment["spec"]["template"]

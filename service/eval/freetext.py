@@ -453,9 +453,9 @@ class _client:  # noqa: N801 - an async context manager used like a function
                 EditServeClient(self.cfg.server, admin_token=self.cfg.admin_token)
             )
         else:
-            from service.cli import settings_from
             from service.engine.loader import load_model
             from service.eval.inprocess import in_process_server
+            from service.settings_args import settings_from
 
             # No resuming here: a fresh edit log, so an interrupted run leaves no edit behind.
             shutil.rmtree(self.cfg.out / "server-data", ignore_errors=True)

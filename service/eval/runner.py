@@ -388,8 +388,8 @@ async def connect(cfg: EvalConfig, runner: Runner) -> AsyncIterator[EditServeCli
             await client.wait_ready()
             yield client
         return
-    from service.cli import settings_from
     from service.eval.inprocess import in_process_server
+    from service.settings_args import settings_from
 
     # The same EDITSERVE_<NAME> settings as `editserve serve` (address, data dir and token are the harness's).
     base = replace(
