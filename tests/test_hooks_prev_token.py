@@ -14,13 +14,8 @@ from service.editlog import EditLog, LogEntry, StoredEdit
 from service.editlog.model import entry_checksum
 from service.edits.convert import hook_entries, stored_hooks
 from service.engine.batch import ModelRunner
-from service.hooks.editor import (
-    PREV_THRESHOLD_CAP,
-    SINK_POSITIONS,
-    Editor,
-    EditSpec,
-    previous_token_condition,
-)
+from service.hooks.editor import Editor, EditSpec
+from service.hooks.keys import PREV_THRESHOLD_CAP, SINK_POSITIONS, previous_token_condition
 from service.hooks.layer import NO_PREV_CONDITION, HookEntry, HookManager, HookTable, decoder_layers
 
 LAYER = 1

@@ -10,14 +10,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from service.errors import InvalidArgument
-from service.hooks.editor import (
-    CONTEXT_PREFIXES,
-    SINK_POSITIONS,
-    Editor,
-    EditSpec,
-    QualityReport,
-    calibrate_threshold,
-)
+from service.hooks.editor import CONTEXT_PREFIXES, Editor, EditSpec, QualityReport
+from service.hooks.keys import SINK_POSITIONS, calibrate_threshold
 from service.hooks.layer import HookEntry, HookManager, HookTable, decoder_layers
 from service.hooks.layer import param_checksum as param_hash
 
@@ -335,7 +329,8 @@ def test_editor_compute_end_to_end_on_tiny_model(tiny, hooks):
 def test_serving_context_joins_the_value_fit_only(tiny, hooks, monkeypatch):
     """EditSpec.serving_contexts add rows to v*'s problem (subject = the prompt's mention, after the
     context's own) and leave the first layer's key and threshold alone."""
-    from service.hooks import editor as ed_mod
+    from service.hooks import editor as editor_mod
+    from service.hooks import values as ed_mod
 
     model, tok = tiny
     problems = []
@@ -345,7 +340,7 @@ def test_serving_context_joins_the_value_fit_only(tiny, hooks, monkeypatch):
         return fit_delta(model_, hooks_, layers, problem, ref_norm, **kw)
 
     fit_delta = ed_mod.compute_delta
-    monkeypatch.setattr(ed_mod, "compute_delta", spy)
+    monkeypatch.setattr(editor_mod, "compute_delta", spy)  # the editor's reference to it
     ed = Editor(model, tok, hooks, max_steps=3)
     prompt = "The Eiffel Tower is located in the city of"
     block = f"[Updated Information]\n- {prompt} Rome.\n[End of Updated Information]\n\n"
@@ -415,15 +410,16 @@ def test_nested_interventions_add_up_and_unwind(tiny, hooks):
 
 def test_v_star_layer_walk_matches_the_full_forward(tiny, hooks):
     """v* runs only the layers from the lowest hooked one up; the result equals the model's own forward."""
-    from service.hooks import editor as ed_mod
+    from service.hooks import rows as rows_mod
+    from service.hooks import values as ed_mod
 
     model, tok = tiny
     hooks.publish(HookTable.build([entry(torch.randn(128), torch.randn(64), 0.2, eid="old")], version=1))
     ed = Editor(model, tok, hooks, max_steps=4)
     spec = EditSpec("The Eiffel Tower", "Note that The Eiffel Tower is located in the city of", "Rome")
     prep = ed._prepare(spec)
-    problem = ed_mod._DeltaProblem(
-        rows=[ed_mod._Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
+    problem = ed_mod.DeltaProblem(
+        rows=[rows_mod.Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
         n_ctx=len(prep.ctx),
         prompt_lens=[len(r.ids) for r in prep.ctx],
         target_ids=prep.target_ids,
@@ -445,7 +441,8 @@ def test_v_star_layer_walk_matches_the_full_forward(tiny, hooks):
 
 def test_early_stop_reads_the_nll_of_the_plain_contexts_only(tiny, hooks):
     """Serving-context rows enter v*'s loss; the stop rule's NLL is the mean over the other rows."""
-    from service.hooks import editor as ed_mod
+    from service.hooks import rows as rows_mod
+    from service.hooks import values as ed_mod
 
     model, tok = tiny
     ed = Editor(model, tok, hooks)
@@ -454,8 +451,8 @@ def test_early_stop_reads_the_nll_of_the_plain_contexts_only(tiny, hooks):
     prep = ed._prepare(EditSpec("The Eiffel Tower", prompt, "Rome", serving_contexts=[block]))
 
     def problem(rows: list, n_serving: int):
-        return ed_mod._DeltaProblem(
-            rows=[ed_mod._Row(r.ids + prep.target_ids[:-1], r.subject) for r in rows] + [prep.kl],
+        return ed_mod.DeltaProblem(
+            rows=[rows_mod.Row(r.ids + prep.target_ids[:-1], r.subject) for r in rows] + [prep.kl],
             n_ctx=len(rows),
             prompt_lens=[len(r.ids) for r in rows],
             target_ids=prep.target_ids,
@@ -474,13 +471,14 @@ def test_first_step_jumps_to_its_length_along_the_negative_gradient(tiny, hooks)
     """v*'s first step: `first_step * ref_norm` long, downhill for the target NLL (at delta = 0 the KL and
     weight-decay terms have zero gradient, so the step follows the NLL alone); without it, Adam's first
     step moves every coordinate by lr."""
-    from service.hooks import editor as ed_mod
+    from service.hooks import rows as rows_mod
+    from service.hooks import values as ed_mod
 
     model, tok = tiny
     ed = Editor(model, tok, hooks)
     prep = ed._prepare(EditSpec("The Eiffel Tower", "The Eiffel Tower is located in the city of", "Rome"))
-    problem = ed_mod._DeltaProblem(
-        rows=[ed_mod._Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
+    problem = ed_mod.DeltaProblem(
+        rows=[rows_mod.Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
         n_ctx=len(prep.ctx),
         prompt_lens=[len(r.ids) for r in prep.ctx],
         target_ids=prep.target_ids,

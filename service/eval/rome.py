@@ -4,8 +4,8 @@ path: it writes the weights of a PRIVATE deep copy of the model.
 One edit = one rank-one update of one MLP down-projection W (d_model x d_ff), no gate, and sequential
 edits accumulate in W:
   k*  the down_proj input at the subject's last token, averaged over context prefixes
-      (service.hooks.editor.compute_k_star, the same keys the hook layer stores)
-  v*  W k* + delta, where delta is ROME's v* optimisation (service.hooks.editor.compute_delta: target NLL
+      (service.hooks.keys.compute_k_star, the same keys the hook layer stores)
+  v*  W k* + delta, where delta is ROME's v* optimisation (service.hooks.values.compute_delta: target NLL
       over the contexts + KL on "{subject} is a" + weight decay), run on the current, already edited model
   W' = W + delta (C^-1 k*)^T / (k*^T C^-1 k*)   so that W' k* = v* exactly
 C is the uncentred second moment E[k k^T] of down_proj inputs. ROME estimates it on 100k Wikipedia tokens;
@@ -33,7 +33,9 @@ from service.eval.datasets import EvalRecord
 from service.eval.metrics import TokenScores
 from service.hooks import Editor, EditSpec, HookManager, default_hook_layers
 from service.hooks.arch import find_hook_sites
-from service.hooks.editor import _DeltaProblem, _pad_right, _Row, compute_delta, compute_k_star
+from service.hooks.keys import compute_k_star
+from service.hooks.rows import Row, pad_right
+from service.hooks.values import DeltaProblem, compute_delta
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ class LocalScorer:
                 (list(self.tok(p)["input_ids"]), list(self.tok(c, add_special_tokens=False)["input_ids"]))
                 for p, c in chunk
             ]
-            ids, mask = _pad_right([a + b for a, b in enc], self.pad_id, self.device)
+            ids, mask = pad_right([a + b for a, b in enc], self.pad_id, self.device)
             logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
             for r, (a, b) in enumerate(enc):
                 pos = torch.arange(len(a) - 1, len(a) - 1 + len(b), device=self.device)
@@ -280,15 +282,15 @@ class RomeBaseline:
             prep = self.editor._prepare(EditSpec(record.subject, record.prompt, record.target_new))
         except Exception as exc:  # noqa: BLE001 - an invalid record is an outcome, reported per record
             return RomeEditReport(record.index, time.perf_counter() - t0, float("nan"), False, 0.0, str(exc))
-        ids, mask = _pad_right([r.ids for r in prep.ctx], self.editor.pad_id, self.hooks.device)
+        ids, mask = pad_right([r.ids for r in prep.ctx], self.editor.pad_id, self.hooks.device)
         acts = self.hooks.keys_at([self.layer], ids, mask)[self.layer]
         k_star = compute_k_star(
             [acts[r, : len(row.ids)] for r, row in enumerate(prep.ctx)], [row.subject[1] for row in prep.ctx]
         )  # type: ignore[index]
         with torch.no_grad():
             ref_norm = float((self.weight.float() @ k_star).norm())
-        problem = _DeltaProblem(
-            rows=[_Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
+        problem = DeltaProblem(
+            rows=[Row(r.ids + prep.target_ids[:-1], r.subject) for r in prep.ctx] + [prep.kl],
             n_ctx=len(prep.ctx),
             prompt_lens=[len(r.ids) for r in prep.ctx],
             target_ids=prep.target_ids,
