@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import service.hooks.editor as editor_module  # noqa: E402
+import service.hooks.keys as keys_module  # noqa: E402
 from service.engine.loader import load_model  # noqa: E402
 from service.eval.datasets import EvalRecord, load_records  # noqa: E402
 from service.hooks.defaults import default_hook_layers  # noqa: E402
@@ -54,8 +54,8 @@ def calibrated_entries(editor: Editor, layer: int, records: list[EvalRecord]) ->
     """Each record's entries at `layer` (zero values: only the gate is measured), with the previous-token
     threshold left at its lowest positive (cap 1.0), so that any cap can be applied afterwards."""
     entries = []
-    saved = editor_module.PREV_THRESHOLD_CAP
-    editor_module.PREV_THRESHOLD_CAP = 1.0
+    saved = keys_module.PREV_THRESHOLD_CAP
+    keys_module.PREV_THRESHOLD_CAP = 1.0
     try:
         for rec in tqdm(records, desc="calibrate", unit="edit"):
             prep = editor._prepare(EditSpec(rec.subject, rec.prompt, rec.target_new))
@@ -64,7 +64,7 @@ def calibrated_entries(editor: Editor, layer: int, records: list[EvalRecord]) ->
                 c.entry(layer, value).with_id(str(rec.index)) for c in editor._calibrate(prep, layer, None)
             ]
     finally:
-        editor_module.PREV_THRESHOLD_CAP = saved
+        keys_module.PREV_THRESHOLD_CAP = saved
     return entries
 
 
