@@ -226,7 +226,7 @@ def test_decode_prefilter_picks_the_exact_gate_decisions():
     """Large tables rank keys in int8 for decode-sized inputs, then score the best exactly: the fired row
     and its score equal the full float32 gate's, also after extending the table and removing rows."""
     from service.edits.convert import without
-    from service.hooks.layer import PREFILTER_MAX_TOKENS, PREFILTER_MIN_ENTRIES
+    from service.hooks.table import PREFILTER_MAX_TOKENS, PREFILTER_MIN_ENTRIES
 
     gen = torch.Generator().manual_seed(0)
     n, d = PREFILTER_MIN_ENTRIES + 500, 128

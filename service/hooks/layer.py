@@ -28,7 +28,7 @@ import math
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,6 +36,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.hooks.arch import UnsupportedArchitecture, decoder_layers, find_hook_sites
+from service.hooks.table import (
+    NO_PREV_CONDITION,
+    PREFILTER_MAX_TOKENS,
+    PREFILTER_TOP_K,
+    PREV_CHECK_TOP_K,
+    HookEntry,
+    HookTable,
+    LayerTable,
+)
 
 __all__ = [
     "Capture",
@@ -52,248 +61,6 @@ __all__ = [
     "param_checksum",
 ]
 
-
-# The condition that always holds (a cosine is never below -1): the value of entries without prev_key.
-NO_PREV_CONDITION = -2.0
-
-
-@dataclass(frozen=True, eq=False)  # tensor fields: compare by identity
-class HookEntry:
-    """One edit's memory at one layer."""
-
-    edit_id: str
-    layer: int
-    key: torch.Tensor  # [d_ff] float32, unnormalised ROME k* (normalised when a table is built)
-    value: torch.Tensor  # [d_model] residual delta added to the MLP output where the gate fires
-    threshold: float  # cosine gate
-    # Key of the token before the subject's last one, and its cosine gate; None: no such condition
-    # (a one-token subject, whose previous token is context, not subject).
-    prev_key: torch.Tensor | None = None
-    prev_threshold: float = NO_PREV_CONDITION
-
-    def __post_init__(self) -> None:
-        if (self.prev_key is None) != (self.prev_threshold == NO_PREV_CONDITION):
-            raise ValueError("prev_key and prev_threshold come together")
-
-    def with_id(self, edit_id: str) -> HookEntry:
-        return replace(self, edit_id=edit_id)
-
-
-# How many of a token's best keys are checked for their previous-token condition. An entry outside them
-# does not fire at that token: a near-tie of more than this many edits, never a fire the gate refuses.
-PREV_CHECK_TOP_K = 8
-
-# Decode-time prefilter for large tables. The exact gate reads every key (N x d_ff float32: 61 MB at
-# 10,000 SmolLM2 edits) for every generated token, and that read, not arithmetic, is its cost on a CPU.
-# Above PREFILTER_MIN_ENTRIES an int8 copy of the keys (per-row scales, 4x fewer bytes) ranks the keys
-# for forwards of at most PREFILTER_MAX_TOKENS tokens (decode steps); the PREFILTER_TOP_K best are then
-# scored exactly in float32 and the gate rule below applies to those exact scores. The int8 score is
-# within ~1e-3 of the exact cosine (bf16 query, 8-bit keys), so the decision can differ from the exact
-# gate only when more than TOP_K keys lie within that distance of the best one: a near-tie between
-# edits, never a fire where no key passes its threshold. Prefill (many tokens at once) is compute-bound
-# and keeps the exact matmul.
-PREFILTER_MIN_ENTRIES = 256
-PREFILTER_MAX_TOKENS = 16
-PREFILTER_TOP_K = 8
-
-
-def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 rows and per-row bf16 scales of unit keys, the layout `torch._weight_int8pack_mm` takes."""
-    scales = keys.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    q = torch.round(keys / scales[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-    return q, scales.to(torch.bfloat16)
-
-
-@dataclass(frozen=True, eq=False)  # tensor fields: compare by identity
-class LayerTable:
-    """The stacked entries of one layer: row i of every field belongs to the same entry."""
-
-    keys: torch.Tensor  # [N, d_ff] float32, unit rows (float32 even for half models: thresholds are tight)
-    values: torch.Tensor  # [N, d_model] in the model dtype
-    thresholds: torch.Tensor  # [N] float32
-    ids: tuple[str, ...]
-    # (int8 keys, bf16 scales) for the decode prefilter; filled in for large CPU tables
-    prefilter: tuple[torch.Tensor, torch.Tensor] | None = None
-    # [N, d_ff] unit rows (zero where an entry has no condition) and [N] thresholds (NO_PREV_CONDITION
-    # there); both None when no entry of the layer has a previous-token condition
-    prev_keys: torch.Tensor | None = None
-    prev_thresholds: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.prefilter is None and self.wants_prefilter(len(self.ids), self.keys.device):
-            object.__setattr__(self, "prefilter", quantize_keys(self.keys))
-
-    @staticmethod
-    def wants_prefilter(n: int, device: torch.device) -> bool:
-        # int8 x bf16 matmul is a CPU kernel here; GPUs read 61 MB in well under a millisecond anyway.
-        return n >= PREFILTER_MIN_ENTRIES and device.type == "cpu"
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _prev(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """prev_keys and prev_thresholds, materialised (zeros / NO_PREV_CONDITION) when absent."""
-        if self.prev_keys is not None and self.prev_thresholds is not None:
-            return self.prev_keys, self.prev_thresholds
-        return torch.zeros_like(self.keys), torch.full_like(self.thresholds, NO_PREV_CONDITION)
-
-    def select(self, rows: torch.Tensor) -> LayerTable:
-        """The rows `rows` (long indices), in that order."""
-        rows = rows.to(self.keys.device)
-        pre = None
-        if self.prefilter is not None and self.wants_prefilter(len(rows), self.keys.device):
-            pre = (self.prefilter[0].index_select(0, rows), self.prefilter[1].index_select(0, rows))
-        prev = None
-        if self.prev_keys is not None and self.prev_thresholds is not None:
-            prev = (self.prev_keys.index_select(0, rows), self.prev_thresholds.index_select(0, rows))
-        return LayerTable(
-            keys=self.keys.index_select(0, rows),
-            values=self.values.index_select(0, rows.to(self.values.device)),
-            thresholds=self.thresholds.index_select(0, rows.to(self.thresholds.device)),
-            ids=tuple(self.ids[int(n)] for n in rows.tolist()),
-            prefilter=pre,
-            prev_keys=None if prev is None else prev[0],
-            prev_thresholds=None if prev is None else prev[1],
-        )
-
-    def extended(self, other: LayerTable) -> LayerTable:
-        keys = torch.cat([self.keys, other.keys.to(self.keys.device)])
-        pre = None
-        if self.prefilter is not None and self.wants_prefilter(len(keys), keys.device):
-            # per-row scales: quantizing only the new rows gives the same bytes as quantizing all
-            oq, os_ = other.prefilter if other.prefilter is not None else quantize_keys(other.keys)
-            pre = (torch.cat([self.prefilter[0], oq.to(keys.device)]), torch.cat([self.prefilter[1], os_]))
-        prev_keys = prev_thresholds = None
-        if self.prev_keys is not None or other.prev_keys is not None:
-            (pk1, pt1), (pk2, pt2) = self._prev(), other._prev()
-            prev_keys = torch.cat([pk1, pk2.to(pk1.device)])
-            prev_thresholds = torch.cat([pt1, pt2.to(pt1.device)])
-        return LayerTable(
-            keys=keys,
-            values=torch.cat([self.values, other.values.to(self.values.device, self.values.dtype)]),
-            thresholds=torch.cat([self.thresholds, other.thresholds.to(self.thresholds.device)]),
-            ids=self.ids + other.ids,
-            prefilter=pre,
-            prev_keys=prev_keys,
-            prev_thresholds=prev_thresholds,
-        )
-
-
-def _stack_layer(entries: Sequence[HookEntry], device: torch.device, dtype: torch.dtype) -> LayerTable:
-    # One stack + one normalise over all rows: 10k entries build in milliseconds.
-    keys = torch.stack([e.key.detach().reshape(-1) for e in entries]).to(device=device, dtype=torch.float32)
-    values = torch.stack([e.value.detach().reshape(-1) for e in entries]).to(device=device, dtype=dtype)
-    thresholds = torch.tensor([float(e.threshold) for e in entries], dtype=torch.float32, device=device)
-    prev_keys = prev_thresholds = None
-    if any(e.prev_key is not None for e in entries):
-        zero = torch.zeros_like(keys[0])
-        prev_keys = F.normalize(
-            torch.stack(
-                [zero if e.prev_key is None else e.prev_key.detach().reshape(-1).to(zero) for e in entries]
-            ),
-            dim=-1,
-        )
-        prev_thresholds = torch.tensor(
-            [float(e.prev_threshold) for e in entries], dtype=torch.float32, device=device
-        )
-    return LayerTable(
-        F.normalize(keys, dim=-1),
-        values,
-        thresholds,
-        tuple(e.edit_id for e in entries),
-        prev_keys=prev_keys,
-        prev_thresholds=prev_thresholds,
-    )
-
-
-class HookTable:
-    """Immutable snapshot of every active entry, grouped by layer. Build with `HookTable.build`."""
-
-    def __init__(
-        self,
-        layers: dict[int, LayerTable],
-        *,
-        version: int = 0,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        self._layers = {i: t for i, t in layers.items() if len(t)}
-        self.version = int(version)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        seen: dict[str, None] = {}
-        for i in sorted(self._layers):
-            seen.update(dict.fromkeys(self._layers[i].ids))
-        self._edit_ids = tuple(seen)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of every tensor the table holds (keys, values, thresholds, prefilter, conditions)."""
-        total = 0
-        for t in self._layers.values():
-            parts = [t.keys, t.values, t.thresholds, t.prev_keys, t.prev_thresholds]
-            parts += list(t.prefilter) if t.prefilter is not None else []
-            total += sum(x.numel() * x.element_size() for x in parts if x is not None)
-        return total
-
-    def entry_nbytes(self, entry: HookEntry) -> int:
-        """An upper bound of what `entry` adds to a table like this one (as `nbytes` counts it)."""
-        d_ff, d_model = entry.key.shape[-1], entry.value.shape[-1]
-        return 3 * 4 * d_ff + d_model * torch.empty(0, dtype=self.dtype).element_size() + d_ff + 16
-
-    @classmethod
-    def build(
-        cls,
-        entries: Sequence[HookEntry],
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        *,
-        version: int = 0,
-    ) -> HookTable:
-        dev = torch.device(device)
-        by_layer: dict[int, list[HookEntry]] = {}
-        for e in entries:
-            by_layer.setdefault(int(e.layer), []).append(e)
-        layers = {i: _stack_layer(es, dev, dtype) for i, es in by_layer.items()}
-        return cls(layers, version=version, device=dev, dtype=dtype)
-
-    @classmethod
-    def empty(
-        cls, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, *, version: int = 0
-    ) -> HookTable:
-        return cls({}, version=version, device=device, dtype=dtype)
-
-    def extended(self, entries: Sequence[HookEntry], *, version: int | None = None) -> HookTable:
-        """A new table with `entries` appended after each layer's existing rows (their indices kept)."""
-        add = HookTable.build(entries, self.device, self.dtype)
-        layers = dict(self._layers)
-        for i, t in add._layers.items():
-            layers[i] = layers[i].extended(t) if i in layers else t
-        return HookTable(
-            layers, version=self.version if version is None else version, device=self.device, dtype=self.dtype
-        )
-
-    def layer(self, i: int) -> LayerTable | None:
-        return self._layers.get(i)
-
-    @property
-    def layers(self) -> dict[int, LayerTable]:
-        return dict(self._layers)
-
-    @property
-    def edit_ids(self) -> tuple[str, ...]:
-        return self._edit_ids
-
-    @property
-    def num_entries(self) -> int:
-        return sum(len(t) for t in self._layers.values())
-
-    def __len__(self) -> int:
-        """Number of distinct edits (an edit has one entry per hooked layer)."""
-        return len(self._edit_ids)
-
-    def __repr__(self) -> str:
-        return f"HookTable(version={self.version}, edits={len(self)}, layers={sorted(self._layers)})"
 
 
 @dataclass(frozen=True)
