@@ -81,7 +81,7 @@ class Settings:
     retrieval_enabled: bool = True
     # Fit each edit's value (v*) also in the prompt the retrieval path serves it in (its descriptor block
     # before the prompt), so hook and descriptor agree when both fire. Off by default: measured side by
-    # side (README), it lifts zsRE's "both" Rel/Gen .957/.882 -> .981/.935 but lowers CounterFact's PS
+    # side (docs/design.md), it lifts zsRE's "both" Rel/Gen .957/.882 -> .981/.935 but lowers CounterFact's PS
     # .947 -> .920 and costs 20-25 % more time per edit, and the T=1000 time target is the one still open.
     fit_in_retrieval_prompt: bool = False
     # Where in-scope descriptors go (service/router/prompt.py; measured in docs/free-text-edits.md):

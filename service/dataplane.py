@@ -56,10 +56,11 @@ def check_servable(loaded: LoadedModel) -> None:
     """Refuse, before any edit-log work, a model the engine or the editor would serve wrongly: an unknown
     cache layout, or logits that are not the LM head of the last hidden state (hooks/arch.py). A model
     without MLP down projections fails the same way when the hook manager is built."""
-    from service.hooks.arch import UnsupportedArchitecture, check_cache_layout, check_logits_path
+    from service.engine.kv import check_cache_layout
+    from service.hooks.arch import UnsupportedArchitecture, check_logits_path
 
+    check_cache_layout(loaded.model)
     try:
-        check_cache_layout(loaded.model)
         probe = loaded.tokenizer("The capital of France is")["input_ids"] or [0]
         check_logits_path(loaded.model, probe)
     except UnsupportedArchitecture as exc:

@@ -595,6 +595,21 @@ def test_transport_imports_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
+def test_the_layers_import_downward_only() -> None:
+    """The engine imports no grpc and nothing of the hook layers (it takes a gate by protocol); the
+    evaluation harness does not import the command line; the edit log imports no torch."""
+    checks = {
+        "service.engine": ("grpc", "service.hooks", "service.transport", "service.router"),
+        "service.eval.runner": ("service.cli",),
+        "service.editlog": ("torch", "grpc", "service.engine", "service.hooks"),
+    }
+    for module, forbidden in checks.items():
+        code = (f"import sys, {module}; forbidden = {forbidden!r}; "
+                "bad = [m for m in sys.modules if any(m == p or m.startswith(p + '.') for p in forbidden)]; "
+                "assert not bad, bad")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_rfc3339_is_utc_with_z() -> None:
     aware = datetime(2024, 5, 1, 12, 0, 0, 5, tzinfo=timezone(timedelta(hours=2)))
     assert rfc3339(aware) == "2024-05-01T10:00:00.000005Z"

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from service.engine.gate import GateRecorder, HookGate
+from service.engine.kv import full_width_cache
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
-from service.hooks.arch import full_width_cache
-from service.hooks.layer import HookManager, Recorder
 
 
 def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -132,8 +132,8 @@ class ForwardOutput:
     fires: list[dict[str, float]]  # per row: edit_id -> best gate score at this forward's real tokens
     fired_tokens: list[int]  # per row: real tokens of this forward where some edit fired
     edit_version: int  # version of the hook table this forward used (0 without hooks)
-    # a decode step's gate decisions still on the device (Recorder.defer); `host_tokens` fetches them
-    pending: Recorder | None = None
+    # a decode step's gate decisions still on the device (GateRecorder.defer); `host_tokens` fetches them
+    pending: GateRecorder | None = None
 
     def host_tokens(self, tokens: torch.Tensor) -> list[int]:
         """`tokens` ([B] ids on the device) as a list, and `fires`/`fired_tokens` filled in from deferred
@@ -162,7 +162,7 @@ class ModelRunner:
     """Runs prefill, decode and teacher-forced forwards; must be called from one thread at a time."""
 
     def __init__(
-        self, loaded: LoadedModel, hooks: HookManager | None, prefix_cache: PrefixCache | None = None
+        self, loaded: LoadedModel, hooks: HookGate | None, prefix_cache: PrefixCache | None = None
     ) -> None:
         self.model = loaded.model
         self.config = loaded.model.config
@@ -171,7 +171,7 @@ class ModelRunner:
         self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         pad = loaded.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else 0)  # any id works: padded columns are masked out
-        # Off the CPU, decode steps read no gate decision back mid-forward (see Recorder.defer); on the
+        # Off the CPU, decode steps read no gate decision back mid-forward (see GateRecorder.defer); on the
         # CPU a read costs nothing and lets a step where nothing fired skip the value add.
         self.defer_fires = self.device.type != "cpu"
         self._row_flags: dict[tuple[bool, ...], torch.Tensor] = {}  # hooks on/off per batch, on the device
@@ -183,7 +183,7 @@ class ModelRunner:
         enabled: Sequence[bool],
         offsets: Sequence[int],
         prev_keys: dict[int, torch.Tensor] | None = None,
-    ) -> Iterator[tuple[Recorder | None, int]]:
+    ) -> Iterator[tuple[GateRecorder | None, int]]:
         """Pin one table snapshot for the whole forward (a publish mid-forward cannot mix two versions across
         layers) and record fires with per-row position offsets (negative over left padding)."""
         if self.hooks is None:
@@ -208,7 +208,7 @@ class ModelRunner:
 
     @staticmethod
     def _collect(
-        rec: Recorder | None, rows: int, before: Sequence[int] | None = None
+        rec: GateRecorder | None, rows: int, before: Sequence[int] | None = None
     ) -> tuple[list[dict[str, float]], list[int]]:
         """Per row: the best score of each edit that fired, and at how many tokens something fired; with
         `before`, only over each row's positions below before[row] (its prompt)."""

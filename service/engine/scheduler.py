@@ -26,12 +26,12 @@ import torch
 from service import metrics
 from service.engine.batch import ForwardOutput, KVState, ModelRunner, ScoreOutput, plan_prefill_groups
 from service.engine.cpu_threads import release_cpu_threads
+from service.engine.gate import HookGate
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry
 from service.engine.sampling import mask_tokens, sample_row
 from service.engine.sequence import EngineError, EngineRequest, SequenceState, TokenEvent, TokenStream
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
-from service.hooks.layer import HookManager
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
-        hooks: HookManager | None = None,
+        hooks: HookGate | None = None,
         *,
         max_batch_size: int = 16,
         max_queue: int = 256,

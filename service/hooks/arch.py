@@ -192,32 +192,3 @@ def check_logits_path(model: nn.Module, token_ids: Sequence[int]) -> None:
             "(an unknown final transform); the edit quality gate could not score it"
         )
 
-
-# Attention kinds the engine serves with plain full-width caches: a sliding-window layer gets the same
-# cache as a full one and its window from the attention mask (masking_utils applies it by column), so
-# selecting, merging and keeping rows never meets a cache that kept only its last window of columns.
-SERVABLE_ATTENTION = frozenset({"full_attention", "sliding_attention"})
-
-
-def check_cache_layout(model: nn.Module) -> None:
-    """UnsupportedArchitecture unless every layer is full or sliding-window attention."""
-    from transformers.cache_utils import get_layer_types_and_kwargs
-
-    config = model.config.get_text_config(decoder=True)
-    try:
-        kinds, _ = get_layer_types_and_kwargs(config)
-    except Exception as exc:  # noqa: BLE001 - a config transformers cannot type is unknown to us too
-        raise UnsupportedArchitecture(f"{architecture_name(model)}: unknown cache layout ({exc})") from exc
-    unknown = sorted(set(kinds) - SERVABLE_ATTENTION)
-    if unknown:
-        raise UnsupportedArchitecture(
-            f"{architecture_name(model)}: unknown cache type {', '.join(unknown)} "
-            f"(the engine serves {', '.join(sorted(SERVABLE_ATTENTION))} layers)"
-        )
-
-
-def full_width_cache() -> Any:
-    """An empty KV cache whose every layer keeps all its columns (see SERVABLE_ATTENTION)."""
-    from transformers import DynamicCache
-
-    return DynamicCache()

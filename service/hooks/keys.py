@@ -29,7 +29,7 @@ SINK_POSITIONS = 2
 # less. Chosen with `bench/gate_specificity.py` on CounterFact records 1000-1918 (`--skip 1000`), which
 # the T=1000 evaluation does not use: with start-of-text keys (see `_calibrate`), held-out paraphrases
 # where the own edit fires / neighbourhood prompts where another record's edit fires were 902/17 at
-# cap 0.5, 895/14 at 0.6, 878/13 at 0.7, against 889/23 for the stop-10 gate (cap 0.2, no such keys).
+# cap 0.5, 895/14 at 0.6, 878/13 at 0.7, against 889/23 for a cap of 0.2 without start-of-text keys.
 PREV_THRESHOLD_CAP = 0.6
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.hooks.arch import base_model, final_logits, full_width_cache
+from service.engine.kv import full_width_cache
+from service.hooks.arch import base_model, final_logits
 from service.hooks.layer import HookManager
 from service.hooks.rows import Row, pad_left, pad_right
 
@@ -38,7 +39,7 @@ __all__ = [
 # steps, 3.75 -> 2.95 s per edit, Rel .990 -> .990, Gen .817 -> .830; CounterFact records 0-59, 9.2 -> 6.2
 # steps, 1.89 -> 1.38 s, ES 1.00 -> 1.00, PS .950 -> .933, NS .733 -> .733. lr 3.0 was no faster than 2.0
 # (12.3 steps; more overshoot at the norm clamp); a line search along the first gradient saved one step
-# and cost as much in forwards. Then (stop 14, `bench/vstar_settings.py`, same records) a first step of
+# and cost as much in forwards. Then (`bench/vstar_settings.py`, same records) a first step of
 # 2.5 x ref_norm along the normalised first gradient (see `_first_step`) and the stop at NLL 0.25:
 # zsRE 0-29, 12.3 -> 10.4 steps, Rel .987 -> .994, Gen .869 -> .840, behind the own descriptor block
 # Rel .966 -> .990, Gen .922 -> .928; CounterFact 0-59, 6.2 -> 5.4 steps, ES 1.00 -> 1.00, PS .933 -> .917,
