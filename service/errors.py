@@ -11,6 +11,9 @@ class EditServeError(Exception):
     """Base class; `code` names the gRPC status the transport answers with."""
 
     code = "INTERNAL"
+    # Structured payloads the transport attaches to the status (gRPC: google.rpc.Status details), e.g.
+    # the quality reports of edits the gate refused. Transport-neutral values, converted there.
+    details: tuple[object, ...] = ()
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         self.field = field

@@ -290,6 +290,30 @@ async def test_domain_errors_map_to_their_status(
     assert err.details() == error.message
 
 
+async def test_a_rejected_edit_sends_its_quality_reports_in_the_status_details(running: Running) -> None:
+    """FAILED_PRECONDITION from the quality gate carries one packed QualityReport per requested edit
+    (google.rpc.Status details), read with grpc_status.rpc_status.from_call."""
+    from grpc_status import rpc_status
+
+    from service.types import QualityReportView
+
+    report = QualityReportView(efficacy=False, old_answer="Paris", target_logprob=-7.5, passed=False,
+                               message="efficacy failed: the prompt does not continue with the target")
+    error = errors.FailedPrecondition("quality gate failed, nothing was stored")
+    error.details = (report,)
+    running.plane.fail_with = error
+    call = running.edits.Edit(EIFFEL, metadata=AUTH)
+    err = await rpc_error(call)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and err.details() == error.message
+    status = rpc_status.from_call(err)
+    assert status is not None and status.message == error.message
+    [packed] = status.details
+    got = pb.QualityReport()
+    assert packed.Unpack(got)
+    assert got.old_answer == "Paris" and not got.passed and got.message == report.message
+    assert got.target_logprob == pytest.approx(-7.5)
+
+
 async def _drain(stream: AsyncIterator[object]) -> None:
     async for _ in stream:
         pass

@@ -114,6 +114,7 @@ class QualityGateRejected(FailedPrecondition):
     def __init__(self, message: str, reports: list[QualityReportView]) -> None:
         super().__init__(message)
         self.reports = reports
+        self.details = tuple(reports)  # the caller reads them from the status details
 
 
 def default_editor_factory(settings: Settings) -> EditorFactory:

@@ -15,17 +15,34 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import status_pb2
 from grpc import aio
 from grpc_interceptor.exception_to_status import AsyncExceptionToStatusInterceptor
 from grpc_interceptor.server import AsyncServerInterceptor
+from grpc_status import rpc_status
 
 from service import metrics
 from service.errors import EditServeError, PermissionDenied, Unauthenticated
+from service.types import QualityReportView
+
+from .convert import quality_report
 
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/editserve.v1."
 EDIT_SERVICE_PREFIX = "/editserve.v1.EditService/"
+
+
+def status_details(payloads: tuple[object, ...]) -> list[any_pb2.Any]:
+    """A domain error's payloads as google.rpc.Status details (one packed message each, in order)."""
+    packed = []
+    for payload in payloads:
+        if isinstance(payload, QualityReportView):
+            detail = any_pb2.Any()
+            detail.Pack(quality_report(payload))
+            packed.append(detail)
+    return packed
 
 
 class ErrorToStatusInterceptor(AsyncExceptionToStatusInterceptor):
@@ -38,6 +55,10 @@ class ErrorToStatusInterceptor(AsyncExceptionToStatusInterceptor):
             raise ex
         if isinstance(ex, EditServeError):
             code = getattr(grpc.StatusCode, ex.code, grpc.StatusCode.INTERNAL)
+            details = status_details(ex.details)
+            if details:
+                status = status_pb2.Status(code=code.value[0], message=ex.message, details=details)
+                await context.abort_with_status(rpc_status.to_status(status))
             await context.abort(code, ex.message)
         # A bug, not a caller mistake: the details stay in our log, the caller gets no internals.
         log.exception("unhandled error in %s", method_name)
