@@ -45,7 +45,7 @@ from service.types import (
 
 if TYPE_CHECKING:
     from service.editlog import EditView
-    from service.edits import EditManager
+    from service.edits import EditManager, EditSnapshot
     from service.engine import Engine
     from service.engine.loader import LoadedModel
 
@@ -184,8 +184,10 @@ class DataPlane:
         self._require_ready()
         max_new = validate_generate(request, self.router.limits)
         await self._require_version(request.min_version)
-        version = self.manager.version
-        route = await self._route(request)
+        # One published edit set for the whole request: the router's retrieval and every forward's hook
+        # table come from this snapshot, and its version is the one the response reports.
+        snap = self.manager.snapshot()
+        route = await self._route(request, snap)
         params = SamplingParams(
             max_new_tokens=max_new,
             temperature=request.temperature,
@@ -196,7 +198,7 @@ class DataPlane:
             min_new_tokens=effective_min_new_tokens(request),
         )
         engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
-                                       deadline=request.deadline)
+                                       deadline=request.deadline, hook_table=snap.hooks)
         stream = self.engine.stream(engine_request)
         try:
             async for event in stream:
@@ -207,7 +209,7 @@ class DataPlane:
                     finish_reason=event.finish_reason,
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
-                    edit_version=max(version, event.edit_version),
+                    edit_version=snap.version,
                     applied_edits=_applied(route, event.hook_fires) if final else [],
                 )
         finally:
@@ -216,7 +218,7 @@ class DataPlane:
             if aclose is not None:
                 await aclose()
 
-    async def _route(self, request: GenerateInput) -> Route:
+    async def _route(self, request: GenerateInput, snap: EditSnapshot) -> Route:
         if request.deadline is not None and time.monotonic() >= request.deadline:
             raise DeadlineExceeded("the deadline passed before the request was routed")
         # Scope detection runs the sentence encoder: keep it off the event loop. Threads that ran torch
@@ -224,19 +226,20 @@ class DataPlane:
         # kernels on a 2-core host.
         return await asyncio.to_thread(
             released_after(self.router.route_generate), request.prompt, request.messages, request.use_edits,
-            request.edit_paths,
+            request.edit_paths, None, snap.retrieval,
         )
 
     async def score(self, request: ScoreInput) -> ScoreResult:
         self._require_ready()
         validate_score(request)
         await self._require_version(request.min_version)
-        version = self.manager.version
+        snap = self.manager.snapshot()
         route, continuation_ids = await asyncio.to_thread(
             released_after(self.router.route_score), request.prompt, request.continuation, request.use_edits,
-            request.edit_paths,
+            request.edit_paths, snap.retrieval,
         )
-        out = await self.engine.score(route.prompt_ids, continuation_ids, use_hooks=route.use_hooks)
+        out = await self.engine.score(route.prompt_ids, continuation_ids, use_hooks=route.use_hooks,
+                                      hook_table=snap.hooks)
         tokenizer = self.loaded.tokenizer
         tokens = [
             TokenLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp, is_greedy=g, argmax_token_id=a)
@@ -247,7 +250,7 @@ class DataPlane:
         return ScoreResult(
             tokens=tokens,
             total_logprob=float(sum(out.logprobs)),
-            edit_version=max(version, out.edit_version),
+            edit_version=snap.version,
             prompt_tokens=len(route.prompt_ids),
             applied_edits=_applied(route, out.hook_fires),
         )

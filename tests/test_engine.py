@@ -610,3 +610,46 @@ async def test_deferred_gate_decisions_match_the_synchronous_gate(tiny_llama):
         assert set(fires_sync[0]) == {"eiffel", "everywhere"} and fires_sync[2] == {}
     finally:
         hooks.uninstall()
+
+
+async def test_a_request_keeps_its_edit_set_while_a_new_one_is_published(tiny_llama):
+    """A stream pins the hook table it started with: a publish mid-stream changes neither its tokens nor
+    its reported version, while a request that starts after the publish, decoded in the same batch, gets
+    the new table (one forward, two tables)."""
+    model = tiny_llama.model
+    prompt = ids_of(tiny_llama, "The Eiffel Tower is located in the city of")
+    hooks = HookManager(model, [HOOK_LAYER])
+    gen = torch.Generator().manual_seed(3)
+    d_ff = hooks.d_ff
+    everywhere = HookEntry("everywhere", HOOK_LAYER, torch.randn(d_ff, generator=gen),
+                           torch.randn(model.config.hidden_size, generator=gen) * 3, -1.0)
+    old, new = HookTable.build([], version=1), HookTable.build([everywhere], version=2)
+    params = SamplingParams(max_new_tokens=64, min_new_tokens=64)
+    try:
+        async with running(tiny_llama, hooks, max_batch_size=8) as eng:
+            hooks.publish(old)
+            ref_old = tokens_of(await collect(eng, EngineRequest(prompt, params)))
+            hooks.publish(new)
+            ref_new = tokens_of(await collect(eng, EngineRequest(prompt, params)))
+            assert ref_old != ref_new
+            hooks.publish(old)
+            mixed: list[int] = []
+            original = eng._runner.decode
+
+            def spy(state, last_tokens, enabled, tables):
+                mixed.append(len({id(t) for t in tables}))
+                return original(state, last_tokens, enabled, tables)
+
+            eng._runner.decode = spy
+            stream = eng.stream(EngineRequest(prompt, params)).__aiter__()
+            events = [await stream.__anext__()]
+            hooks.publish(new)
+            late = asyncio.create_task(collect(eng, EngineRequest(prompt, params)))
+            events += [ev async for ev in stream]
+            late_events = await late
+            assert tokens_of(events) == ref_old and events[-1].edit_version == 1
+            assert tokens_of(late_events) == ref_new and late_events[-1].edit_version == 2
+            assert "everywhere" in late_events[-1].hook_fires and events[-1].hook_fires == {}
+            assert 2 in mixed  # the two requests shared decode forwards
+    finally:
+        hooks.uninstall()

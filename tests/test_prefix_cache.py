@@ -178,9 +178,9 @@ async def test_generate_after_score_skips_the_prefill_and_streams_the_same(tiny_
         prefilled: list[int] = []
         original = eng._runner.prefill
 
-        def spy(prompts_, enabled):
+        def spy(prompts_, *args):
             prefilled.append(len(prompts_))
-            return original(prompts_, enabled)
+            return original(prompts_, *args)
 
         monkeypatch.setattr(eng._runner, "prefill", spy)
         await asyncio.gather(*(eng.score(p, ids(tiny_llama, " and so on")) for p in prompts))

@@ -10,8 +10,9 @@ shifts a row's positions and padded keys get exactly zero attention weight.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -183,18 +184,32 @@ class ModelRunner:
         enabled: Sequence[bool],
         offsets: Sequence[int],
         prev_keys: dict[int, torch.Tensor] | None = None,
-    ) -> Iterator[tuple[GateRecorder | None, int]]:
-        """Pin one table snapshot for the whole forward (a publish mid-forward cannot mix two versions across
-        layers) and record fires with per-row position offsets (negative over left padding)."""
+        tables: Sequence[Any] | None = None,
+    ) -> Iterator[tuple[GateRecorder | None, list[int]]]:
+        """Pin each row's table for the whole forward (a publish mid-forward cannot mix two versions across
+        layers; a request keeps the table it started with: `tables`, None = the current one) and record
+        fires with per-row position offsets (negative over left padding). Yields the recorder and each
+        row's table version."""
         if self.hooks is None:
-            yield None, 0
+            yield None, [0] * len(enabled)
             return
-        table = self.hooks.current
-        with self.hooks.table_override(table), self.hooks.recording(self._flags(enabled)) as rec:
+        current = self.hooks.current
+        row_tables = [current if t is None else t for t in (tables or [None] * len(enabled))]
+        distinct = list({id(t): t for t in row_tables}.values())
+        versions = [int(t.version) for t in row_tables]
+        flags = self._flags(enabled)
+        if len(distinct) == 1:
+            scope: Any = ExitStack()
+            scope.enter_context(self.hooks.table_override(distinct[0]))
+        else:
+            scope = nullcontext()
+        with scope, self.hooks.recording(flags) as rec:
+            if len(distinct) > 1:  # rows of this forward started under different edit sets
+                rec.row_tables = [(t, self._flags([r is t for r in row_tables])) for t in distinct]
             rec.position_offset = list(offsets)
             rec.prev_keys = prev_keys
             rec.defer = self.defer_fires
-            yield rec, table.version
+            yield rec, versions
 
     def _flags(self, enabled: Sequence[bool]) -> torch.Tensor:
         """The per-row hooks switch on the device, copied there once per batch composition, not per step."""
@@ -227,7 +242,10 @@ class ModelRunner:
 
     # ---- forwards -----------------------------------------------------------------------------
     def prefill(
-        self, prompts: Sequence[Sequence[int]], hooks_enabled: Sequence[bool]
+        self,
+        prompts: Sequence[Sequence[int]],
+        hooks_enabled: Sequence[bool],
+        tables: Sequence[Any] | None = None,
     ) -> tuple[ForwardOutput, KVState]:
         lengths = [len(p) for p in prompts]
         width = max(lengths)
@@ -240,7 +258,7 @@ class ModelRunner:
         mask = (columns[None, :] >= pad_t[:, None]).long()
         positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
         cache = full_width_cache()
-        with self._hook_scope(hooks_enabled, [-p for p in pads]) as (rec, version):
+        with self._hook_scope(hooks_enabled, [-p for p in pads], None, tables) as (rec, versions):
             out = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
@@ -254,24 +272,30 @@ class ModelRunner:
         keys = {} if rec is None else dict(rec.last_keys)
         if self.prefix_cache.enabled:
             self._keep_prefixes(
-                out.past_key_values, logits, keys, prompts, hooks_enabled, pads, fires, fired, version
+                out.past_key_values, logits, keys, prompts, hooks_enabled, pads, fires, fired, versions
             )
-        return ForwardOutput(logits, fires, fired, version), KVState(out.past_key_values, lengths, keys)
+        return ForwardOutput(logits, fires, fired, max(versions)), KVState(out.past_key_values, lengths, keys)
 
     # ---- kept prompt states (prefix_cache.py) -------------------------------------------------
-    def _version(self) -> int:
-        return self.hooks.current.version if self.hooks is not None else 0
+    def _versions(self, n: int, tables: Sequence[Any] | None) -> list[int]:
+        if self.hooks is None:
+            return [0] * n
+        current = self.hooks.current
+        return [int((current if t is None else t).version) for t in (tables or [None] * n)]
 
     def cached_prefixes(
-        self, prompts: Sequence[Sequence[int]], hooks_enabled: Sequence[bool]
+        self,
+        prompts: Sequence[Sequence[int]],
+        hooks_enabled: Sequence[bool],
+        tables: Sequence[Any] | None = None,
     ) -> list[PrefixEntry | None]:
-        """The kept state of each prompt under the current hook table, or None (one version for all)."""
+        """The kept state of each prompt under its row's hook table (None: the current one), or None."""
         if not self.prefix_cache.enabled:
             return [None] * len(prompts)
-        version = self._version()
+        versions = self._versions(len(prompts), tables)
         return [
             self.prefix_cache.get(prefix_key(version, use, list(p)))
-            for p, use in zip(prompts, hooks_enabled, strict=True)
+            for p, use, version in zip(prompts, hooks_enabled, versions, strict=True)
         ]
 
     def prefill_from_cache(self, entries: Sequence[PrefixEntry]) -> tuple[ForwardOutput, KVState]:
@@ -309,7 +333,7 @@ class ModelRunner:
         starts: Sequence[int],
         fires: list[dict[str, float]],
         fired: list[int],
-        version: int,
+        versions: Sequence[int],
     ) -> None:
         """Keep each row's prompt state: its columns [starts[row], starts[row] + len(prompt)) of `cache`,
         the logits and gate keys after its last prompt token, and the fires over its prompt."""
@@ -323,12 +347,16 @@ class ModelRunner:
                 {i: t[row].clone() for i, t in last_keys.items()},
                 fires[row],
                 fired[row],
-                version,
+                versions[row],
             )
-            self.prefix_cache.put(prefix_key(version, hooks_enabled[row], list(prompt)), entry)
+            self.prefix_cache.put(prefix_key(versions[row], hooks_enabled[row], list(prompt)), entry)
 
     def decode(
-        self, state: KVState, last_tokens: Sequence[int], hooks_enabled: Sequence[bool]
+        self,
+        state: KVState,
+        last_tokens: Sequence[int],
+        hooks_enabled: Sequence[bool],
+        tables: Sequence[Any] | None = None,
     ) -> ForwardOutput:
         """One new token per row; `state` grows by one column and every length by one. Mask and positions
         are built on the device from lengths kept there: the step copies only the new token ids over."""
@@ -336,7 +364,7 @@ class ModelRunner:
         lengths = state.device_lengths(self.device)
         columns = torch.arange(width + 1, device=self.device)
         mask = (columns[None, :] >= (width - lengths)[:, None]).long()  # the new column is real for every row
-        with self._hook_scope(hooks_enabled, state.lengths, state.hook_keys) as (rec, version):
+        with self._hook_scope(hooks_enabled, state.lengths, state.hook_keys, tables) as (rec, versions):
             out = self.model(
                 input_ids=torch.tensor(list(last_tokens), dtype=torch.long)[:, None].to(self.device),
                 attention_mask=mask,
@@ -351,21 +379,23 @@ class ModelRunner:
         logits = out.logits[:, -1, :].float()
         rows = len(last_tokens)
         if rec is not None and rec.pending:  # fetched with the sampled ids (ForwardOutput.host_tokens)
-            return ForwardOutput(logits, [{} for _ in range(rows)], [0] * rows, version, pending=rec)
+            return ForwardOutput(logits, [{} for _ in range(rows)], [0] * rows, max(versions), pending=rec)
         fires, fired = self._collect(rec, rows)
-        return ForwardOutput(logits, fires, fired, version)
+        return ForwardOutput(logits, fires, fired, max(versions))
 
     def score(
-        self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], use_hooks: bool
+        self, prompt_ids: Sequence[int], continuation_ids: Sequence[int], use_hooks: bool, table: Any = None
     ) -> ScoreOutput:
         """Teacher forcing: one forward over prompt + continuation."""
-        return self.score_batch([(prompt_ids, continuation_ids, use_hooks)])[0]
+        return self.score_batch([(prompt_ids, continuation_ids, use_hooks, table)])[0]
 
-    def score_batch(self, jobs: Sequence[tuple[Sequence[int], Sequence[int], bool]]) -> list[ScoreOutput]:
-        """Teacher forcing for several (prompt, continuation, use_hooks) at once: one left-padded forward,
-        so every row's continuation ends in the last column and one `logits_to_keep` covers them all."""
-        seqs = [list(p) + list(c) for p, c, _ in jobs]
-        n_cont = [len(c) for _, c, _ in jobs]
+    def score_batch(self, jobs: Sequence[tuple[Any, ...]]) -> list[ScoreOutput]:
+        """Teacher forcing for several (prompt, continuation, use_hooks[, hook table]) at once: one
+        left-padded forward, so every row's continuation ends in the last column and one `logits_to_keep`
+        covers them all."""
+        jobs = [(j[0], j[1], j[2], j[3] if len(j) > 3 else None) for j in jobs]
+        seqs = [list(p) + list(c) for p, c, _, _ in jobs]
+        n_cont = [len(c) for _, c, _, _ in jobs]
         width = max(len(x) for x in seqs)
         pads = [width - len(x) for x in seqs]
         input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
@@ -377,7 +407,8 @@ class ModelRunner:
         positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
         keep = max(n_cont) + 1  # the positions predicting each continuation token (and the last)
         keeping = self.prefix_cache.enabled  # the prompts' states, for a generation from the same prompt
-        with self._hook_scope([u for _, _, u in jobs], [-p for p in pads]) as (rec, version):
+        tables, enabled = [t for _, _, _, t in jobs], [u for _, _, u, _ in jobs]
+        with self._hook_scope(enabled, [-p for p in pads], None, tables) as (rec, versions):
             kwargs: dict[str, object] = {}
             if len(seqs) > 1:  # a lone row needs no mask: the plain causal forward, as before batching
                 kwargs = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
@@ -390,7 +421,7 @@ class ModelRunner:
             out = self.model(input_ids=input_ids.to(self.device), logits_to_keep=keep, **kwargs)
         fires, _ = self._collect(rec, len(seqs))
         if keeping:
-            prompts = [list(p) for p, _, _ in jobs]
+            prompts = [list(p) for p, _, _, _ in jobs]
             prompt_fires, prompt_fired = self._collect(rec, len(seqs), [len(p) for p in prompts])
             next_logits = torch.stack(
                 [out.logits[row, keep - 1 - n].float() for row, n in enumerate(n_cont)]
@@ -400,11 +431,11 @@ class ModelRunner:
                 next_logits,
                 {} if rec is None else dict(rec.column_keys),
                 prompts,
-                [u for _, _, u in jobs],
+                [u for _, _, u, _ in jobs],
                 pads,
                 prompt_fires,
                 prompt_fired,
-                version,
+                versions,
             )
         results = []
         for row, n in enumerate(n_cont):
@@ -413,5 +444,5 @@ class ModelRunner:
             picked = logprobs.gather(1, target[:, None]).squeeze(1)
             argmax = logprobs.argmax(dim=-1)
             greedy = (argmax == target).tolist()
-            results.append(ScoreOutput(picked.tolist(), greedy, version, fires[row], argmax.tolist()))
+            results.append(ScoreOutput(picked.tolist(), greedy, versions[row], fires[row], argmax.tolist()))
         return results

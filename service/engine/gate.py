@@ -35,6 +35,7 @@ class GateRecorder(Protocol):
     defer: bool
     fires: list[Any]  # GateFire
     pending: list[Any]
+    row_tables: list[tuple[Any, torch.Tensor]] | None  # (table, [rows] bool) when rows' tables differ
 
     def packed_pending(self) -> torch.Tensor: ...
 

@@ -20,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -49,6 +50,7 @@ class _ScoreJob:
     use_hooks: bool
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[ScoreOutput]
+    table: Any = None  # the hook table it is scored with
 
 
 def _deliver(items: list[tuple[asyncio.Queue, TokenEvent | BaseException]]) -> None:
@@ -210,11 +212,23 @@ class Engine:
             request, asyncio.get_running_loop(), self.loaded.tokenizer, self._eos_ids, self._max_context,
             self.loaded.device,
         )
+        seq.table = self._pinned(request.hook_table)
         self._enqueue(self._waiting, seq)
         return TokenStream(seq)
 
+    def _pinned(self, table: Any) -> Any:
+        """The hook table a request is served with from its first forward to its last: the one it brings
+        (the data plane's snapshot), else the one published when it arrives."""
+        if self.hooks is None:
+            return None
+        return table if table is not None else self.hooks.current
+
     async def score(
-        self, prompt_ids: list[int], continuation_ids: list[int], use_hooks: bool = True
+        self,
+        prompt_ids: list[int],
+        continuation_ids: list[int],
+        use_hooks: bool = True,
+        hook_table: Any = None,
     ) -> ScoreOutput:
         """log p of each continuation token given the prompt and the tokens before it (teacher forcing)."""
         self._check_prompt(prompt_ids, "prompt_ids")
@@ -225,11 +239,12 @@ class Engine:
                 f"the context holds {self._max_context}",
                 field="continuation_ids",
             )
+        table = self._pinned(hook_table)
         if not continuation_ids:
-            version = self.hooks.current.version if self.hooks is not None else 0
-            return ScoreOutput([], [], version, {})
+            return ScoreOutput([], [], table.version if table is not None else 0, {})
         loop = asyncio.get_running_loop()
-        job = _ScoreJob(list(prompt_ids), list(continuation_ids), use_hooks, loop, loop.create_future())
+        job = _ScoreJob(list(prompt_ids), list(continuation_ids), use_hooks, loop, loop.create_future(),
+                        table)
         self._enqueue(self._scores, job)
         return await job.future
 
@@ -293,7 +308,8 @@ class Engine:
         self._run_scores()
         newcomers = self._admitted = self._admit()
         kept = self._runner.cached_prefixes(
-            [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers]
+            [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers],
+            [s.table for s in newcomers],
         )
         hits = [(s, e) for s, e in zip(newcomers, kept, strict=True) if e is not None]
         if hits:
@@ -359,7 +375,7 @@ class Engine:
     def _score_batch(self, jobs: list[_ScoreJob]) -> None:
         try:
             results: list[ScoreOutput] | BaseException = self._runner.score_batch(
-                [(job.prompt_ids, job.continuation_ids, job.use_hooks) for job in jobs]
+                [(job.prompt_ids, job.continuation_ids, job.use_hooks, job.table) for job in jobs]
             )
             metrics.BATCH_SIZE.observe(len(jobs))
         except Exception as exc:
@@ -388,7 +404,8 @@ class Engine:
     def _prefill(self, newcomers: list[SequenceState], outbox: _Outbox) -> None:
         try:
             out, kv = self._runner.prefill(
-                [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers]
+                [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers],
+                [s.table for s in newcomers],
             )
         except Exception as exc:
             log.exception("prefill forward failed")
@@ -427,7 +444,8 @@ class Engine:
         assert self._kv is not None
         try:
             out = self._runner.decode(
-                self._kv, [s.last_token for s in rows], [s.request.use_hooks for s in rows]
+                self._kv, [s.last_token for s in rows], [s.request.use_hooks for s in rows],
+                [s.table for s in rows],
             )
         except Exception as exc:
             # The cache may be half-updated: every row of this batch fails, later requests start clean.
@@ -452,7 +470,7 @@ class Engine:
             if seq.cancelled:
                 continue
             try:
-                seq.record_forward(out.fires[row], out.edit_version)
+                seq.record_forward(out.fires[row], seq.table.version if seq.table is not None else 0)
                 token = (
                     greedy_tokens[row]
                     if seq.params.greedy

@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -34,6 +35,9 @@ class EngineRequest:
     params: SamplingParams
     use_hooks: bool = True  # False: the hook gate is off for this row only
     deadline: float | None = None  # time.monotonic(); past it the stream raises errors.DeadlineExceeded
+    # The hook table snapshot every forward of this request uses (None: the one published when it
+    # arrives), so a stream that outlives an Edit or Rollback keeps one edit set from start to end.
+    hook_table: Any = None
 
 
 @dataclass
@@ -43,7 +47,7 @@ class TokenEvent:
     finish_reason: FinishReason | None  # set on the final event only
     prompt_tokens: int
     completion_tokens: int
-    edit_version: int  # version of the hook table used by the latest forward for this row (0 without hooks)
+    edit_version: int  # version of the hook table this request is served with (0 without hooks)
     hook_fires: dict[str, float] = field(default_factory=dict)  # final event: edit_id -> best gate score
 
 
@@ -68,6 +72,7 @@ class SequenceState:
         self.cancelled = False  # the consumer went away
         self.finished = False
         self.generator: torch.Generator | None = make_generator(self.params, device)
+        self.table: Any = request.hook_table  # pinned by the engine at submission
         self._eos_ids = eos_ids
         self._detok = IncrementalDetokenizer(tokenizer, self.prompt_ids)
         self._stops = StopMatcher(self.params.stop)

@@ -83,6 +83,9 @@ class Recorder:
     a teacher-forced forward over prompt + continuation keeps them at the prompt's last token."""
 
     row_enabled: torch.Tensor | None = None
+    # Rows served with different tables in one forward (a request keeps the edit set it started with):
+    # (table, [rows] bool mask) pairs with disjoint masks, used instead of the published/override table.
+    row_tables: list[tuple[HookTable, torch.Tensor]] | None = None
     fires: list[Fire] = field(default_factory=list)
     position_offset: int | Sequence[int] = 0
     prev_keys: dict[int, torch.Tensor] | None = None
@@ -344,11 +347,17 @@ class HookManager:
         """Forward hook of a down projection: `h` is its input (the key), `out` the MLP output. Returns
         None (output untouched, bit for bit) unless an edit, a capture or an intervention applies."""
         st = self._tls
+        rec = st.recorder
         table = st.override if st.override is not None else self._table  # read ONCE per forward
-        lt = None if st.disabled else table.layer(layer)
+        groups: list[tuple[LayerTable, torch.Tensor | None]] = []
+        if not st.disabled:
+            if rec is not None and rec.row_tables:
+                groups = [(lt, rows) for t, rows in rec.row_tables if (lt := t.layer(layer)) is not None]
+            elif (lt := table.layer(layer)) is not None:
+                groups = [(lt, None)]
         caps = st.captures.get(layer)
         ivs = st.interventions.get(layer)
-        if lt is None and caps is None and ivs is None:
+        if not groups and caps is None and ivs is None:
             return None
         if caps:
             stop = False
@@ -357,8 +366,8 @@ class HookManager:
                 stop = stop or c.stop
             if stop:
                 raise StopForward(layer)
-        if lt is not None:
-            out = self._gate(lt, h, out, layer, st.recorder)
+        for lt, rows in groups:
+            out = self._gate(lt, h, out, layer, rec, rows)
         if ivs:
             for iv in ivs:
                 out = out.index_put((iv.rows, iv.positions), iv.delta.to(out.dtype), accumulate=True)
@@ -428,7 +437,12 @@ class HookManager:
 
     @staticmethod
     def _gate(
-        lt: LayerTable, h: torch.Tensor, out: torch.Tensor, layer: int, rec: Recorder | None
+        lt: LayerTable,
+        h: torch.Tensor,
+        out: torch.Tensor,
+        layer: int,
+        rec: Recorder | None,
+        rows_of_table: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shape = out.shape
         t_len = h.shape[-2] if h.dim() >= 2 else 1
@@ -449,6 +463,8 @@ class HookManager:
         fire = best >= lt.thresholds[idx]
         if rec is not None and rec.row_enabled is not None:
             fire &= rec.row_enabled.to(fire.device).repeat_interleave(t_len)
+        if rows_of_table is not None:  # this table serves these rows only
+            fire &= rows_of_table.to(fire.device).repeat_interleave(t_len)
         if rec is not None and rec.defer:
             # No data-dependent branch: every token adds its best entry's value times fire (0 or 1).
             rec.pending.append(_PendingFires(layer, t_len, lt.ids, fire, idx, best))

@@ -16,6 +16,7 @@ from typing import Any
 
 from service import metrics
 from service.errors import InvalidArgument
+from service.retrieval.store import StoreSnapshot
 from service.router.prompt import DEFAULT_STYLE, PLAIN_RAW, PromptStyle, build_prompt, query_text
 from service.router.scope import ScopeDetector, ScopeHit
 from service.router.validation import Limits, check_prompt_tokens
@@ -47,12 +48,14 @@ class Router:
         use_retrieval = use_edits and "retrieval" in edit_paths and self.scope is not None
         return use_hooks, use_retrieval
 
-    def detect(self, query: str, use_retrieval: bool) -> list[ScopeHit]:
+    def detect(
+        self, query: str, use_retrieval: bool, retrieval: StoreSnapshot | None = None
+    ) -> list[ScopeHit]:
         if not use_retrieval or self.scope is None:
             return []
         started = time.perf_counter()
-        hits = self.scope.detect(query)
-        if len(self.scope.store):
+        hits = self.scope.detect(query, retrieval)
+        if len(retrieval if retrieval is not None else self.scope.store):
             # Only requests that actually consulted the index count: an empty store costs nothing.
             metrics.SCOPE_SECONDS.observe(time.perf_counter() - started)
             if hits:
@@ -66,7 +69,10 @@ class Router:
         use_edits: bool,
         edit_paths: Sequence[str],
         style: PromptStyle | None = None,
+        retrieval: StoreSnapshot | None = None,
     ) -> Route:
+        """The prompt ids for a request; `retrieval` is the published store snapshot of the request's edit
+        set (None: the current one)."""
         use_hooks, use_retrieval = self.paths(use_edits, edit_paths)
         pairs = [(m.role, m.content) for m in messages] or None
         raw = None if pairs else prompt
@@ -77,15 +83,20 @@ class Router:
         plain_ids = self._encode(build_prompt(raw, pairs, [], self.tokenizer), special)
         # The limit applies to what the caller sent; injected descriptors are ours to pay for.
         check_prompt_tokens(len(plain_ids), self.limits, field)
-        hits = self.detect(query_text(raw, pairs), use_retrieval)
+        hits = self.detect(query_text(raw, pairs), use_retrieval, retrieval)
         styled = build_prompt(raw, pairs, hits, self.tokenizer, style or self.style)
         ids = self._encode(styled, special) if hits else plain_ids
         return Route(ids, hits, use_hooks)
 
     def route_score(
-        self, prompt: str, continuation: str, use_edits: bool, edit_paths: Sequence[str]
+        self,
+        prompt: str,
+        continuation: str,
+        use_edits: bool,
+        edit_paths: Sequence[str],
+        retrieval: StoreSnapshot | None = None,
     ) -> tuple[Route, list[int]]:
-        route = self.route_generate(prompt, [], use_edits, edit_paths, PLAIN_RAW)
+        route = self.route_generate(prompt, [], use_edits, edit_paths, PLAIN_RAW, retrieval)
         continuation_ids = self._encode(continuation, False)
         if not continuation_ids:
             raise InvalidArgument("encodes to no tokens", field="continuation")

@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.retrieval.store import RetrievalStore
+from service.retrieval.store import RetrievalStore, StoreSnapshot
 
 __all__ = [
     "DEFAULT_SCOPE_THRESHOLD",
@@ -153,13 +153,17 @@ class ScopeDetector:
             return np.zeros((0, self.store.dim), np.float32)
         return self.store.encoder.encode(views)
 
-    def detect(self, query: str) -> list[ScopeHit]:
-        """In-scope descriptors for this query, best first; [] for an empty query or an empty store."""
-        if len(self.store) == 0 or not query or not query.strip():
+    def detect(self, query: str, snapshot: StoreSnapshot | None = None) -> list[ScopeHit]:
+        """In-scope descriptors for this query, best first; [] for an empty query or an empty store.
+        `snapshot`: the published store to search (a request's pinned edit set); default the current."""
+        snap = snapshot if snapshot is not None else self.store.snapshot()
+        if len(snap) == 0 or not query or not query.strip():
             return []  # no encoder call: requests cost nothing extra while no edit is live
-        return self.detect_embedding(self.embed(query), query)
+        return self.detect_embedding(self.embed(query), query, snap)
 
-    def detect_embedding(self, vectors: np.ndarray, query: str = "") -> list[ScopeHit]:
+    def detect_embedding(
+        self, vectors: np.ndarray, query: str = "", snapshot: StoreSnapshot | None = None
+    ) -> list[ScopeHit]:
         """Hits for precomputed query view embeddings ([dim] or [views, dim]); `query` (the text) enables
         the subject rule."""
         vectors = np.asarray(vectors, np.float32)
@@ -167,7 +171,7 @@ class ScopeDetector:
             vectors = vectors[None, :]
         if len(vectors) == 0:
             return []
-        snap = self.store.snapshot()
+        snap = snapshot if snapshot is not None else self.store.snapshot()
         best: dict[str, tuple[str, float]] = {}
         for hits in snap.search_vectors(vectors, self.top_k):
             for edit_id, descriptor, score in hits:
