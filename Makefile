@@ -19,11 +19,11 @@ serve: install
 # A subset: make test PYTEST_ARGS="tests/test_transport.py -x"
 test: install
 	./scripts/ensure_postgres.sh || true
-	$(PY) -m ruff check service tests bench scripts
+	$(PY) -m ruff check service tests testkit bench scripts
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(PY) -m ruff check service tests bench scripts
+	$(PY) -m ruff check service tests testkit bench scripts
 
 protos: install
 	$(PY) scripts/gen_protos.py

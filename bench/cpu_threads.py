@@ -7,7 +7,7 @@ detector's encoder (asyncio's thread pool). Each keeps an OpenMP team; with more
 cores, libgomp lets every team sleep between kernels (service/engine/cpu_threads.py). This mimics the
 edit phase of `editserve eval` in one process: an "engine" thread runs one forward (its team now
 exists) and goes idle, then an "editor" thread computes the 20 hand-written facts of
-service/edits/facts.py one after another, each published before the next. Conditions, alternated for
+testkit/facts.py one after another, each published before the next. Conditions, alternated for
 `--rounds` rounds so a slow minute of the machine hits both:
 
 - kept: the idle engine thread keeps its team (the service before release_cpu_threads);
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from service.edits.facts import MORE_FACTS  # noqa: E402
 from service.engine.cpu_threads import release_cpu_threads  # noqa: E402
 from service.hooks.editor import Editor  # noqa: E402
 from service.hooks.layer import HookManager  # noqa: E402
+from testkit.facts import MORE_FACTS  # noqa: E402
 
 
 class Worker:

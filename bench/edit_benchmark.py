@@ -6,7 +6,7 @@ edits, and start-up time with 1,000 logged edits vs none.
         --table-sizes 0,10000 --json out.json
 
 Compute: the editor's compute_seconds (key, value, calibration, quality gate) of real edits through
-EditManager.edit on SmolLM2-135M (the 11 facts of service/hooks/benchmark.py, then service/edits/facts.py),
+EditManager.edit on SmolLM2-135M (the 11 facts of bench/hook_layers.py, then testkit/facts.py),
 and the wall time of the whole call (plus encode, fsync'd append, publish).
 Generate: greedy model.generate of a fixed prompt through the hooked model; the active edits are synthetic
 (random keys that never fire), so the difference is the gate's cost; rounds alternate the tables
@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT))
 from service.config import Settings  # noqa: E402
 from service.editlog import EditLog, LogEntry, StoredEdit, StoredHook, TensorBlob  # noqa: E402
 from service.edits import EditManager  # noqa: E402
-from service.edits.facts import MORE_FACTS, fact_input  # noqa: E402
 from service.engine.loader import LoadedModel, load_model  # noqa: E402
 from service.hooks import HookEntry, HookManager, HookTable, default_hook_layers  # noqa: E402
-from service.hooks.benchmark import FACTS  # noqa: E402
 from service.retrieval import DescriptorEncoder  # noqa: E402
+from testkit.facts import MORE_FACTS, fact_input  # noqa: E402
+from testkit.hook_layers import FACTS  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a map."
 FIGURES: dict[str, object] = {}  # what --json writes

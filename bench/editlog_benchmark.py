@@ -12,7 +12,7 @@ EDITSERVE_TEST_PG_URL, else the tests' default URL, when reachable), side by sid
 
 Targets (issue 2): a descriptor edit durable within 100 ms; replay of 1,000 entries well under 1 s.
 These used to be bounds in unit tests; speed lives here so a busy CI machine cannot fail a behaviour test.
-Entries are fabricated with realistic SmolLM2/MiniLM shapes (`service.editlog.testing`); no model loads.
+Entries are fabricated with realistic SmolLM2/MiniLM shapes (`testkit.editlog`); no model loads.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.editlog import EditLog, EditRegistry  # noqa: E402
-from service.editlog.testing import edit_entry, make_edit  # noqa: E402
 from service.errors import Unavailable  # noqa: E402
+from testkit.editlog import edit_entry, make_edit  # noqa: E402
 
 DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"  # the tests' default
 

@@ -26,7 +26,7 @@ from service.retrieval.encoder import DescriptorEncoder  # noqa: E402
 from service.retrieval.store import RetrievalStore  # noqa: E402
 from service.router.calibration import FACTS, calibration_pairs  # noqa: E402
 from service.router.scope import DEFAULT_SCOPE_THRESHOLD, ScopeDetector, best_threshold, pair_scores  # noqa: E402
-from service.router.scope_eval import (  # noqa: E402
+from testkit.scope_eval import (  # noqa: E402
     best_counterfact_threshold,
     default_data_dir,
     fill_store,

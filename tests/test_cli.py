@@ -157,7 +157,7 @@ def test_python_dash_m_service_runs_the_cli() -> None:
 
 async def test_health_subcommand_follows_the_server(capsys: pytest.CaptureFixture[str]) -> None:
     from service.transport import EditServeServer
-    from service.transport.testing import FakeDataPlane
+    from testkit.fake_plane import FakeDataPlane
 
     server = EditServeServer(Settings(port=0, metrics_port=0), FakeDataPlane)
     await server.start()
@@ -220,7 +220,7 @@ def test_readme_metric_names_exist() -> None:
 
 async def test_readme_python_client_runs_against_a_server(capsys: pytest.CaptureFixture[str]) -> None:
     from service.transport import EditServeServer
-    from service.transport.testing import FakeDataPlane
+    from testkit.fake_plane import FakeDataPlane
 
     (example,) = [block for block in _code_blocks("python") if "insecure_channel" in block]
     server = EditServeServer(Settings(port=0, metrics_port=0, admin_token="change-me"), FakeDataPlane)

@@ -25,7 +25,6 @@ from prometheus_client import REGISTRY
 from service.config import Settings
 from service.editlog.store import SQLITE_FILENAME
 from service.edits import EditManager, QualityGateRejected
-from service.edits.testing import HashEncoder, ScriptedEditor
 from service.errors import (
     AlreadyExists,
     EditLogCorrupted,
@@ -47,6 +46,7 @@ from service.types import (
     RollbackInput,
     RollbackToInput,
 )
+from testkit.editing import HashEncoder, ScriptedEditor
 
 ROOT = Path(__file__).resolve().parents[1]
 EIFFEL = EditInput(
@@ -569,7 +569,7 @@ KILL_SCRIPT = textwrap.dedent(
 
     from service.config import Settings
     from service.edits import EditManager
-    from service.edits.testing import HashEncoder
+    from testkit.editing import HashEncoder
     from service.engine.loader import tiny_random_llama
     from service.hooks import Editor
     from service.types import EditInput

@@ -18,10 +18,10 @@ import torch
 
 from service.config import Settings
 from service.edits import EditManager, QualityGateRejected
-from service.edits.facts import MORE_FACTS, fact_input, synthetic_inputs
-from service.hooks.benchmark import greedy_text, starts_with
 from service.hooks.layer import param_checksum
 from service.types import EditInput, RollbackInput, RollbackToInput
+from testkit.facts import MORE_FACTS, fact_input, synthetic_inputs
+from testkit.hook_layers import greedy_text, starts_with
 
 pytestmark = pytest.mark.smollm
 

@@ -25,7 +25,6 @@ from service.editlog import (
     request_digest,
 )
 from service.editlog.store import SQLITE_FILENAME
-from service.editlog.testing import edit_entry, make_edit, rollback_entry
 from service.errors import (
     AlreadyExists,
     EditLogCorrupted,
@@ -33,6 +32,7 @@ from service.errors import (
     InvalidArgument,
     NotFound,
 )
+from testkit.editlog import edit_entry, make_edit, rollback_entry
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -219,7 +219,7 @@ _CHILD = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from service.editlog.testing import edit_entry, make_edit
+from testkit.editlog import edit_entry, make_edit
 from service.editlog import EditLog
 log = EditLog.open(None, Path(sys.argv[2]))
 for i in range(100000):

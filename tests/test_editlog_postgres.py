@@ -17,8 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from service.editlog import EditLog, EditRegistry, LogEntry, request_digest
-from service.editlog.testing import edit_entry, make_edit, rollback_entry
 from service.errors import AlreadyExists, EditLogCorrupted
+from testkit.editlog import edit_entry, make_edit, rollback_entry
 
 PG_URL = os.environ.get("EDITSERVE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

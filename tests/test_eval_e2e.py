@@ -14,7 +14,7 @@ from service import errors
 from service.config import Settings
 from service.eval.runner import EvalConfig, run_eval
 from service.transport import EditServeServer
-from service.transport.testing import FakeDataPlane
+from testkit.fake_plane import FakeDataPlane
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TOKEN = "eval-test-token"

@@ -20,7 +20,7 @@ from service.eval.freetext import (
     run_freetext,
 )
 from service.transport import EditServeServer
-from service.transport.testing import FakeDataPlane
+from testkit.fake_plane import FakeDataPlane
 
 TOKEN = "freetext-test-token"
 RECORDS = [

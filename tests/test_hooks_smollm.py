@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from service.hooks import Editor, EditSpec, HookManager, HookTable, default_hook_layers
-from service.hooks.benchmark import FACTS, greedy_text, starts_with
 from service.hooks.layer import param_checksum as param_hash
+from testkit.hook_layers import FACTS, greedy_text, starts_with
 
 pytestmark = pytest.mark.smollm
 

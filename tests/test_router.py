@@ -198,7 +198,7 @@ def test_query_views() -> None:
     reason=f"CounterFact is not present at {DATA_DIR} (the shared evaluation data folder)",
 )
 def test_counterfact_scope_precision_recall(encoder: DescriptorEncoder) -> None:
-    from service.router.scope_eval import fill_store, load_counterfact, metrics_at, score_queries
+    from testkit.scope_eval import fill_store, load_counterfact, metrics_at, score_queries
 
     records = load_counterfact(DATA_DIR / "counterfact-val.json")
     store = RetrievalStore(encoder)

@@ -28,7 +28,7 @@ from service.config import Settings
 from service.transport import REFLECTED_SERVICES, EditServeServer, serve
 from service.transport.convert import rfc3339
 from service.transport.server import EXIT_LOAD_FAILED, EXIT_OK
-from service.transport.testing import FAKE_HOOK_LAYER, FakeDataPlane
+from testkit.fake_plane import FAKE_HOOK_LAYER, FakeDataPlane
 
 TOKEN = "s3cret-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -612,7 +612,7 @@ async def test_serve_reports_a_taken_port() -> None:
 
 
 def test_transport_imports_no_torch() -> None:
-    code = ("import sys, service.transport, service.transport.testing, service.cli; "
+    code = ("import sys, service.transport, testkit.fake_plane, service.cli; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers') "
             "or m in ('service.dataplane', 'service.engine', 'service.hooks')]; "
             "assert not bad, bad")

@@ -1,8 +1,8 @@
 """Default hook layers, chosen by measurement.
 
 SmolLM2-135M-Instruct (30 layers), 2-core shared CPU, float32, measured with
-`HF_HUB_OFFLINE=1 .venv/bin/python -m service.hooks.benchmark --layers 2 3 4 5 6 7 8 10`:
-11 hand-written facts (service/hooks/benchmark.py), each edited alone with one paraphrase given to
+`HF_HUB_OFFLINE=1 .venv/bin/python bench/hook_layers.py --layers 2 3 4 5 6 7 8 10`:
+11 hand-written facts (testkit/hook_layers.py), each edited alone with one paraphrase given to
 compute. ES = the prompt's greedy continuation starts with the target; PS = the same for two paraphrases
 NOT given to compute ("loose": the target appears in the first few tokens, e.g. "Mount Everest is a
 mountain in" -> " the Canadian Rockies"); NS = the neighbour prompt's continuation is unchanged; "all" =

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .model import LogEntry, StoredEdit, StoredHook, TensorBlob
+from service.editlog.model import LogEntry, StoredEdit, StoredHook, TensorBlob
 
 __all__ = ["edit_entry", "make_edit", "rollback_entry"]
 

@@ -1,5 +1,5 @@
 """Facts for the edit manager's SmolLM2 tests and benchmark: 20 hand-written counterfactual edits (none of
-them in service/hooks/benchmark.py's FACTS) and a generator of synthetic ones for sequential editing.
+them in bench/hook_layers.py's FACTS) and a generator of synthetic ones for sequential editing.
 """
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from service.hooks import EditSpec
-from service.hooks.benchmark import Fact
 from service.types import EditInput
+from testkit.hook_layers import Fact
 
 
 def _fact(

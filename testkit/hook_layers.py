@@ -1,7 +1,7 @@
 """Hand-written facts and the measurement behind `defaults.py` (and the edit-compute timing).
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m service.hooks.benchmark --layers 2 3 4 5 6 8
-    HF_HUB_OFFLINE=1 .venv/bin/python -m service.hooks.benchmark --layers 4 --repeat 2   # timing
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/hook_layers.py --layers 2 3 4 5 6 8
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/hook_layers.py --layers 4 --repeat 2   # timing
 
 For each layer: every fact is edited alone (1 paraphrase given to compute) and checked by greedy
 decoding: ES = the prompt continues with the target, PS = two paraphrases NOT given to compute do,
