@@ -130,3 +130,16 @@ def test_append_only_and_tamper_detection(pg_log: EditLog, schema: str) -> None:
         engine.dispose()
     with pytest.raises(EditLogCorrupted, match="version 2 fails its checksum"):
         list(pg_log.read_all())
+
+
+def test_a_truncated_postgresql_log_is_refused(pg_log: EditLog, schema: str, tmp_path: Path) -> None:
+    """TRUNCATE skips row triggers; the head row written in every append's transaction still knows the
+    highest committed version, and a replica refuses to start on the emptied log."""
+    for i in range(3):
+        pg_log.append(edit_entry(make_edit(f"e-{i}", seed=i, kind="descriptor")))
+    engine = sa.create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f'TRUNCATE "{schema}".log_hooks, "{schema}".log_edits, "{schema}".log_entries')
+    engine.dispose()
+    with pytest.raises(EditLogCorrupted, match="ends at version 0, but version 3 was committed"):
+        EditLog.open(PG_URL, tmp_path, schema=schema)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 
 __all__ = ["ADDED_EDIT_COLUMNS", "ADDED_HOOK_COLUMNS", "METADATA", "TABLES", "log_edits", "log_entries",
-           "log_hooks"]
+           "log_head", "log_hooks"]
 
 METADATA = sa.MetaData()
 # SQLite: INTEGER PRIMARY KEY is the rowid itself (no second b-tree); PostgreSQL: bigint.
@@ -85,4 +85,14 @@ log_hooks = sa.Table(
     *ADDED_HOOK_COLUMNS,
 )
 
-TABLES = (log_entries, log_edits, log_hooks)
+TABLES = (log_entries, log_edits, log_hooks)  # append-only: triggers refuse UPDATE and DELETE
+
+# The highest version ever committed (one row, id 1), written in every append's transaction: a log whose
+# entries end below it lost acknowledged edits, and it is refused at start. SQLite also keeps it in a
+# file beside the database (store.py), which survives a truncated or damaged database file.
+log_head = sa.Table(
+    "log_head",
+    METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", VERSION_TYPE, nullable=False),
+)

@@ -13,7 +13,11 @@ Guarantees:
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
+import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -34,10 +38,14 @@ from .schema import (
     TABLES,
     log_edits,
     log_entries,
+    log_head,
     log_hooks,
 )
 
+log = logging.getLogger(__name__)
+
 SQLITE_FILENAME = "editlog.sqlite3"
+HEAD_SUFFIX = ".head"  # beside the SQLite file: the highest version ever committed
 _WRITE_OPTION = "editlog_write"  # execution option: this transaction appends (SQLite: BEGIN IMMEDIATE)
 _READ_CHUNK = 1000  # entries per round trip in read_all: 3 queries per chunk, not per entry
 
@@ -46,8 +54,10 @@ _READ_CHUNK = 1000  # entries per round trip in read_all: 3 queries per chunk, n
 class EditLog:
     """Open with `EditLog.open(url, data_dir)`; thread-safe (one pooled connection per call)."""
 
-    def __init__(self, engine: Engine, *, schema: str | None = None) -> None:
+    def __init__(self, engine: Engine, *, schema: str | None = None, head_file: Path | None = None) -> None:
         self._base_engine = engine
+        self._head_file = head_file
+        self._head_lock = threading.Lock()
         self._engine = engine.execution_options(schema_translate_map={None: schema}) if schema else engine
         self._schema = schema
         self.dialect: str = engine.dialect.name
@@ -76,9 +86,12 @@ class EditLog:
                 raise ValueError("schema is for PostgreSQL; SQLite keeps one log per file")
             engine = sa.create_engine(sa_url, connect_args={"timeout": 30})
             _install_sqlite_pragmas(engine)
+            database = sa_url.database
+            head_file = Path(database + HEAD_SUFFIX) if database and database != ":memory:" else None
         else:
             engine = sa.create_engine(sa_url, pool_pre_ping=True)
-        log = cls(engine, schema=schema)
+            head_file = None
+        log = cls(engine, schema=schema, head_file=head_file)
         try:
             log._prepare()
         except sa.exc.DBAPIError as exc:
@@ -106,6 +119,59 @@ class EditLog:
             METADATA.create_all(conn)
             self._add_missing_columns(conn)
             self._install_append_only_triggers(conn)
+            self._check_head(conn)
+
+    def _check_head(self, conn: Connection) -> None:
+        """Refuse a log that ends below the highest version ever committed to it (acknowledged edits
+        lost: a truncated or damaged file, a deleted -wal, an older copy restored over it)."""
+        last = int(conn.execute(sa.select(sa.func.max(log_entries.c.version))).scalar() or 0)
+        recorded = conn.execute(sa.select(log_head.c.version).where(log_head.c.id == 1)).scalar()
+        if recorded is None:
+            conn.execute(log_head.insert(), [{"id": 1, "version": last}])
+            recorded = last
+        marker = self._read_head_file()
+        committed = max(int(recorded), marker)
+        if last < committed:
+            where = f" ({self._head_file} records it)" if marker > int(recorded) else ""
+            raise EditLogCorrupted(
+                f"the edit log ends at version {last}, but version {committed} was committed{where}: "
+                "acknowledged edits are missing. Restore the log from a backup; to start an empty log on "
+                "purpose, use a new --data-dir"
+            )
+
+    def _read_head_file(self) -> int:
+        if self._head_file is None or not self._head_file.exists():
+            return 0
+        try:
+            return int(self._head_file.read_text().strip() or 0)
+        except (OSError, ValueError) as exc:
+            raise EditLogCorrupted(f"{self._head_file} is unreadable: {exc}") from exc
+
+    def _write_head_file(self, version: int) -> None:
+        """Durably record `version` beside the database, never lowering it (temp file, fsync, rename,
+        under a file lock shared with other processes on the same log). Best effort: the entry is already
+        committed, so a failure here is logged, not raised."""
+        if self._head_file is None:
+            return
+        try:
+            lock_path = self._head_file.with_name(self._head_file.name + ".lock")
+            with self._head_lock, open(lock_path, "a") as lock:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+                if self._read_head_file() >= version:
+                    return
+                tmp = self._head_file.with_name(f"{self._head_file.name}.{os.getpid()}.tmp")
+                with open(tmp, "w") as f:
+                    f.write(f"{version}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self._head_file)
+                dir_fd = os.open(self._head_file.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except (OSError, EditLogCorrupted):
+            log.exception("could not record the edit log's head version %d in %s", version, self._head_file)
 
     def _add_missing_columns(self, conn: Connection) -> None:
         """An edit log written by an older release lacks the columns added since (all nullable)."""
@@ -199,11 +265,13 @@ class EditLog:
                     conn.execute(log_edits.insert(), edit_rows)
                 if hook_rows:
                     conn.execute(log_hooks.insert(), hook_rows)
+                conn.execute(log_head.update().where(log_head.c.id == 1).values(version=committed.version))
         except sa.exc.IntegrityError as exc:
             # Versions are serialised by the lock, so a conflict here is a reused edit_id.
             raise AlreadyExists(f"edit log refused the entry: {exc.orig}", field="edit_id") from exc
         except sa.exc.DBAPIError as exc:
             self._raise_db_error(exc, "appending to")
+        self._write_head_file(committed.version)
         return committed
 
     # ------------------------------------------------------------------ reading
