@@ -98,6 +98,7 @@ class Settings:
     chat_placement: str = "user"
     raw_placement: str = "qa"
     max_descriptor_chars: int = 500
+    max_batch_edits: int = 1000  # edits per BatchEdit; a larger batch holds the compute lock too long
 
     # auth
     admin_token: str = ""
@@ -123,7 +124,8 @@ class Settings:
         if self.log_level.upper() not in LOG_LEVELS:
             raise SettingsError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_new_tokens_limit",
-                     "default_max_new_tokens", "max_edits", "retrieval_top_k", "max_descriptor_chars"):
+                     "default_max_new_tokens", "max_edits", "retrieval_top_k", "max_descriptor_chars",
+                     "max_batch_edits"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

@@ -53,6 +53,7 @@ _HELP: dict[str, str] = {
     "retrieval_enabled": "use the retrieval path (--no-retrieval: hook layers only)",
     "fit_in_retrieval_prompt": "fit each edit's value also after its descriptor block as served",
     "max_descriptor_chars": "longest edit descriptor accepted",
+    "max_batch_edits": "most edits in one BatchEdit; beyond it INVALID_ARGUMENT",
     "compile_descriptors": "also compile a descriptor-only edit that states a fact into a hook edit "
     "(kept when it passes the quality gate)",
     "descriptor_hooks": "a compiled descriptor also gets a hook entry (off: its subject only feeds scope "

@@ -117,6 +117,7 @@ class EditInput:
     force: bool = False
     actor: str = ""
     compile_descriptor: bool | None = None  # None (proto field unset) = Settings.compile_descriptors
+    deadline: float | None = None  # time.monotonic(); past it nothing is committed (DEADLINE_EXCEEDED)
 
 
 @dataclass
@@ -155,6 +156,7 @@ class BatchEditInput:
     idempotency_key: str = ""
     force: bool = False
     actor: str = ""
+    deadline: float | None = None  # time.monotonic(); past it nothing is committed (DEADLINE_EXCEEDED)
 
 
 @dataclass

@@ -74,7 +74,9 @@ class ScriptedEditor(Editor):
     def warmup(self) -> None:
         pass
 
-    def compute_many(self, specs: Sequence[EditSpec], base: HookTable | None = None) -> list[ComputedEdit]:
+    def compute_many(
+        self, specs: Sequence[EditSpec], base: HookTable | None = None, between: Any = None
+    ) -> list[ComputedEdit]:
         if self.refuse:
             raise AssertionError(f"editor called for {[s.subject for s in specs]}")
         for s in specs:

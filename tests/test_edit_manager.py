@@ -7,6 +7,7 @@ ScriptedEditor (real validation, scripted keys/values and reports) where the gat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -663,3 +664,30 @@ def test_no_retrieval_loads_the_encoder_only_for_a_descriptor(tiny_llama, tmp_pa
                                    atol=1e-6)
     finally:
         manager.close()
+
+
+def test_an_edit_past_its_deadline_stores_nothing(open_manager):
+    """The caller got DEADLINE_EXCEEDED: the edit must not appear later. Checked before the computation,
+    between edits, and again right before the commit."""
+    import time
+
+    from service.errors import DeadlineExceeded
+
+    release = threading.Event()
+    manager = open_manager(editor=scripted_editor(block=release))
+    with pytest.raises(DeadlineExceeded, match="before its computation; nothing was stored"):
+        manager.edit(dataclasses.replace(EIFFEL, deadline=time.monotonic() - 1))
+    # the deadline passes while the edit computes (the editor is held until then)
+    threading.Timer(0.3, release.set).start()
+    batch = BatchEditInput(edits=[EIFFEL, LOUVRE], deadline=time.monotonic() + 0.1)
+    with pytest.raises(DeadlineExceeded, match="nothing was stored"):
+        manager.batch_edit(batch)
+    assert head(manager) == 0 and manager.version == 0
+    assert manager.edit(EIFFEL).version == 1  # no deadline: committed as usual
+
+
+def test_batch_edit_size_is_capped(open_manager):
+    manager = open_manager(max_batch_edits=2)
+    with pytest.raises(InvalidArgument, match="at most 2"):
+        manager.batch_edit(BatchEditInput(edits=[EIFFEL, LOUVRE, TWITTER]))
+    assert head(manager) == 0

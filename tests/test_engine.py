@@ -653,3 +653,12 @@ async def test_a_request_keeps_its_edit_set_while_a_new_one_is_published(tiny_ll
             assert 2 in mixed  # the two requests shared decode forwards
     finally:
         hooks.uninstall()
+
+
+async def test_a_vanishing_temperature_is_greedy(engine, tiny_llama):
+    """1e-40 would overflow logits / temperature (INTERNAL before): below 1e-5 the request is greedy."""
+    prompt = ids_of(tiny_llama, "The Eiffel Tower is located in the city of")
+    greedy = tokens_of(await collect(engine, EngineRequest(prompt, SamplingParams(max_new_tokens=6))))
+    for t in (1e-45, 1e-40, 1e-37, 1e-6):
+        params = SamplingParams(max_new_tokens=6, temperature=t, seed=1)
+        assert tokens_of(await collect(engine, EngineRequest(prompt, params))) == greedy

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ from service.editlog import (
 from service.engine.loader import LoadedModel
 from service.errors import (
     AlreadyExists,
+    DeadlineExceeded,
     EditLogCorrupted,
     EditServeError,
     FailedPrecondition,
@@ -132,6 +134,12 @@ def default_editor_factory(settings: Settings) -> EditorFactory:
 class _Outcome:
     result = "ok"
 
+
+
+def _check_deadline(deadline: float | None, when: str) -> None:
+    """The caller's deadline passed: stop, and commit nothing (the caller has been told it failed)."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(f"the deadline passed {when}; nothing was stored")
 
 class EditManager:
     def __init__(
@@ -227,7 +235,9 @@ class EditManager:
             digest = edit_digest(req)
             entry = self._replay(req.idempotency_key, digest)
             if entry is None:
-                entry, replayed = self._commit_edits([plan], "edit", req.actor, req.idempotency_key, digest)
+                entry, replayed = self._commit_edits(
+                    [plan], "edit", req.actor, req.idempotency_key, digest, req.deadline
+                )
             else:
                 replayed = True
             if replayed:
@@ -240,6 +250,11 @@ class EditManager:
             self._check_open()
             if not req.edits:
                 raise InvalidArgument("must hold at least one edit", field="edits")
+            if len(req.edits) > self.settings.max_batch_edits:
+                raise InvalidArgument(
+                    f"{len(req.edits)} edits; a BatchEdit holds at most {self.settings.max_batch_edits} "
+                    "(--max-batch-edits): split it", field="edits",
+                )
             plans = []
             for n, e in enumerate(req.edits):
                 if e.idempotency_key:
@@ -251,7 +266,9 @@ class EditManager:
             digest = batch_digest(req)
             entry = self._replay(req.idempotency_key, digest)
             if entry is None:
-                entry, replayed = self._commit_edits(plans, "batch", req.actor, req.idempotency_key, digest)
+                entry, replayed = self._commit_edits(
+                    plans, "batch", req.actor, req.idempotency_key, digest, req.deadline
+                )
             else:
                 replayed = True
             if replayed:
@@ -364,7 +381,13 @@ class EditManager:
         return entry
 
     def _commit_edits(
-        self, plans: list[EditPlan], kind: str, actor: str, key: str, digest: str
+        self,
+        plans: list[EditPlan],
+        kind: str,
+        actor: str,
+        key: str,
+        digest: str,
+        deadline: float | None = None,
     ) -> tuple[LogEntry, bool]:
         """Compute, gate, append, apply. Returns (committed entry, True if it is another request's
         entry: the same idempotency key won a race with this one)."""
@@ -372,13 +395,15 @@ class EditManager:
         with self._compute_lock if hook_plans else nullcontext():
             self._check_open()
             self._check_capacity(plans)
-            computed = self._compute(plans, hook_plans) if hook_plans else {}
+            _check_deadline(deadline, "before its computation")
+            computed = self._compute(plans, hook_plans, deadline) if hook_plans else {}
             self._check_table_bytes(computed)
             vectors = self.store.encoder.encode([p.descriptor for p in plans])
             with self._commit_lock:
                 self._check_open()
                 self._catch_up()
                 self._check_capacity(plans)  # others may have committed while this one computed
+                _check_deadline(deadline, "before its commit")  # a caller that gave up gets no edit
                 edits = self._stored_edits(plans, computed, vectors)
                 committed = self.log.append(
                     LogEntry(
@@ -395,7 +420,9 @@ class EditManager:
                 self._apply(committed)
                 return committed, False
 
-    def _compute(self, plans: Sequence[EditPlan], hook_plans: list[int]) -> dict[int, ComputedEdit]:
+    def _compute(
+        self, plans: Sequence[EditPlan], hook_plans: list[int], deadline: float | None = None
+    ) -> dict[int, ComputedEdit]:
         current = self.hooks.current
         hidden: set[str] = set()
         for n in hook_plans:
@@ -403,7 +430,10 @@ class EditManager:
         hidden &= set(current.edit_ids)
         # Measure against the table as it will be once the superseded edits are gone.
         base = without(current, hidden, current.version) if hidden else None
-        out = self.editor.compute_many([plans[n].spec for n in hook_plans], base=base)  # type: ignore[misc]
+        out = self.editor.compute_many(  # type: ignore[misc]
+            [plans[n].spec for n in hook_plans], base=base,
+            between=lambda: _check_deadline(deadline, "while computing it"),
+        )
         computed = dict(zip(hook_plans, out, strict=True))
         for ce in out:
             EDIT_COMPUTE.observe(ce.report.compute_seconds)

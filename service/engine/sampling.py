@@ -13,6 +13,9 @@ import torch
 from service.errors import InvalidArgument
 
 
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int
@@ -25,7 +28,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below MIN_TEMPERATURE, logits / temperature overflows float32 (inf - inf = nan in the softmax)
+        # and the distribution is the argmax anyway: such a request is greedy (vLLM draws the same line).
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -252,21 +252,31 @@ class Editor:
     def compute(self, spec: EditSpec) -> ComputedEdit:
         return self.compute_many([spec])[0]
 
-    def compute_many(self, specs: Sequence[EditSpec], base: HookTable | None = None) -> list[ComputedEdit]:
+    def compute_many(
+        self,
+        specs: Sequence[EditSpec],
+        base: HookTable | None = None,
+        between: Callable[[], None] | None = None,
+    ) -> list[ComputedEdit]:
         """Compute each edit independently, then run every quality check with ALL of them in the table.
 
         `base` replaces the published table as "the table before these edits" (the caller passes the
         published one minus the edits the new ones supersede, whose near-identical keys would otherwise
-        win the gate during the quality checks).
+        win the gate during the quality checks). `between` is called before each edit's computation and
+        before the quality checks; it may raise to stop the work (a caller's deadline).
         """
         t0 = time.perf_counter()
         preps = [self._prepare(s) for s in specs]  # validate everything before any compute
         published = self.hooks.current if base is None else base
         per_edit: list[tuple[list[HookEntry], str, int | None, float]] = []
         for prep in preps:
+            if between is not None:
+                between()
             t = time.perf_counter()
             entries, msg, old_first = self._compute_entries(prep, published)
             per_edit.append((entries, msg, old_first, time.perf_counter() - t))
+        if between is not None:
+            between()
         all_new = [e for entries, *_ in per_edit for e in entries]
         override = published.extended(all_new)
         subjects = [p.spec.subject for p in preps]

@@ -137,7 +137,7 @@ def score_response(res: t.ScoreResult) -> pb.ScoreResponse:
 # ------------------------------------------------------------------------------------------ editing
 
 
-def edit_input(req: pb.EditRequest) -> t.EditInput:
+def edit_input(req: pb.EditRequest, deadline: float | None = None) -> t.EditInput:
     return t.EditInput(
         subject=req.subject,
         prompt=req.prompt,
@@ -148,15 +148,17 @@ def edit_input(req: pb.EditRequest) -> t.EditInput:
         force=req.force,
         actor=req.actor,
         compile_descriptor=req.compile_descriptor if req.HasField("compile_descriptor") else None,
+        deadline=deadline,
     )
 
 
-def batch_edit_input(req: pb.BatchEditRequest) -> t.BatchEditInput:
+def batch_edit_input(req: pb.BatchEditRequest, deadline: float | None = None) -> t.BatchEditInput:
     return t.BatchEditInput(
         edits=[edit_input(e) for e in req.edits],
         idempotency_key=req.idempotency_key,
         force=req.force,
         actor=req.actor,
+        deadline=deadline,
     )
 
 

@@ -71,13 +71,13 @@ class EditServicer(pb_grpc.EditServiceServicer):
         self._slot = slot
 
     async def Edit(self, request: pb.EditRequest, context: aio.ServicerContext) -> pb.EditResponse:
-        result = await self._slot.get().edit(convert.edit_input(request))
+        result = await self._slot.get().edit(convert.edit_input(request, grpc_deadline(context)))
         return convert.edit_response(result)
 
     async def BatchEdit(
         self, request: pb.BatchEditRequest, context: aio.ServicerContext
     ) -> pb.BatchEditResponse:
-        result = await self._slot.get().batch_edit(convert.batch_edit_input(request))
+        result = await self._slot.get().batch_edit(convert.batch_edit_input(request, grpc_deadline(context)))
         return convert.batch_edit_response(result)
 
     async def GetEdit(self, request: pb.GetEditRequest, context: aio.ServicerContext) -> pb.GetEditResponse:
