@@ -8,9 +8,9 @@ that is the normal case here: the engine thread, the edit computations and the s
 encoder run in different threads. Measured with SmolLM2 (forward + backward of 4 x 12 tokens, the
 same process): 359 ms in the engine thread alone, 450-893 ms in another thread while the engine's team
 was alive (2,000 voluntary context switches per pass against none), 303 ms once the idle engine had
-released it. On whole edits beside an idle engine thread the gain is smaller: `bench/cpu_threads.py`
-measured 1.09x and 1.16x (edit mean 1.93 -> 1.77 s and 2.04 -> 1.76 s, 8-10 hand-written facts, two
-alternated rounds per condition).
+released it. On whole edits beside an idle engine thread the gain is smaller: 1.09x and 1.16x (edit
+mean 1.93 -> 1.77 s and 2.04 -> 1.76 s, 8-10 hand-written facts, two alternated rounds per condition),
+measured with `bench/cpu_threads.py`, removed since; `git show 78baab4:bench/cpu_threads.py`.
 
 `release_cpu_threads()` ends the calling thread's team (OpenMP 5's `omp_pause_resource_all`, soft);
 its next parallel kernel starts a new one (~0.1 ms). Where no libgomp is loaded it does nothing.

@@ -26,10 +26,11 @@ THRESHOLD_EPS = 1e-3
 SINK_POSITIONS = 2
 # Previous-token condition of an entry (see hooks/layer.py): cosine >= min(cap, lowest positive - eps).
 # A cap, not a midpoint rule: an edit's own contexts give ~0.9, a caller's paraphrases in other contexts
-# less. Chosen with `bench/gate_specificity.py` on CounterFact records 1000-1918 (`--skip 1000`), which
-# the T=1000 evaluation does not use: with start-of-text keys (see `_calibrate`), held-out paraphrases
-# where the own edit fires / neighbourhood prompts where another record's edit fires were 902/17 at
-# cap 0.5, 895/14 at 0.6, 878/13 at 0.7, against 889/23 for a cap of 0.2 without start-of-text keys.
+# less. Chosen on CounterFact records 1000-1918, which the T=1000 evaluation does not use: with
+# start-of-text keys (see `_calibrate`), held-out paraphrases where the own edit fires / neighbourhood
+# prompts where another record's edit fires were 902/17 at cap 0.5, 895/14 at 0.6, 878/13 at 0.7, against
+# 889/23 for a cap of 0.2 without start-of-text keys. Measured with `bench/gate_specificity.py --skip
+# 1000`, removed since; `git show 78baab4:bench/gate_specificity.py`.
 PREV_THRESHOLD_CAP = 0.6
 
 

@@ -34,13 +34,14 @@ __all__ = [
 
 # v*'s optimiser: Adam's step size and the early stop (mean target-token NLL, once every target token is
 # the argmax). Adam moves every coordinate by about lr per step, so lr sets how fast ||delta|| grows
-# towards the ~2-3 x ref_norm most edits need. Measured side by side with `bench/vstar_settings.py`
-# (sequential edits, hook path only), lr 1.0 / stop 0.1 -> 2.0 / 0.15: zsRE records 0-39, 15.9 -> 11.9
-# steps, 3.75 -> 2.95 s per edit, Rel .990 -> .990, Gen .817 -> .830; CounterFact records 0-59, 9.2 -> 6.2
-# steps, 1.89 -> 1.38 s, ES 1.00 -> 1.00, PS .950 -> .933, NS .733 -> .733. lr 3.0 was no faster than 2.0
-# (12.3 steps; more overshoot at the norm clamp); a line search along the first gradient saved one step
-# and cost as much in forwards. Then (`bench/vstar_settings.py`, same records) a first step of
-# 2.5 x ref_norm along the normalised first gradient (see `_first_step`) and the stop at NLL 0.25:
+# towards the ~2-3 x ref_norm most edits need. Measured side by side (sequential edits, hook path only)
+# with `bench/vstar_settings.py`, removed since; `git show 78baab4:bench/vstar_settings.py`. lr 1.0 /
+# stop 0.1 -> 2.0 / 0.15: zsRE records 0-39, 15.9 -> 11.9 steps, 3.75 -> 2.95 s per edit, Rel .990 ->
+# .990, Gen .817 -> .830; CounterFact records 0-59, 9.2 -> 6.2 steps, 1.89 -> 1.38 s, ES 1.00 -> 1.00,
+# PS .950 -> .933, NS .733 -> .733. lr 3.0 was no faster than 2.0 (12.3 steps; more overshoot at the
+# norm clamp); a line search along the first gradient saved one step and cost as much in forwards. Then
+# (same script, same records) a first step of 2.5 x ref_norm along the normalised first gradient (see
+# `_first_step`) and the stop at NLL 0.25:
 # zsRE 0-29, 12.3 -> 10.4 steps, Rel .987 -> .994, Gen .869 -> .840, behind the own descriptor block
 # Rel .966 -> .990, Gen .922 -> .928; CounterFact 0-59, 6.2 -> 5.4 steps, ES 1.00 -> 1.00, PS .933 -> .917,
 # NS .733 -> .733, own block PS .983 -> .983. Weight decay 0 or a clamp of 6 changed no step count.
