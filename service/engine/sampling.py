@@ -12,7 +12,6 @@ import torch
 
 from service.errors import InvalidArgument
 
-
 MIN_TEMPERATURE = 1e-5
 
 
