@@ -106,6 +106,20 @@ class Settings:
 
     log_level: str = "INFO"
 
+    def _check_edit_log_url(self) -> None:
+        import sqlalchemy as sa
+
+        try:
+            url = sa.make_url(self.edit_log_url)
+        except sa.exc.ArgumentError:
+            raise SettingsError(
+                f"--edit-log-url {self.edit_log_url!r} is not a database URL "
+                "(e.g. postgresql+psycopg://user@host:5432/db; empty = SQLite in --data-dir)"
+            ) from None
+        if url.get_backend_name() not in ("postgresql", "sqlite"):
+            raise SettingsError(f"--edit-log-url: the edit log runs on PostgreSQL or SQLite, not "
+                                f"{url.get_backend_name()!r}")
+
     def validate(self) -> None:
         """Raise SettingsError naming the first bad setting (by its flag)."""
         for name in ("port", "metrics_port"):
@@ -115,6 +129,8 @@ class Settings:
             raise SettingsError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.dtype not in DTYPES:
             raise SettingsError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.edit_log_url:
+            self._check_edit_log_url()
         if self.chat_placement not in CHAT_PLACEMENTS:
             raise SettingsError(f"--chat-placement must be one of {', '.join(CHAT_PLACEMENTS)}, "
                                 f"got {self.chat_placement!r}")

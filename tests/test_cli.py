@@ -89,6 +89,10 @@ def test_bad_flag_value_exits_2() -> None:
         (["--default-max-new-tokens", "600"], "--default-max-new-tokens"),
         (["--log-level", "LOUD"], "--log-level"),
         (["--prefix-cache-mb", "-1"], "--prefix-cache-mb"),
+        (["--edit-log-url", "not-a-url"], "is not a database URL"),
+        (["--edit-log-url", "mysql://u@h/db"], "PostgreSQL or SQLite"),
+        (["--max-batch-edits", "0"], "--max-batch-edits"),
+        (["--max-hook-table-mb", "-1"], "--max-hook-table-mb"),
     ],
 )
 def test_invalid_settings_exit_2_before_loading(

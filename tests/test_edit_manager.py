@@ -691,3 +691,19 @@ def test_batch_edit_size_is_capped(open_manager):
     with pytest.raises(InvalidArgument, match="at most 2"):
         manager.batch_edit(BatchEditInput(edits=[EIFFEL, LOUVRE, TWITTER]))
     assert head(manager) == 0
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (dataclasses.replace(EIFFEL, idempotency_key="k" * 3000), "idempotency_key"),
+        (dataclasses.replace(EIFFEL, actor="a" * 1_000_000), "actor"),
+        (RollbackInput(edit_id="e" * 20_000, reason="r"), "edit_id"),
+    ],
+)
+def test_oversized_metadata_is_refused_before_any_work(open_manager, request_, field):
+    manager = open_manager(editor=scripted_editor(refuse=True))  # the editor must not be called
+    call = manager.rollback if isinstance(request_, RollbackInput) else manager.edit
+    with pytest.raises(InvalidArgument, match="at most") as info:
+        call(request_)
+    assert info.value.field == field and head(manager) == 0

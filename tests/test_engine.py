@@ -319,6 +319,16 @@ async def test_full_queue_raises_resource_exhausted(tiny_llama):
             assert events[-1].finish_reason == "length"
 
 
+async def test_a_burst_that_fits_the_free_batch_slots_is_not_refused(tiny_llama):
+    """The queue bound counts requests beyond the free batch slots: 8 requests arriving together at an
+    idle engine with 8 slots are all taken, even with max_queue=1."""
+    async with running(tiny_llama, max_batch_size=8, max_queue=1) as eng:
+        streams = [eng.stream(greedy(tiny_llama, PROMPTS[i % len(PROMPTS)], 4)) for i in range(8)]
+        for stream in streams:
+            events = [ev async for ev in stream]
+            assert events[-1].finish_reason == "length"
+
+
 async def test_closing_or_cancelling_a_stream_frees_its_slot(engine, tiny_llama):
     stream = engine.stream(greedy(tiny_llama, PROMPTS[0], 1000))
     await stream.__anext__()

@@ -640,3 +640,13 @@ def test_rfc3339_is_utc_with_z() -> None:
     assert rfc3339(datetime(2024, 5, 1, 12, 0)) == "2024-05-01T12:00:00.000000Z"  # naive = UTC
     assert rfc3339(None) == ""
     assert datetime.fromisoformat(rfc3339(datetime.now(UTC))).tzinfo is not None
+
+
+async def test_a_status_message_quoting_huge_input_is_cut(running: Running) -> None:
+    """An error that quotes a 20 KB id keeps its own code (gRPC's metadata limit would otherwise turn
+    it into RESOURCE_EXHAUSTED)."""
+    huge = "x" * 20_000
+    running.plane.fail_with = errors.NotFound(f"no edit {huge!r}")
+    err = await rpc_error(running.edits.GetEdit(pb.GetEditRequest(edit_id=huge), metadata=AUTH))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert len(err.details()) <= 1000 and err.details().endswith("characters)")

@@ -136,6 +136,18 @@ class _Outcome:
 
 
 
+# Longest accepted metadata, in characters: they are stored in every log entry and indexed (an
+# idempotency key of ~2.7 KB passes PostgreSQL's b-tree row limit only to fail after the edit computed).
+METADATA_LIMITS = {"idempotency_key": 256, "actor": 256, "edit_id": 128, "reason": 2000}
+
+
+def _check_metadata(**fields: str | None) -> None:
+    for name, value in fields.items():
+        limit = METADATA_LIMITS[name]
+        if value and len(value) > limit:
+            raise InvalidArgument(f"{len(value)} characters; at most {limit}", field=name)
+
+
 def _check_deadline(deadline: float | None, when: str) -> None:
     """The caller's deadline passed: stop, and commit nothing (the caller has been told it failed)."""
     if deadline is not None and time.monotonic() >= deadline:
@@ -229,6 +241,7 @@ class EditManager:
     # ------------------------------------------------------------------ edits
 
     def edit(self, req: EditInput) -> EditResult:
+        _check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
         with self._operation("edit") as outcome:
             self._check_open()
             plan = self._plan(req)
@@ -246,6 +259,7 @@ class EditManager:
 
     def batch_edit(self, req: BatchEditInput) -> BatchEditResult:
         """All or nothing, one version: one edit failing validation or the gate stores none of them."""
+        _check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
         with self._operation("batch_edit") as outcome:
             self._check_open()
             if not req.edits:
@@ -278,6 +292,7 @@ class EditManager:
             )
 
     def rollback(self, req: RollbackInput) -> RollbackResult:
+        _check_metadata(actor=req.actor, reason=req.reason, edit_id=req.edit_id)
         with self._operation("rollback"):
             if not req.edit_id:
                 raise InvalidArgument("must name an edit", field="edit_id")
@@ -299,6 +314,7 @@ class EditManager:
     def rollback_to(self, req: RollbackToInput) -> RollbackToResult:
         """Roll back every edit committed after `req.version`, in one log entry (nothing to roll back:
         nothing is appended and the current version comes back)."""
+        _check_metadata(actor=req.actor, reason=req.reason)
         with self._operation("rollback_to"):
             with self._commit_lock:
                 self._check_open()

@@ -264,7 +264,10 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise Unavailable("the engine is not serving (not started or shutting down)")
-            if len(self._waiting) + len(self._scores) >= self._max_queue:
+            # Admission runs once per engine step: requests that free batch slots will take at the next
+            # step are not queued behind anything, so only those beyond the free slots count.
+            free = max(0, self._max_batch_size - self._num_running)
+            if max(0, len(self._waiting) - free) + len(self._scores) >= self._max_queue:
                 raise ResourceExhausted(f"the request queue is full ({self._max_queue} waiting)")
             queue.append(item)
             self._wakeup.notify()

@@ -34,6 +34,17 @@ API_PREFIX = "/editserve.v1."
 EDIT_SERVICE_PREFIX = "/editserve.v1.EditService/"
 
 
+# Messages can quote what the caller sent (an unknown 20 KB edit id): past the size of gRPC's status
+# metadata the call would end RESOURCE_EXHAUSTED instead of its own code, so messages are cut here.
+MAX_STATUS_MESSAGE_CHARS = 1000
+
+
+def bounded(message: str) -> str:
+    if len(message) <= MAX_STATUS_MESSAGE_CHARS:
+        return message
+    return message[: MAX_STATUS_MESSAGE_CHARS - 30] + f"… ({len(message)} characters)"
+
+
 def status_details(payloads: tuple[object, ...]) -> list[any_pb2.Any]:
     """A domain error's payloads as google.rpc.Status details (one packed message each, in order)."""
     packed = []
@@ -55,11 +66,12 @@ class ErrorToStatusInterceptor(AsyncExceptionToStatusInterceptor):
             raise ex
         if isinstance(ex, EditServeError):
             code = getattr(grpc.StatusCode, ex.code, grpc.StatusCode.INTERNAL)
+            message = bounded(ex.message)
             details = status_details(ex.details)
             if details:
-                status = status_pb2.Status(code=code.value[0], message=ex.message, details=details)
+                status = status_pb2.Status(code=code.value[0], message=message, details=details)
                 await context.abort_with_status(rpc_status.to_status(status))
-            await context.abort(code, ex.message)
+            await context.abort(code, message)
         # A bug, not a caller mistake: the details stay in our log, the caller gets no internals.
         log.exception("unhandled error in %s", method_name)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method_name} (see server log)")
