@@ -56,13 +56,26 @@ DEFAULT_STYLE = PromptStyle()
 PLAIN_RAW = PromptStyle(raw="plain")  # Score: the continuation follows the caller's prompt verbatim
 
 _LINE_BREAKS = re.compile(r"\s*(?:\r\n|[\r\n\x0b\x0c\x1c-\x1e\x85\u2028\u2029])\s*")
-_TEMPLATE_MARKERS = re.compile(r"\[\s*(?:end\s+of\s+)?updated\s+information\s*\]", re.IGNORECASE)
+# (\s*, not \s+: "Updated\u200bInformation" reads as the marker once the invisible character is gone)
+_TEMPLATE_MARKERS = re.compile(r"\[\s*(?:end\s*of\s*)?updated\s*information\s*\]", re.IGNORECASE)
 # A chat turn opened at the start of a line, in the common template dialects.
 _ROLE_MARKER = re.compile(
     r"^\s*(?:(?:system|user|assistant|human|bot|tool|function|developer|ipython)\s*:"
     r"|<\|?[a-z_]*(?:im_start|im_end|start_header_id|end_header_id|eot_id|system|user|assistant)[a-z_]*\|?>"
     r"|\[/?INST\]|<</?SYS>>|#{2,4}\s*(?:instruction|response|input|system|user|assistant)\b)",
     re.IGNORECASE | re.MULTILINE,
+)
+# A role label or instruction header anywhere in a line: a descriptor is one factual statement, and
+# after line breaks are folded a label mid-line reads like a turn to some models.
+_INLINE_ROLE = re.compile(
+    r"(?<![\w-])(?:system|user|assistant|human|developer)\s*:(?!//)"
+    r"|#{2,4}\s*(?:instruction|response|input|system|user|assistant)\b"
+    r"|<\|?\w*(?:im_start|im_end|start_header_id|end_header_id|eot_id|endoftext)\w*\|?>",
+    re.IGNORECASE,
+)
+# Characters that render as nothing: inside a marker they hide it from a plain substring check.
+_INVISIBLE = dict.fromkeys(
+    map(ord, "\u200b\u200c\u200d\u200e\u200f\u2060\u2061\u2062\u2063\u2064\ufeff\u00ad")
 )
 # Any "<|...|>"-style token, whether or not this tokenizer knows it (the model may be swapped).
 _PIPE_TOKEN = re.compile(r"<\|[^<>|\s]{1,40}\|>")
@@ -95,8 +108,20 @@ def _special_tokens(tokenizer: Any) -> set[str]:
     return {t for t in tokens if t and t.strip()}
 
 
+def normalised_for_checks(text: str) -> str:
+    """What the checks below read: Unicode NFKC (full-width and other look-alikes become the ASCII they
+    imitate), invisible and bidi characters removed, every line separator a newline. The stored text
+    stays as sent; only this copy is checked."""
+    text = unicodedata.normalize("NFKC", text).translate(_INVISIBLE)
+    text = "".join(ch for ch in text if ch not in _BIDI)
+    return re.sub(r"\r\n|[\r\x0b\x0c\x1c-\x1e\x85\u2028\u2029]", "\n", text)
+
+
 def validate_descriptor(text: str, tokenizer: Any, max_chars: int) -> str:
-    """The descriptor as it will be stored and shown (stripped, line breaks folded), or InvalidArgument."""
+    """The descriptor as it will be stored and shown (stripped, line breaks folded), or InvalidArgument.
+
+    Every check reads `normalised_for_checks(text)`, so look-alike characters, invisible characters
+    and exotic line separators cannot hide a special token, the block's own markers or a chat turn."""
 
     def bad(why: str) -> InvalidArgument:
         return InvalidArgument(why, field="descriptor")
@@ -111,15 +136,18 @@ def validate_descriptor(text: str, tokenizer: Any, max_chars: int) -> str:
             continue
         if unicodedata.category(ch) == "Cc" or ch in _BIDI:
             raise bad(f"contains the control character U+{ord(ch):04X}")
+    checked = normalised_for_checks(text)
     for token in sorted(_special_tokens(tokenizer)):
-        if token in text:
+        if token in text or token in checked:
             raise bad(f"contains the tokenizer's special token {token!r}")
-    if m := _PIPE_TOKEN.search(text):
+    if m := _PIPE_TOKEN.search(checked):
         raise bad(f"contains a special-token-like marker {m.group(0)!r}")
-    if m := _TEMPLATE_MARKERS.search(text):
+    if m := _TEMPLATE_MARKERS.search(checked):
         raise bad(f"contains the edit template's marker {m.group(0)!r}")
-    if m := _ROLE_MARKER.search(text):
+    if m := _ROLE_MARKER.search(checked):
         raise bad(f"contains a chat role marker at a line start: {m.group(0).strip()!r}")
+    if m := _INLINE_ROLE.search(checked):
+        raise bad(f"contains a chat role or instruction label: {m.group(0).strip()!r}")
     return _fold(text)
 
 
