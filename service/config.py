@@ -48,6 +48,9 @@ class Settings:
     max_new_tokens_limit: int = 512
     default_max_new_tokens: int = 64
     grace_period_s: float = 10.0
+    # Readiness follows the data plane: every health_poll_s the server asks whether the engine's worker
+    # runs without a run of failed forwards, and every tenth poll it runs one tiny forward with a deadline.
+    health_poll_s: float = 1.0
     # torch intra-op threads; 0 = auto: 1 on a host with at most 2 CPUs, else torch's default. The engine,
     # the edit computations and the scope detector run torch in different threads, each with an OpenMP
     # team; on 2 cores their workers then sleep between kernels. Measured in-process (`editserve eval`
@@ -154,6 +157,8 @@ class Settings:
                 raise SettingsError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.grace_period_s < 0:
             raise SettingsError(f"--grace-period-s must be >= 0, got {self.grace_period_s}")
+        if self.health_poll_s < 0:
+            raise SettingsError(f"--health-poll-s must be >= 0, got {self.health_poll_s}")
         if any(layer < 0 for layer in self.hook_layers):
             raise SettingsError(f"--hook-layers must be layer indices >= 0, got {self.hook_layers}")
         if not 0.0 <= self.subject_scope_threshold <= 1.0:

@@ -120,6 +120,24 @@ class DataPlane:
     def ready(self) -> bool:
         return self._ready
 
+    def healthy(self) -> bool:
+        """Cheap: started, and the engine's worker runs without a run of failed forwards."""
+        return self._ready and self.engine.healthy
+
+    async def deep_check(self, timeout_s: float) -> bool:
+        """One tiny forward through the engine's queue and the hook layers (a Score of one token),
+        within `timeout_s`: the server answers, not only its process."""
+        if not self.healthy():
+            return False
+        tokenizer = self.loaded.tokenizer
+        prompt = tokenizer("Hello", add_special_tokens=False)["input_ids"] or [0]
+        try:
+            await asyncio.wait_for(self.engine.score(prompt, prompt[-1:], use_hooks=True), timeout_s)
+        except Exception:  # noqa: BLE001 - any failure is "cannot serve"; the reason is logged
+            log.warning("deep health check failed", exc_info=True)
+            return False
+        return True
+
     async def start(self) -> None:
         await self.engine.start()
         if self.settings.log_poll_s > 0:

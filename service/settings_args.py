@@ -38,6 +38,8 @@ _HELP: dict[str, str] = {
     "max_new_tokens_limit": "largest max_new_tokens a request may ask for",
     "default_max_new_tokens": "max_new_tokens when a request leaves it unset",
     "grace_period_s": "on SIGTERM/SIGINT, seconds to let in-flight calls finish",
+    "health_poll_s": "seconds between readiness checks of the engine (every tenth runs a tiny forward); "
+    "0 = off",
     "edit_log_url": "SQLAlchemy URL of the edit log (postgresql+psycopg://...); empty = SQLite in --data-dir",
     "hook_layers": "comma-separated MLP layers to hook (e.g. 4,6); empty = measured for SmolLM2-135M, "
     "else round(0.2 x depth) (docs/hook-layers.md)",

@@ -59,6 +59,7 @@ class FakeDataPlane:
         self.open_streams = 0
         self.closed_streams = 0
         self.shutdown_grace: float | None = None
+        self.sick = False  # healthy() and deep_check() answer False (health watcher tests)
         self._idempotent: dict[str, tuple[str, Any]] = {}  # key -> (request digest, result)
 
     # ------------------------------------------------------------------ lifecycle
@@ -66,6 +67,12 @@ class FakeDataPlane:
     @property
     def ready(self) -> bool:
         return self._ready
+
+    def healthy(self) -> bool:
+        return self._ready and not self.sick
+
+    async def deep_check(self, timeout_s: float) -> bool:
+        return self.healthy()
 
     async def start(self) -> None:
         self._ready = True

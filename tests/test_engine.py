@@ -672,3 +672,33 @@ async def test_a_vanishing_temperature_is_greedy(engine, tiny_llama):
     for t in (1e-45, 1e-40, 1e-37, 1e-6):
         params = SamplingParams(max_new_tokens=6, temperature=t, seed=1)
         assert tokens_of(await collect(engine, EngineRequest(prompt, params))) == greedy
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the killed worker
+async def test_engine_health_reflects_its_worker(tiny_llama):
+    """Unhealthy after 3 failed forwards in a row (a success resets it) and when the worker thread died."""
+    prompt, cont = ids_of(tiny_llama, "The capital of France is"), ids_of(tiny_llama, " Paris")
+    async with running(tiny_llama) as eng:
+        assert eng.healthy
+        original = eng._runner.score_batch
+
+        def broken(jobs):
+            raise RuntimeError("boom")
+
+        eng._runner.score_batch = broken
+        for _ in range(3):
+            with pytest.raises(EngineError):
+                await eng.score(prompt, cont)
+        assert not eng.healthy
+        eng._runner.score_batch = original
+        await eng.score(prompt, cont)
+        assert eng.healthy
+
+        def die() -> None:
+            raise SystemExit  # the worker thread ends, as if killed
+
+        eng._step = die
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(eng.score(prompt, cont), 1.0)
+        await asyncio.to_thread(eng._thread.join, 5)
+        assert not eng.healthy

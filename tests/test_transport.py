@@ -421,6 +421,22 @@ async def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_
         await r.server.stop(0.0)
 
 
+async def test_readiness_follows_the_data_plane_while_serving() -> None:
+    """A data plane that cannot serve (its engine died, forwards keep failing) turns health NOT_SERVING
+    within a poll, and SERVING again when it recovers."""
+    r = await start_server(FakeDataPlane(), health_poll_s=0.05)
+    try:
+        watch = r.health.Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == SERVING
+        r.plane.sick = True
+        assert (await asyncio.wait_for(watch.read(), 5)).status == NOT_SERVING
+        r.plane.sick = False
+        assert (await asyncio.wait_for(watch.read(), 5)).status == SERVING
+    finally:
+        await r.channel.close()
+        await r.server.stop(0.0)
+
+
 async def test_reflection_lists_every_service(running: Running) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(running.channel)
 

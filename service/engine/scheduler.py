@@ -43,6 +43,11 @@ DEFAULT_CONTEXT_TOKENS = 2048  # when the model config names no max_position_emb
 PREFILL_OVERHEAD_TOKENS = 32
 
 
+# Forwards failing this many times in a row make the engine unhealthy (readiness NOT_SERVING): one
+# failure is a request's problem, a run of them is the server's.
+MAX_CONSECUTIVE_FAILURES = 3
+
+
 @dataclass(eq=False)
 class _ScoreJob:
     prompt_ids: list[int]
@@ -157,6 +162,7 @@ class Engine:
         self._cancel_all = False  # shutdown past its grace: end everything with finish_reason "cancelled"
         self._exit = False
         self._thread: threading.Thread | None = None
+        self._failures = 0  # forwards (or steps) failed in a row; any success resets it
         # Worker-thread state: the running rows, aligned with the rows of the running KV cache.
         self._rows: list[SequenceState] = []
         self._kv: KVState | None = None
@@ -179,6 +185,12 @@ class Engine:
     @property
     def max_context_tokens(self) -> int:
         return self._max_context
+
+    @property
+    def healthy(self) -> bool:
+        """The worker thread runs and its last MAX_CONSECUTIVE_FAILURES forwards did not all fail."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return alive and self._failures < MAX_CONSECUTIVE_FAILURES
 
     async def start(self) -> None:
         if self._thread is not None and self._thread.is_alive():
@@ -292,6 +304,7 @@ class Engine:
                 try:
                     self._step()
                 except Exception as exc:  # a bug outside the forwards: fail what it touched, keep serving
+                    self._failures += 1
                     log.exception("engine step failed")
                     outbox = _Outbox()
                     for seq in {id(s): s for s in self._rows + self._admitted}.values():
@@ -381,7 +394,9 @@ class Engine:
                 [(job.prompt_ids, job.continuation_ids, job.use_hooks, job.table) for job in jobs]
             )
             metrics.BATCH_SIZE.observe(len(jobs))
+            self._failures = 0
         except Exception as exc:
+            self._failures += 1
             log.exception("score forward failed")
             results = EngineError(f"score forward failed: {exc!r}")
         for i, job in enumerate(jobs):
@@ -411,11 +426,13 @@ class Engine:
                 [s.table for s in newcomers],
             )
         except Exception as exc:
+            self._failures += 1
             log.exception("prefill forward failed")
             for seq in newcomers:
                 outbox.fail(seq, EngineError(f"prefill forward failed: {exc!r}"))
             return
         metrics.BATCH_SIZE.observe(len(newcomers))
+        self._failures = 0
         metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in newcomers))
         self._join(newcomers, out, kv, outbox)
 
@@ -426,6 +443,7 @@ class Engine:
         try:
             out, kv = self._runner.prefill_from_cache(entries)
         except Exception as exc:
+            self._failures += 1
             log.exception("prefill from kept prompt states failed")
             for seq in newcomers:
                 outbox.fail(seq, EngineError(f"prefill failed: {exc!r}"))
@@ -451,6 +469,7 @@ class Engine:
                 [s.table for s in rows],
             )
         except Exception as exc:
+            self._failures += 1
             # The cache may be half-updated: every row of this batch fails, later requests start clean.
             log.exception("decode forward failed")
             for seq in rows:
@@ -458,6 +477,7 @@ class Engine:
             self._rows, self._kv = [], None
             return
         metrics.BATCH_SIZE.observe(len(rows))
+        self._failures = 0
         self._keep_rows(self._advance(rows, out, outbox))
 
     def _advance(self, seqs: list[SequenceState], out: ForwardOutput, outbox: _Outbox) -> list[int]:

@@ -44,6 +44,8 @@ _HEALTH_NAMES = ("", *API_SERVICES)  # "" is the whole server, as grpc-health-pr
 EXIT_OK = 0
 EXIT_LOAD_FAILED = 1
 EXIT_NOT_SERVABLE = 2  # the model or device cannot be served (ModelNotServable): fix the command line
+DEEP_CHECK_EVERY = 10  # health polls per tiny forward
+DEEP_CHECK_TIMEOUT_S = 10.0
 
 
 class ServablePlane(DataPlaneProtocol, Protocol):
@@ -72,6 +74,7 @@ class EditServeServer:
         self._metrics_http: Any = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
         self.port = 0  # the bound gRPC port (settings.port, or the one picked for port 0)
         self.metrics_port = 0  # the bound metrics port; 0 = disabled
 
@@ -135,6 +138,26 @@ class EditServeServer:
         self._slot.plane = plane
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready after %.1f s: health SERVING on %s", time.monotonic() - started, self.address)
+        if self.settings.health_poll_s > 0:
+            self._watcher = asyncio.create_task(self._watch_health(plane), name="editserve-health")
+
+    async def _watch_health(self, plane: ServablePlane) -> None:
+        """Readiness tells the truth: NOT_SERVING while the data plane cannot serve (the engine's worker
+        died, forwards keep failing, a tiny forward misses its deadline), SERVING again when it can."""
+        serving, polls = True, 0
+        while not self._stopping:
+            await asyncio.sleep(self.settings.health_poll_s)
+            ok = plane.healthy()
+            if ok and polls % DEEP_CHECK_EVERY == 0:
+                ok = await plane.deep_check(DEEP_CHECK_TIMEOUT_S)
+            polls += 1
+            if ok != serving and not self._stopping:
+                serving = ok
+                statuses = health_pb2.HealthCheckResponse
+                status = statuses.SERVING if ok else statuses.NOT_SERVING
+                log.log(logging.INFO if ok else logging.ERROR, "health %s: the data plane %s",
+                        "SERVING" if ok else "NOT_SERVING", "serves again" if ok else "cannot serve")
+                await self._set_health(status)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Graceful stop: NOT_SERVING, refuse new calls, drain within the grace, then the data plane."""
@@ -142,6 +165,8 @@ class EditServeServer:
             await self._stopped.wait()
             return
         self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         try:
