@@ -29,7 +29,7 @@ from service.router.scope import (
     ScopeDetector,
     ScopeHit,
     best_threshold,
-    calibrate_threshold,
+    calibrate_scope_threshold,
     query_views,
 )
 
@@ -103,7 +103,7 @@ def tokenizer():
 
 def test_default_threshold_is_the_calibrated_one(encoder: DescriptorEncoder) -> None:
     # The constant must be what the documented procedure produces with the shipped encoder.
-    assert calibrate_threshold(encoder) == pytest.approx(DEFAULT_SCOPE_THRESHOLD, abs=5e-4)
+    assert calibrate_scope_threshold(encoder) == pytest.approx(DEFAULT_SCOPE_THRESHOLD, abs=5e-4)
     assert ScopeDetector(RetrievalStore(encoder)).threshold == DEFAULT_SCOPE_THRESHOLD
     assert ScopeDetector(RetrievalStore(encoder), threshold=0).threshold == DEFAULT_SCOPE_THRESHOLD
 

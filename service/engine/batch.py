@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from service.engine.gate import GateRecorder, HookGate
-from service.engine.kv import full_width_cache
+from service.engine.kv import full_width_cache, left_padded, pad_columns_left
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
 
@@ -110,7 +109,7 @@ class KVState:
         width = max(self.width, other.width)
 
         def left_pad(t: torch.Tensor) -> torch.Tensor:
-            return F.pad(t, (0, 0, width - t.shape[2], 0)) if t.shape[2] < width else t
+            return pad_columns_left(t, width)
 
         kv = [
             (torch.cat([left_pad(k1), left_pad(k2)]), torch.cat([left_pad(v1), left_pad(v2)]))
@@ -248,15 +247,9 @@ class ModelRunner:
         tables: Sequence[Any] | None = None,
     ) -> tuple[ForwardOutput, KVState]:
         lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        pads = [width - n for n in lengths]
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        for row, (prompt, pad) in enumerate(zip(prompts, pads, strict=True)):
-            input_ids[row, pad:] = torch.tensor(list(prompt), dtype=torch.long)
-        columns = torch.arange(width)
-        pad_t = torch.tensor(pads)
-        mask = (columns[None, :] >= pad_t[:, None]).long()
-        positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
+        batch = left_padded(prompts, self.pad_id)
+        input_ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+        pads = batch.pads
         cache = full_width_cache()
         with self._hook_scope(hooks_enabled, [-p for p in pads], None, tables) as (rec, versions):
             out = self.model(
@@ -304,7 +297,7 @@ class ModelRunner:
         width = max(e.length for e in entries)
 
         def left_pad(t: torch.Tensor) -> torch.Tensor:
-            return F.pad(t, (0, 0, width - t.shape[2], 0))
+            return pad_columns_left(t, width)
 
         kv = [
             (
@@ -396,15 +389,10 @@ class ModelRunner:
         jobs = [(j[0], j[1], j[2], j[3] if len(j) > 3 else None) for j in jobs]
         seqs = [list(p) + list(c) for p, c, _, _ in jobs]
         n_cont = [len(c) for _, c, _, _ in jobs]
-        width = max(len(x) for x in seqs)
-        pads = [width - len(x) for x in seqs]
-        input_ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        for row, (seq, pad) in enumerate(zip(seqs, pads, strict=True)):
-            input_ids[row, pad:] = torch.tensor(seq, dtype=torch.long)
-        columns = torch.arange(width)
-        pad_t = torch.tensor(pads)
-        mask = (columns[None, :] >= pad_t[:, None]).long()
-        positions = (columns[None, :] - pad_t[:, None]).clamp(min=0)
+        batch = left_padded(seqs, self.pad_id)
+        input_ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
+        pads = batch.pads
+        width = input_ids.shape[1]
         keep = max(n_cont) + 1  # the positions predicting each continuation token (and the last)
         keeping = self.prefix_cache.enabled  # the prompts' states, for a generation from the same prompt
         tables, enabled = [t for _, _, _, t in jobs], [u for _, _, u, _ in jobs]

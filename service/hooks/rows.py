@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from service.engine.kv import left_padded
+
 __all__ = ["Row", "encode_row", "pad_left", "pad_right"]
 
 
@@ -47,11 +49,5 @@ def pad_right(
 def pad_left(
     seqs: Sequence[Sequence[int]], pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if s:
-            ids[r, n - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[r, n - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+    batch = left_padded(seqs, pad)
+    return batch.input_ids.to(device), batch.attention_mask.to(device)

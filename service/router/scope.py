@@ -17,25 +17,24 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
-from service.retrieval.store import RetrievalStore, StoreSnapshot
+from service.retrieval.store import Encoder, RetrievalStore, StoreSnapshot
 
 __all__ = [
     "DEFAULT_SCOPE_THRESHOLD",
     "ScopeDetector",
     "ScopeHit",
     "best_threshold",
-    "calibrate_threshold",
+    "calibrate_scope_threshold",
     "pair_scores",
     "query_views",
 ]
 
 # Cosine threshold for all-MiniLM-L6-v2 (the embedded encoder), produced by
 #   HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --calibrate
-# i.e. calibrate_threshold(DescriptorEncoder()) over the hand-written set in calibration.py:
+# i.e. calibrate_scope_threshold(DescriptorEncoder()) over the hand-written set in calibration.py:
 # the F1-maximising cut between its in-scope and out-of-scope (descriptor, query) pair scores
 # (Youden's J picks the same cut). Another encoder has another score scale: calibrate it the same
 # way and pass the result as `threshold` (--scope-threshold).
@@ -45,10 +44,6 @@ DEFAULT_SCOPE_THRESHOLD = 0.6785
 DEFAULT_SUBJECT_THRESHOLD = 0.5
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
-
-
-class Encoder(Protocol):
-    def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
 def query_views(query: str) -> list[str]:
@@ -104,7 +99,7 @@ def best_threshold(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     return best_t
 
 
-def calibrate_threshold(
+def calibrate_scope_threshold(
     encoder: Encoder,
     in_scope_pairs: list[tuple[str, str]] | None = None,
     out_of_scope_pairs: list[tuple[str, str]] | None = None,
