@@ -335,9 +335,9 @@ def test_serving_context_joins_the_value_fit_only(tiny, hooks, monkeypatch):
     model, tok = tiny
     problems = []
 
-    def spy(model_, hooks_, layers, problem, ref_norm, **kw):
+    def spy(model_, hooks_, layers, problem, ref_norm, *args, **kw):
         problems.append(problem)
-        return fit_delta(model_, hooks_, layers, problem, ref_norm, **kw)
+        return fit_delta(model_, hooks_, layers, problem, ref_norm, *args, **kw)
 
     fit_delta = ed_mod.compute_delta
     monkeypatch.setattr(editor_mod, "compute_delta", spy)  # the editor's reference to it

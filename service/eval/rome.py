@@ -301,9 +301,7 @@ class RomeBaseline:
             [self.layer],
             problem,
             max(ref_norm, 1e-3),
-            lr=self.editor.lr,
-            max_steps=self.editor.max_steps,
-            nll_stop=self.editor.nll_stop,
+            self.editor.vstar,
         )
         delta, stats = fit.deltas[self.layer].float(), fit.stats
         with torch.no_grad():

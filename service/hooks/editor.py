@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,12 +45,9 @@ from service.hooks.layer import (
 from service.hooks.probes import PROBES
 from service.hooks.rows import Row, encode_row, pad_right
 from service.hooks.values import (
-    VSTAR_CLAMP_FACTOR,
-    VSTAR_FIRST_STEP,
-    VSTAR_LR,
-    VSTAR_NLL_STOP,
-    VSTAR_WEIGHT_DECAY,
+    VSTAR,
     DeltaProblem,
+    VStarSettings,
     compute_delta,
 )
 
@@ -187,25 +184,17 @@ class Editor:
         *,
         locality_max_top1_changed: float = 0.05,
         contexts: Sequence[str] = CONTEXT_PREFIXES,
-        lr: float = VSTAR_LR,
-        max_steps: int = 25,
-        nll_stop: float = VSTAR_NLL_STOP,
-        clamp_factor: float = VSTAR_CLAMP_FACTOR,
-        weight_decay: float = VSTAR_WEIGHT_DECAY,
-        first_step: float = VSTAR_FIRST_STEP,
+        vstar: VStarSettings = VSTAR,
         probes: Sequence[str] = PROBES,
+        **vstar_overrides: Any,
     ) -> None:
+        """`vstar_overrides` replace single fields of `vstar` (max_steps=3, lr=1.0, ...)."""
         self.model = model
         self.tok = tokenizer
         self.hooks = hooks
         self.locality_max_top1_changed = locality_max_top1_changed
         self.contexts = tuple(contexts)
-        self.lr = lr
-        self.max_steps = max_steps
-        self.nll_stop = nll_stop
-        self.clamp_factor = clamp_factor
-        self.weight_decay = weight_decay
-        self.first_step = first_step
+        self.vstar = replace(vstar, **vstar_overrides) if vstar_overrides else vstar
         self._probes = _ProbeCache(probes)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
@@ -403,12 +392,7 @@ class Editor:
                 layers,
                 problem,
                 max(ref_norm, 1e-3),
-                lr=self.lr,
-                max_steps=self.max_steps,
-                nll_stop=self.nll_stop,
-                clamp_factor=self.clamp_factor,
-                weight_decay=self.weight_decay,
-                first_step=self.first_step,
+                self.vstar,
             )
         deltas, stats = fit.deltas, fit.stats
         bare = self.contexts.index("") if "" in self.contexts else None

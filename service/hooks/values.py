@@ -8,7 +8,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,11 +23,8 @@ from service.hooks.rows import Row, pad_left, pad_right
 __all__ = [
     "DeltaFit",
     "DeltaProblem",
-    "VSTAR_CLAMP_FACTOR",
-    "VSTAR_FIRST_STEP",
-    "VSTAR_LR",
-    "VSTAR_NLL_STOP",
-    "VSTAR_WEIGHT_DECAY",
+    "VSTAR",
+    "VStarSettings",
     "compute_delta",
     "compute_v_star",
 ]
@@ -45,11 +42,21 @@ __all__ = [
 # zsRE 0-29, 12.3 -> 10.4 steps, Rel .987 -> .994, Gen .869 -> .840, behind the own descriptor block
 # Rel .966 -> .990, Gen .922 -> .928; CounterFact 0-59, 6.2 -> 5.4 steps, ES 1.00 -> 1.00, PS .933 -> .917,
 # NS .733 -> .733, own block PS .983 -> .983. Weight decay 0 or a clamp of 6 changed no step count.
-VSTAR_LR = 2.0
-VSTAR_NLL_STOP = 0.25
-VSTAR_FIRST_STEP = 2.5
-VSTAR_WEIGHT_DECAY = 0.05
-VSTAR_CLAMP_FACTOR = 4.0
+@dataclass(frozen=True)
+class VStarSettings:
+    """v*'s hyper-parameters in one place (as ROME's compute_v takes them). loss = mean target NLL +
+    kl_factor * KL(orig || edited) on "{subject} is a" + weight_decay * ||delta||^2 / ||MLP out||^2."""
+
+    lr: float = 2.0  # Adam's step size
+    max_steps: int = 25
+    kl_factor: float = 0.0625  # ROME's
+    weight_decay: float = 0.05
+    clamp_factor: float = 4.0  # ||delta|| <= clamp_factor * ||MLP out||
+    nll_stop: float = 0.25  # early stop: every target token the argmax and the mean NLL below this
+    first_step: float = 2.5  # first step: this x ||MLP out|| along the normalised first gradient
+
+
+VSTAR = VStarSettings()
 
 
 def _kv_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -240,14 +247,8 @@ def compute_delta(
     layers: Sequence[int],
     problem: DeltaProblem,
     ref_norm: float,
-    *,
-    lr: float = VSTAR_LR,
-    max_steps: int = 25,
-    kl_factor: float = 0.0625,
-    weight_decay: float = VSTAR_WEIGHT_DECAY,
-    clamp_factor: float = VSTAR_CLAMP_FACTOR,
-    nll_stop: float = VSTAR_NLL_STOP,
-    first_step: float = VSTAR_FIRST_STEP,
+    settings: VStarSettings = VSTAR,
+    **overrides: Any,
 ) -> DeltaFit:
     """ROME's v* as a residual delta: find delta (one per hooked layer) added to the MLP output at the
     subject's last token so that the target follows the prompt in every context.
@@ -257,8 +258,11 @@ def compute_delta(
     gradient at delta = 0 (none when first_step is 0), then Adam; early stop once the target is the
     argmax at every target position of every context and the NLL < nll_stop. ||delta|| is clamped to
     clamp_factor * ref_norm. Everything runs with the calling thread's hook table (the edits already
-    published).
+    published). `overrides` replace single fields of `settings` (lr=..., max_steps=...).
     """
+    s = replace(settings, **overrides) if overrides else settings
+    lr, max_steps, kl_factor, weight_decay = s.lr, s.max_steps, s.kl_factor, s.weight_decay
+    clamp_factor, nll_stop, first_step = s.clamp_factor, s.nll_stop, s.first_step
     base = base_model(model)
     dev = hooks.device
     pad = int(getattr(model.config, "pad_token_id", None) or 0)
