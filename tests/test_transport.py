@@ -666,3 +666,21 @@ async def test_a_status_message_quoting_huge_input_is_cut(running: Running) -> N
     err = await rpc_error(running.edits.GetEdit(pb.GetEditRequest(edit_id=huge), metadata=AUTH))
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert len(err.details()) <= 1000 and err.details().endswith("characters)")
+
+
+async def test_a_request_body_that_is_not_a_message_is_invalid_argument_after_auth(running: Running) -> None:
+    """Corrupt bytes or invalid UTF-8 in a string field: INVALID_ARGUMENT with no traceback, and on the
+    EditService only once the caller is authenticated."""
+    raw = {
+        "corrupt": b"\xff\xff\xff\xff",
+        "invalid utf-8 prompt": b"\x0a\x02\xff\xfe",  # field 1 (prompt), length 2, not UTF-8
+    }
+    for name, body in raw.items():
+        call = running.channel.unary_unary("/editserve.v1.GenerateService/Generate")
+        err = await rpc_error(call(body))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+        assert "editserve.v1.GenerateRequest" in err.details()
+    edit = running.channel.unary_unary("/editserve.v1.EditService/Edit")
+    assert (await rpc_error(edit(raw["corrupt"]))).code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await rpc_error(edit(raw["corrupt"], metadata=AUTH))).code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (await running.generate.Generate(pb.GenerateRequest(prompt="ok"))).text == "echo: ok"

@@ -24,12 +24,12 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
-from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
 from service.config import Settings
 from service.errors import EditLogCorrupted, EditServeError, ModelNotServable
 from service.types import DataPlaneProtocol
 
 from .interceptors import AuthInterceptor, ErrorToStatusInterceptor, MetricsInterceptor
+from .registration import add_api_service
 from .servicers import EditServicer, GenerateServicer, InfoServicer, PlaneSlot
 
 log = logging.getLogger(__name__)
@@ -93,9 +93,9 @@ class EditServeServer:
             interceptors.append(AuthInterceptor(self.settings.admin_token))
         # so_reuseport off: a second server on a taken port must fail, not silently share it.
         server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GenerateServiceServicer_to_server(GenerateServicer(self._slot), server)
-        pb_grpc.add_EditServiceServicer_to_server(EditServicer(self._slot), server)
-        pb_grpc.add_InfoServiceServicer_to_server(InfoServicer(self._slot), server)
+        add_api_service(server, "GenerateService", GenerateServicer(self._slot))
+        add_api_service(server, "EditService", EditServicer(self._slot))
+        add_api_service(server, "InfoService", InfoServicer(self._slot))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(REFLECTED_SERVICES, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
