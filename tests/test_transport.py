@@ -20,6 +20,7 @@ import pytest
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client import REGISTRY
 
 from service import errors
 from service._proto.editserve.v1 import editserve_pb2 as pb
@@ -507,6 +508,8 @@ async def test_deadline_reaches_the_data_plane_and_ends_the_stream() -> None:
         assert r.plane.calls[-1][1].deadline == pytest.approx(sent + 0.4, abs=0.2)
         await wait_for(lambda: r.plane.closed_streams == 1)
         assert r.plane.open_streams == 0
+        labels = {"rpc": "GenerateService/GenerateStream", "code": "DEADLINE_EXCEEDED"}
+        await wait_for(lambda: (REGISTRY.get_sample_value("editserve_requests_total", labels) or 0) >= 1)
     finally:
         await r.channel.close()
         await r.server.stop(0.0)
