@@ -112,6 +112,7 @@ class DataPlane:
         except Exception:
             manager.close()
             raise
+        metrics.QUEUE_CAPACITY.set(settings.max_queue)  # so a dashboard can show the queue as a share of it
         return cls(settings, loaded, manager, engine)
 
     # ------------------------------------------------------------------------------------ lifecycle
@@ -151,6 +152,7 @@ class DataPlane:
             try:
                 await asyncio.to_thread(released_after(self.manager.catch_up))
             except Exception:  # a database hiccup must not kill the tailer; the next poll retries
+                metrics.EDIT_LOG_SYNC_ERRORS.inc()
                 log.exception("reading the shared edit log failed; retrying in %.1f s", interval_s)
 
     async def shutdown(self, grace_s: float) -> None:

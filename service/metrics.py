@@ -31,6 +31,9 @@ ITL = Histogram("editserve_inter_token_latency_seconds", "Time between tokens", 
 QUEUE_TIME = Histogram("editserve_queue_time_seconds", "Time waiting before prefill", buckets=TTFT_BUCKETS)
 PROMPT_TOKENS = Counter("editserve_prompt_tokens", "Prompt tokens processed")
 GENERATION_TOKENS = Counter("editserve_generation_tokens", "Tokens generated")
+QUEUE_CAPACITY = Gauge(
+    "editserve_queue_capacity", "Most requests that may wait for a batch slot (--max-queue)"
+)
 RUNNING = Gauge("editserve_num_requests_running", "Sequences in the running batch")
 WAITING = Gauge("editserve_num_requests_waiting", "Requests queued for admission")
 BATCH_SIZE = Histogram("editserve_batch_size", "Rows per forward pass", buckets=BATCH_SIZE_BUCKETS)
@@ -48,8 +51,19 @@ EDIT_OPERATIONS = Counter("editserve_edit_operations", "Edit operations", ["op",
 EDIT_COMPUTE = Histogram(
     "editserve_edit_compute_seconds", "Key/value computation per edit", buckets=EDIT_BUCKETS
 )
+QUALITY_GATE = Counter(
+    "editserve_quality_gate",
+    "Quality-gate verdicts on computed hook edits: passed, failed (refused), forced (failed, stored by "
+    "force), dropped (a hook compiled from a descriptor failed; the descriptor alone is stored)",
+    ["result"],
+)
+for _verdict in ("passed", "failed", "forced", "dropped"):  # zero from the start: rate() needs a series
+    QUALITY_GATE.labels(result=_verdict)
 HOOK_FIRES = Counter("editserve_hook_fires", "Tokens where a hook-layer edit fired")
 EDIT_LOG_VERSION = Gauge("editserve_edit_log_version", "Edit-set version applied by this replica")
+EDIT_LOG_SYNC_ERRORS = Counter(
+    "editserve_edit_log_sync_errors", "Failed reads of a shared edit log by this replica's tailer"
+)
 
 SCOPE_SECONDS = Histogram(
     "editserve_scope_detection_seconds", "Request-level scope detection", buckets=FAST_BUCKETS

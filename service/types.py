@@ -170,6 +170,9 @@ class ListEditsInput:
     page_size: int = 0  # 0 = server default (50); capped at 1000
     page_token: str = ""
     state: EditStateName | None = None  # None = every state
+    subject: str = ""  # case-insensitive substring of the subject; "" = any
+    text: str = ""  # case-insensitive substring of subject, prompt, target, paraphrases or descriptor
+    actor: str = ""  # who made the edit, case-insensitive whole name; "" = any
 
 
 @dataclass

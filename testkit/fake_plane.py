@@ -252,7 +252,8 @@ class FakeDataPlane:
 
     async def list_edits(self, request: ListEditsInput) -> tuple[list[EditView], str]:
         self._enter("list_edits", request)
-        return self.registry.list(request.state, request.page_size, request.page_token)
+        return self.registry.list(request.state, request.page_size, request.page_token,
+                                  subject=request.subject, text=request.text, actor=request.actor)
 
     async def rollback(self, request: RollbackInput) -> RollbackResult:
         self._enter("rollback", request)

@@ -19,6 +19,7 @@ import bisect
 import builtins
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -265,9 +266,11 @@ class EditRegistry:
             return rec.view() if rec is not None else None
 
     def list(
-        self, state: str | None = None, page_size: int = 0, page_token: str = ""
+        self, state: str | None = None, page_size: int = 0, page_token: str = "", *,
+        subject: str = "", text: str = "", actor: str = "",
     ) -> tuple[builtins.list[EditView], str]:
-        """One page in (version, ordinal) order, optionally of one state; "" token = first page.
+        """One page in (version, ordinal) order, optionally of one state and matching the filters
+        (combined with AND); "" token = first page.
 
         The token names the last edit returned, not an offset, so pages stay stable while
         edits change state or new ones arrive between calls.
@@ -278,6 +281,7 @@ class EditRegistry:
             )
         if page_size < 0:
             raise InvalidArgument(f"must be >= 0, got {page_size}", field="page_size")
+        matches = _filter(subject=subject, text=text, actor=actor)
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token) if page_token else None
         with self._lock:
@@ -286,6 +290,8 @@ class EditRegistry:
             next_token = ""
             for rec in self._ordered[start:]:
                 if state and rec.state != state:
+                    continue
+                if matches is not None and not matches(rec):
                     continue
                 if len(page) == size:  # one more match exists: hand out a token
                     last = page[-1]
@@ -325,6 +331,44 @@ class EditRegistry:
     def ids(self) -> builtins.list[str]:
         with self._lock:
             return [r.edit.edit_id for r in self._ordered]
+
+
+MAX_FILTER_CHARS = 256
+
+
+def _filter_value(value: str, name: str) -> str:
+    """A filter as it is compared (casefolded), or "" for none; a value no edit could sensibly be searched
+    by is the caller's mistake, not an empty result."""
+    if not value:
+        return ""
+    if len(value) > MAX_FILTER_CHARS:
+        raise InvalidArgument(f"{len(value)} characters; at most {MAX_FILTER_CHARS}", field=name)
+    if not value.strip():
+        raise InvalidArgument("must not be only whitespace (leave it empty for no filter)", field=name)
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidArgument("must not contain control characters", field=name)
+    return value.casefold()
+
+
+def _filter(*, subject: str, text: str, actor: str) -> Callable[[_Record], bool] | None:
+    """The ListEdits filters as one predicate, or None when there are none (validated either way)."""
+    subject, text = _filter_value(subject, "subject"), _filter_value(text, "text")
+    actor = _filter_value(actor, "actor").strip()  # a name: surrounding spaces are never meant
+    if not (subject or text or actor):
+        return None
+
+    def matches(rec: _Record) -> bool:
+        e = rec.edit
+        if subject and subject not in e.subject.casefold():
+            return False
+        if actor and actor != rec.actor.strip().casefold():
+            return False
+        if text:
+            texts = (e.subject, e.prompt, e.target_new, e.descriptor, *e.paraphrases)
+            return any(text in t.casefold() for t in texts)
+        return True
+
+    return matches
 
 
 def _encode_token(version: int, ordinal: int) -> str:

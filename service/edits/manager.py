@@ -59,6 +59,7 @@ from service.metrics import (
     EDIT_OPERATIONS,
     EDITS_ACTIVE,
     HOOK_TABLE_BYTES,
+    QUALITY_GATE,
     RETRIEVAL_INDEX_SIZE,
 )
 from service.retrieval import DescriptorEncoder, RetrievalStore, StoreSnapshot
@@ -346,7 +347,8 @@ class EditManager:
 
     def list(self, req: ListEditsInput) -> tuple[list[EditView], str]:
         return self.registry.list(
-            state=req.state or None, page_size=req.page_size or LIST_PAGE_SIZE, page_token=req.page_token
+            state=req.state or None, page_size=req.page_size or LIST_PAGE_SIZE, page_token=req.page_token,
+            subject=req.subject, text=req.text, actor=req.actor,
         )
 
     def counts(self) -> RegistryCounts:
@@ -451,8 +453,9 @@ class EditManager:
             between=lambda: _check_deadline(deadline, "while computing it"),
         )
         computed = dict(zip(hook_plans, out, strict=True))
-        for ce in out:
+        for n, ce in computed.items():
             EDIT_COMPUTE.observe(ce.report.compute_seconds)
+            QUALITY_GATE.labels(result=_gate_verdict(ce.report.passed, plans[n])).inc()
         failed = [
             n for n, ce in computed.items()
             if not ce.report.passed and not plans[n].force and not plans[n].derived
@@ -634,6 +637,13 @@ class EditManager:
             EDIT_OPERATIONS.labels(op=op, result="internal").inc()
             raise
         EDIT_OPERATIONS.labels(op=op, result=outcome.result).inc()
+
+
+def _gate_verdict(passed: bool, plan: EditPlan) -> str:
+    """The `editserve_quality_gate_total` label of one computed edit."""
+    if passed:
+        return "passed"
+    return "forced" if plan.force else "dropped" if plan.derived else "failed"
 
 
 def new_edit_id() -> str:

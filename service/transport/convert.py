@@ -216,6 +216,7 @@ def edit_record(view: Any) -> pb.EditRecord:
         superseded_by=view.superseded_by,
         hook_layers=sorted({hook.layer for hook in view.hooks}),
         derived_from_descriptor=bool(getattr(view, "derived_from_descriptor", False)),
+        supersedes=list(getattr(view, "supersedes", ())),
     )
 
 
@@ -225,7 +226,8 @@ def list_edits_input(req: pb.ListEditsRequest) -> t.ListEditsInput:
         state = _STATE_FROM_PB.get(req.state)
         if state is None:
             raise InvalidArgument(f"unknown edit state {req.state}", field="state")
-    return t.ListEditsInput(page_size=req.page_size, page_token=req.page_token, state=state)
+    return t.ListEditsInput(page_size=req.page_size, page_token=req.page_token, state=state,
+                            subject=req.subject, text=req.text, actor=req.actor)
 
 
 def list_edits_response(views: list[Any], next_page_token: str) -> pb.ListEditsResponse:

@@ -258,7 +258,7 @@ class BatchEditResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., edits: _Optional[_Iterable[_Union[EditResponse, _Mapping]]] = ...) -> None: ...
 
 class EditRecord(_message.Message):
-    __slots__ = ("edit_id", "version", "state", "kind", "subject", "prompt", "target_new", "paraphrases", "descriptor", "actor", "created_at", "report", "rolled_back_version", "rolled_back_by", "rolled_back_at", "rollback_reason", "superseded_by", "hook_layers", "derived_from_descriptor")
+    __slots__ = ("edit_id", "version", "state", "kind", "subject", "prompt", "target_new", "paraphrases", "descriptor", "actor", "created_at", "report", "rolled_back_version", "rolled_back_by", "rolled_back_at", "rollback_reason", "superseded_by", "hook_layers", "derived_from_descriptor", "supersedes")
     EDIT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,7 @@ class EditRecord(_message.Message):
     SUPERSEDED_BY_FIELD_NUMBER: _ClassVar[int]
     HOOK_LAYERS_FIELD_NUMBER: _ClassVar[int]
     DERIVED_FROM_DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
     edit_id: str
     version: int
     state: EditState
@@ -297,7 +298,8 @@ class EditRecord(_message.Message):
     superseded_by: str
     hook_layers: _containers.RepeatedScalarFieldContainer[int]
     derived_from_descriptor: bool
-    def __init__(self, edit_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[EditState, str]] = ..., kind: _Optional[_Union[EditKind, str]] = ..., subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[str] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ..., rolled_back_version: _Optional[int] = ..., rolled_back_by: _Optional[str] = ..., rolled_back_at: _Optional[str] = ..., rollback_reason: _Optional[str] = ..., superseded_by: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., derived_from_descriptor: _Optional[bool] = ...) -> None: ...
+    supersedes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, edit_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[EditState, str]] = ..., kind: _Optional[_Union[EditKind, str]] = ..., subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[str] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ..., rolled_back_version: _Optional[int] = ..., rolled_back_by: _Optional[str] = ..., rolled_back_at: _Optional[str] = ..., rollback_reason: _Optional[str] = ..., superseded_by: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., derived_from_descriptor: _Optional[bool] = ..., supersedes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetEditRequest(_message.Message):
     __slots__ = ("edit_id",)
@@ -312,14 +314,20 @@ class GetEditResponse(_message.Message):
     def __init__(self, edit: _Optional[_Union[EditRecord, _Mapping]] = ...) -> None: ...
 
 class ListEditsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "state")
+    __slots__ = ("page_size", "page_token", "state", "subject", "text", "actor")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     state: EditState
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[EditState, str]] = ...) -> None: ...
+    subject: str
+    text: str
+    actor: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[EditState, str]] = ..., subject: _Optional[str] = ..., text: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class ListEditsResponse(_message.Message):
     __slots__ = ("edits", "next_page_token")
