@@ -101,6 +101,10 @@ class Settings:
     chat_placement: str = "user"
     raw_placement: str = "qa"
     max_descriptor_chars: int = 500
+    # LTE's alignment: a LoRA adapter applied only to requests with injected descriptors (engine/adapter.py).
+    # "auto" = the adapter shipped for the embedded model (none for other models), "none", or a PEFT
+    # LoRA folder trained for the served model. Measured in docs/free-text-edits.md.
+    alignment_adapter: str = "auto"
     max_batch_edits: int = 1000  # edits per BatchEdit; a larger batch holds the compute lock too long
 
     # auth
@@ -137,6 +141,12 @@ class Settings:
         if self.chat_placement not in CHAT_PLACEMENTS:
             raise SettingsError(f"--chat-placement must be one of {', '.join(CHAT_PLACEMENTS)}, "
                                 f"got {self.chat_placement!r}")
+        if self.alignment_adapter not in ("auto", "none"):
+            folder = Path(self.alignment_adapter)
+            if not (folder / "adapter_config.json").is_file():
+                raise SettingsError(f"--alignment-adapter {self.alignment_adapter!r} is not a LoRA adapter "
+                                    "folder "
+                                    "(adapter_config.json + adapter_model.safetensors), auto or none")
         if self.raw_placement not in RAW_PLACEMENTS:
             raise SettingsError(f"--raw-placement must be one of {', '.join(RAW_PLACEMENTS)}, "
                                 f"got {self.raw_placement!r}")

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from service.editlog import EditView
     from service.edits import EditManager, EditSnapshot
     from service.engine import Engine
+    from service.engine.adapter import RowAdapter
     from service.engine.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,23 @@ def check_servable(loaded: LoadedModel) -> None:
         check_logits_path(loaded.model, probe)
     except UnsupportedArchitecture as exc:
         raise ModelNotServable(str(exc)) from exc
+
+
+def load_adapter(loaded: LoadedModel, settings: Settings) -> RowAdapter | None:
+    """The alignment adapter for rows with injected descriptors, or None; one that does not fit the
+    model stops the start (exit 2) rather than serving without what the operator asked for."""
+    from service.engine.adapter import AdapterError, RowAdapter, adapter_path
+
+    path = adapter_path(settings.alignment_adapter, settings.model)
+    if path is None or not settings.retrieval_enabled:
+        return None
+    try:
+        adapter = RowAdapter(loaded.model, path)
+    except AdapterError as exc:
+        raise ModelNotServable(f"--alignment-adapter: {exc}") from exc
+    log.info("alignment adapter %s: LoRA on %d layers, %.1f MiB", path, adapter.modules,
+             adapter.nbytes / 2**20)
+    return adapter
 
 
 class DataPlane:
@@ -105,12 +123,16 @@ class DataPlane:
         if loaded is None:
             loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
         check_servable(loaded)
+        adapter = load_adapter(loaded, settings)
         manager = EditManager(loaded, settings)
         try:
             engine = Engine(loaded, manager.hooks, max_batch_size=settings.max_batch_size,
-                            max_queue=settings.max_queue, prefix_cache_bytes=settings.prefix_cache_mb << 20)
+                            max_queue=settings.max_queue, prefix_cache_bytes=settings.prefix_cache_mb << 20,
+                            adapter=adapter)
         except Exception:
             manager.close()
+            if adapter is not None:
+                adapter.remove()
             raise
         metrics.QUEUE_CAPACITY.set(settings.max_queue)  # so a dashboard can show the queue as a share of it
         return cls(settings, loaded, manager, engine)
@@ -217,8 +239,10 @@ class DataPlane:
             stop=list(request.stop),
             min_new_tokens=effective_min_new_tokens(request),
         )
+        # The alignment adapter (if any) runs on this row only when descriptors were injected.
         engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
-                                       deadline=request.deadline, hook_table=snap.hooks)
+                                       deadline=request.deadline, hook_table=snap.hooks,
+                                       adapted=bool(route.hits))
         stream = self.engine.stream(engine_request)
         try:
             async for event in stream:

@@ -64,6 +64,8 @@ _HELP: dict[str, str] = {
     + " (user: in the last user turn with an instruction to use them)",
     "raw_placement": "raw prompts with in-scope descriptors: " + " | ".join(RAW_PLACEMENTS)
     + " (qa: a question is framed Question:/Answer:)",
+    "alignment_adapter": "LoRA adapter applied only to requests with injected descriptors: auto (the one "
+    "shipped for the embedded model), none, or a PEFT LoRA folder",
     "admin_token": "bearer token every EditService call must present (metadata authorization: Bearer ...)",
     "insecure_edits": "allow a non-loopback --host without an admin token (anyone reaching it can edit)",
     "log_level": " | ".join(LOG_LEVELS),

@@ -18,6 +18,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from service.engine.adapter import RowAdapter
 from service.engine.gate import GateRecorder, HookGate
 from service.engine.kv import full_width_cache, left_padded, pad_columns_left
 from service.engine.loader import LoadedModel
@@ -162,9 +163,14 @@ class ModelRunner:
     """Runs prefill, decode and teacher-forced forwards; must be called from one thread at a time."""
 
     def __init__(
-        self, loaded: LoadedModel, hooks: HookGate | None, prefix_cache: PrefixCache | None = None
+        self,
+        loaded: LoadedModel,
+        hooks: HookGate | None,
+        prefix_cache: PrefixCache | None = None,
+        adapter: RowAdapter | None = None,
     ) -> None:
         self.model = loaded.model
+        self.adapter = adapter  # applied to the rows flagged `adapted` (injected descriptors) only
         self.config = loaded.model.config
         self.device = loaded.device
         self.hooks = hooks
@@ -210,6 +216,9 @@ class ModelRunner:
             rec.defer = self.defer_fires
             yield rec, versions
 
+    def _adapter_scope(self, adapted: Sequence[bool] | None) -> Any:
+        return nullcontext() if self.adapter is None else self.adapter.rows(adapted)
+
     def _flags(self, enabled: Sequence[bool]) -> torch.Tensor:
         """The per-row hooks switch on the device, copied there once per batch composition, not per step."""
         key = tuple(bool(e) for e in enabled)
@@ -245,13 +254,19 @@ class ModelRunner:
         prompts: Sequence[Sequence[int]],
         hooks_enabled: Sequence[bool],
         tables: Sequence[Any] | None = None,
+        adapted: Sequence[bool] | None = None,
     ) -> tuple[ForwardOutput, KVState]:
+        """`adapted`: per row, whether the alignment adapter applies (None: no row)."""
         lengths = [len(p) for p in prompts]
+        adapted = self._adapted(adapted, len(prompts))
         batch = left_padded(prompts, self.pad_id)
         input_ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
         pads = batch.pads
         cache = full_width_cache()
-        with self._hook_scope(hooks_enabled, [-p for p in pads], None, tables) as (rec, versions):
+        with (
+            self._hook_scope(hooks_enabled, [-p for p in pads], None, tables) as (rec, versions),
+            self._adapter_scope(adapted),
+        ):
             out = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
@@ -265,9 +280,16 @@ class ModelRunner:
         keys = {} if rec is None else dict(rec.last_keys)
         if self.prefix_cache.enabled:
             self._keep_prefixes(
-                out.past_key_values, logits, keys, prompts, hooks_enabled, pads, fires, fired, versions
+                out.past_key_values, logits, keys, prompts, hooks_enabled, pads, fires, fired, versions,
+                adapted,
             )
         return ForwardOutput(logits, fires, fired, max(versions)), KVState(out.past_key_values, lengths, keys)
+
+    def _adapted(self, adapted: Sequence[bool] | None, rows: int) -> list[bool]:
+        """Per-row adapter flags; all off without an adapter, whatever the caller asked."""
+        if self.adapter is None or adapted is None:
+            return [False] * rows
+        return [bool(a) for a in adapted]
 
     # ---- kept prompt states (prefix_cache.py) -------------------------------------------------
     def _versions(self, n: int, tables: Sequence[Any] | None) -> list[int]:
@@ -281,14 +303,16 @@ class ModelRunner:
         prompts: Sequence[Sequence[int]],
         hooks_enabled: Sequence[bool],
         tables: Sequence[Any] | None = None,
+        adapted: Sequence[bool] | None = None,
     ) -> list[PrefixEntry | None]:
         """The kept state of each prompt under its row's hook table (None: the current one), or None."""
         if not self.prefix_cache.enabled:
             return [None] * len(prompts)
         versions = self._versions(len(prompts), tables)
+        flags = self._adapted(adapted, len(prompts))
         return [
-            self.prefix_cache.get(prefix_key(version, use, list(p)))
-            for p, use, version in zip(prompts, hooks_enabled, versions, strict=True)
+            self.prefix_cache.get(prefix_key(version, use, list(p), a))
+            for p, use, version, a in zip(prompts, hooks_enabled, versions, flags, strict=True)
         ]
 
     def prefill_from_cache(self, entries: Sequence[PrefixEntry]) -> tuple[ForwardOutput, KVState]:
@@ -327,6 +351,7 @@ class ModelRunner:
         fires: list[dict[str, float]],
         fired: list[int],
         versions: Sequence[int],
+        adapted: Sequence[bool] | None = None,
     ) -> None:
         """Keep each row's prompt state: its columns [starts[row], starts[row] + len(prompt)) of `cache`,
         the logits and gate keys after its last prompt token, and the fires over its prompt."""
@@ -342,7 +367,8 @@ class ModelRunner:
                 fired[row],
                 versions[row],
             )
-            self.prefix_cache.put(prefix_key(versions[row], hooks_enabled[row], list(prompt)), entry)
+            key = prefix_key(versions[row], hooks_enabled[row], list(prompt), bool(adapted and adapted[row]))
+            self.prefix_cache.put(key, entry)
 
     def decode(
         self,
@@ -350,6 +376,7 @@ class ModelRunner:
         last_tokens: Sequence[int],
         hooks_enabled: Sequence[bool],
         tables: Sequence[Any] | None = None,
+        adapted: Sequence[bool] | None = None,
     ) -> ForwardOutput:
         """One new token per row; `state` grows by one column and every length by one. Mask and positions
         are built on the device from lengths kept there: the step copies only the new token ids over."""
@@ -357,7 +384,10 @@ class ModelRunner:
         lengths = state.device_lengths(self.device)
         columns = torch.arange(width + 1, device=self.device)
         mask = (columns[None, :] >= (width - lengths)[:, None]).long()  # the new column is real for every row
-        with self._hook_scope(hooks_enabled, state.lengths, state.hook_keys, tables) as (rec, versions):
+        with (
+            self._hook_scope(hooks_enabled, state.lengths, state.hook_keys, tables) as (rec, versions),
+            self._adapter_scope(self._adapted(adapted, len(last_tokens))),
+        ):
             out = self.model(
                 input_ids=torch.tensor(list(last_tokens), dtype=torch.long)[:, None].to(self.device),
                 attention_mask=mask,

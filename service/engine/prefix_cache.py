@@ -7,9 +7,10 @@ logits after its last token, the hook gate's activation at that token and the ed
 prompt. Keeping them lets the later prefill skip its forward; an identical prompt generated twice (retries,
 several samples) hits the same way.
 
-An entry is valid only for the hook table it was computed with and for the same hooks on/off choice: the
-key is (table version, hooks enabled, prompt token ids), so an edit or a rollback (a new version) makes
-every older entry unreachable; they age out of the LRU. Memory is bounded in bytes of tensors held.
+An entry is valid only for the hook table it was computed with and for the same hooks and adapter choices:
+the key is (table version, hooks enabled, adapter on, prompt token ids), so an edit or a rollback (a new
+version) makes every older entry unreachable; they age out of the LRU. Memory is bounded in bytes of tensors
+held.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ import torch
 
 from service import metrics
 
-PrefixKey = tuple[int, bool, tuple[int, ...]]
+PrefixKey = tuple[int, bool, bool, tuple[int, ...]]
 
 
-def prefix_key(version: int, use_hooks: bool, prompt_ids: list[int] | tuple[int, ...]) -> PrefixKey:
-    return (int(version), bool(use_hooks), tuple(int(t) for t in prompt_ids))
+def prefix_key(
+    version: int, use_hooks: bool, prompt_ids: list[int] | tuple[int, ...], adapted: bool = False
+) -> PrefixKey:
+    """`adapted`: the row ran with the alignment adapter (engine/adapter.py), another forward entirely."""
+    return (int(version), bool(use_hooks), bool(adapted), tuple(int(t) for t in prompt_ids))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from service import metrics
+from service.engine.adapter import RowAdapter
 from service.engine.batch import ForwardOutput, KVState, ModelRunner, ScoreOutput, plan_prefill_groups
 from service.engine.cpu_threads import release_cpu_threads
 from service.engine.gate import HookGate
@@ -130,13 +131,16 @@ class Engine:
         max_prefill_tokens: int = 4096,
         eos_token_ids: Iterable[int] | None = None,
         prefix_cache_bytes: int = 0,
+        adapter: RowAdapter | None = None,
     ) -> None:
+        """`adapter`: the alignment adapter, applied to requests with `adapted` set (engine/adapter.py)."""
         if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
         self.loaded = loaded
         self.hooks = hooks
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
-        self._runner = ModelRunner(loaded, hooks, self.prefix_cache)
+        self.adapter = adapter
+        self._runner = ModelRunner(loaded, hooks, self.prefix_cache, adapter)
         self._config = loaded.model.config
         # Default: the generation config's end tokens and the tokenizer's EOS (chat models can have several)
         self._eos_ids = (
@@ -214,6 +218,8 @@ class Engine:
             self._wakeup.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
+        if self.adapter is not None:  # its hooks leave the (possibly shared) model with the engine
+            self.adapter.remove()
 
     def stream(self, request: EngineRequest) -> TokenStream:
         """Queue a generation; iterate the result for its TokenEvents. Raises (synchronously) InvalidArgument,
@@ -325,7 +331,7 @@ class Engine:
         newcomers = self._admitted = self._admit()
         kept = self._runner.cached_prefixes(
             [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers],
-            [s.table for s in newcomers],
+            [s.table for s in newcomers], [s.request.adapted for s in newcomers],
         )
         hits = [(s, e) for s, e in zip(newcomers, kept, strict=True) if e is not None]
         if hits:
@@ -423,7 +429,7 @@ class Engine:
         try:
             out, kv = self._runner.prefill(
                 [s.prompt_ids for s in newcomers], [s.request.use_hooks for s in newcomers],
-                [s.table for s in newcomers],
+                [s.table for s in newcomers], [s.request.adapted for s in newcomers],
             )
         except Exception as exc:
             self._failures += 1
@@ -466,7 +472,7 @@ class Engine:
         try:
             out = self._runner.decode(
                 self._kv, [s.last_token for s in rows], [s.request.use_hooks for s in rows],
-                [s.table for s in rows],
+                [s.table for s in rows], [s.request.adapted for s in rows],
             )
         except Exception as exc:
             self._failures += 1

@@ -38,6 +38,8 @@ class EngineRequest:
     # The hook table snapshot every forward of this request uses (None: the one published when it
     # arrives), so a stream that outlives an Edit or Rollback keeps one edit set from start to end.
     hook_table: Any = None
+    # The prompt carries injected descriptors: the engine's alignment adapter (if any) applies to this row.
+    adapted: bool = False
 
 
 @dataclass
