@@ -3,6 +3,8 @@
     editserve serve [flags]   run the gRPC server (every Settings field is a flag and an EDITSERVE_* env var)
     editserve eval  [flags]   the evaluation harness (service/eval), imported only when asked for
     editserve health          exit 0 when a server's grpc.health.v1 check says SERVING (container probes)
+    editserve generate | score | edit | edits | info
+                              client commands against a running server (service/client/cli.py)
 
 Precedence for each setting: command-line flag > EDITSERVE_<NAME> environment variable > default.
 """
@@ -19,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from service import __version__
+from service.client.cli import add_client_commands
 from service.config import Settings, SettingsError
 from service.settings_args import add_settings_arguments, env_name, settings_from
 
@@ -46,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help='service name; "" = the whole server')
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
     health.set_defaults(handler=run_health)
+    add_client_commands(commands)
     return parser
 
 

@@ -236,12 +236,18 @@ class FakeDataPlane:
         self._enter("batch_edit", request)
         if not request.edits:
             raise errors.InvalidArgument("must not be empty", field="edits")
+        fields = {"edits": [vars(e) for e in request.edits], "force": request.force}
+        if (done := self._idempotent_result(request.idempotency_key, fields)) is not None:
+            return done
         first = len(self.registry) + 1
         stored = [self._stored_edit(e, f"e{first + i}") for i, e in enumerate(request.edits)]
         version = self._commit(stored, request.actor, "batch")
-        return BatchEditResult(
+        result = BatchEditResult(
             version, [EditResult(s.edit_id, version, QualityReportView.from_dict(s.report)) for s in stored]
         )
+        if request.idempotency_key:
+            self._idempotent[request.idempotency_key] = (request_digest(fields), result)
+        return result
 
     async def get_edit(self, edit_id: str) -> EditView:
         self._enter("get_edit", edit_id)
