@@ -361,6 +361,7 @@ def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
         return EXIT_OK
     sys.stdout.write("\n")
+    sys.stdout.flush()  # the text before the footer on stderr
     fired = ", ".join(f"{a.edit_id} ({path_name(a.path)} {a.score:.2f})" for a in applied) or "none"
     if last is not None:  # on stderr: `editserve generate ... > answer.txt` keeps only the text
         print(

@@ -16,7 +16,8 @@ from service._proto.editserve.v1 import editserve_pb2 as pb
 def to_dict(message: Message) -> dict[str, Any]:
     """A message as JSON-ready data: proto field names, enum names, every field present."""
     return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,  # versions are numbers to a script, not strings
     )
 
 
@@ -78,9 +79,9 @@ def key_values(pairs: Sequence[tuple[str, str]], out: TextIO, indent: str = "") 
 
 def edit_what(record: pb.EditRecord) -> str:
     """What an edit says, in a few words: `subject → target` or its descriptor."""
-    if record.kind == pb.EDIT_KIND_TRIPLE or (record.subject and record.target_new):
+    if record.kind == pb.EDIT_KIND_TRIPLE:
         return f"{record.subject} → {record.target_new}"
-    return record.descriptor
+    return f"“{record.descriptor}”"
 
 
 def report_lines(report: pb.QualityReport) -> list[tuple[str, str]]:
