@@ -222,11 +222,13 @@ def test_readme_metric_names_exist() -> None:
     assert not missing, missing
 
 
-async def test_readme_python_client_runs_against_a_server(capsys: pytest.CaptureFixture[str]) -> None:
+async def test_readme_python_client_runs_against_a_server(capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from service.transport import EditServeServer
     from testkit.fake_plane import FakeDataPlane
 
-    (example,) = [block for block in _code_blocks("python") if "insecure_channel" in block]
+    (example,) = [block for block in _code_blocks("python") if "EditServeClient" in block]
+    monkeypatch.setenv("EDITSERVE_ADMIN_TOKEN", "change-me")  # the example reads its token from there
     server = EditServeServer(Settings(port=0, metrics_port=0, admin_token="change-me"), FakeDataPlane)
     await server.start()
     await server.load_plane()
@@ -237,3 +239,4 @@ async def test_readme_python_client_runs_against_a_server(capsys: pytest.Capture
         await server.stop(0.0)
     out = capsys.readouterr().out
     assert "echo: The capital of France is" in out and "edit e1 at version 1 passed: True" in out
+    assert "e1  alice" in out  # iter_edits found it by its text

@@ -281,13 +281,3 @@ def test_export_lines_read_back_as_the_same_requests(client: EditServeClient) ->
                                     importing=True)
     assert not gone and skipped.results[0].outcome == "skipped"
 
-
-def test_the_readme_python_example_runs(fake: tuple[str, FakeDataPlane], monkeypatch: pytest.MonkeyPatch,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
-    readme = (ROOT / "README.md").read_text()
-    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "EditServeClient" in example
-    monkeypatch.setenv("EDITSERVE_ADMIN_TOKEN", TOKEN)
-    exec(compile(example.replace("localhost:50051", fake[0]), "README.md", "exec"), {})
-    out = capsys.readouterr().out
-    assert "echo: The capital of France is" in out and "passed: True" in out and "alice" in out
