@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service.cli import run
 from service.client import edit_file
@@ -80,6 +81,11 @@ class Cli:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str], env: dict[str, str]) -> Cli:
     return Cli(capsys, env)
+
+
+def gate_verdicts(result: str) -> float:
+    """editserve_quality_gate_total{result} of the server running in this process."""
+    return REGISTRY.get_sample_value("editserve_quality_gate_total", {"result": result}) or 0.0
 
 
 class Terminal(io.StringIO):
@@ -257,7 +263,9 @@ def test_export_then_import_recomputes_and_reports_the_gate(cli: Cli, served: Ed
     monkeypatch.setattr(served.plane.manager.editor, "locality_max_top1_changed", -1.0)
     hooked = [n for n, line in enumerate(lines, start=1) if line["kind"] == "triple"]
     assert hooked
+    refused_before = gate_verdicts("failed")
     report = cli.json("edits", "import", str(path), "--chunk-size", "1", expect=1)
+    assert gate_verdicts("failed") == refused_before + len(hooked)  # the server in this process counted them
     failed = [r for r in report["results"] if r["outcome"] == "failed_gate"]
     assert [r["line"] for r in failed] == hooked and report["failed_gate"] == len(hooked)
     assert all("locality" in r["message"] and not r["report"]["passed"] for r in failed)
