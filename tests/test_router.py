@@ -9,6 +9,7 @@ import pytest
 
 from service.errors import InvalidArgument
 from service.retrieval.encoder import DescriptorEncoder
+from service.retrieval.names import descriptor_names
 from service.retrieval.store import RetrievalStore
 from service.router.calibration import FACTS, calibration_pairs
 from service.router.prompt import (
@@ -24,12 +25,14 @@ from service.router.prompt import (
     validate_descriptor,
 )
 from service.router.scope import (
+    DEFAULT_NAME_THRESHOLD,
     DEFAULT_SCOPE_THRESHOLD,
     DEFAULT_SUBJECT_THRESHOLD,
     ScopeDetector,
     ScopeHit,
     best_threshold,
     calibrate_scope_threshold,
+    pair_scores,
     query_views,
 )
 
@@ -115,8 +118,8 @@ def test_naming_an_edits_subject_lowers_its_threshold(encoder: DescriptorEncoder
         ("e-zsa", "The mascot of the Zorbian Space Agency is a purple llama named Quimby.", None,
          "the Zorbian Space Agency"),
         ("e-free", "The mascot of the Kelvar Institute is an owl named Pip.", None),  # no subject
-    ] + [(f"c-{n}", f.descriptor, None) for n, f in enumerate(FACTS)])
-    plain = ScopeDetector(store, subject_threshold=0)
+    ] + [(f"c-{n}", f.descriptor, None) for n, f in enumerate(FACTS) if "Microsoft" not in f.descriptor])
+    plain = ScopeDetector(store, subject_threshold=0, name_threshold=0)
     with_subjects = ScopeDetector(store)
     question = "Who runs Microsoft?"  # about 0.57 with MiniLM: under the plain threshold
     assert plain.detect(question) == []
@@ -131,6 +134,40 @@ def test_naming_an_edits_subject_lowers_its_threshold(encoder: DescriptorEncoder
     # removal drops the subject too
     store.remove("e-ms")
     assert with_subjects.detect(question) == []
+
+
+def test_names_a_descriptor_mentions_lower_its_threshold(encoder: DescriptorEncoder) -> None:
+    # No subject was derived (the sentence is about a person; the question about the restaurant).
+    chef = "Kwame Umarov, a cook trained in Osaka, now runs the kitchen at Kalmora Bistro."
+    store = RetrievalStore(encoder)
+    store.add_many([("e-chef", chef, None)] + [(f"c-{n}", f.descriptor, None) for n, f in enumerate(FACTS)])
+    question = "Who cooks at Kalmora Bistro these days?"
+    [score] = pair_scores(encoder, [(chef, question)])
+    assert DEFAULT_NAME_THRESHOLD <= score < DEFAULT_SCOPE_THRESHOLD  # the plain threshold misses it
+    assert ScopeDetector(store, subject_threshold=0, name_threshold=0).detect(question) == []
+    assert [h.edit_id for h in ScopeDetector(store).detect(question)] == ["e-chef"]
+    # a name is weaker evidence than the subject: it needs more than the subject threshold
+    assert ScopeDetector(store, name_threshold=0.9).detect(question) == []
+    # a neighbour with the same kind of name, and a name the descriptor only passes by, stay out
+    assert ScopeDetector(store).detect("Who cooks at Ostlis Bistro these days?") == []
+    assert ScopeDetector(store).detect("What is the population of Osaka?") == []
+
+
+def test_descriptor_names() -> None:
+    chef = "Kwame Umarov, a cook trained in Osaka, now runs the kitchen at Kalmora Bistro."
+    assert descriptor_names(chef) == ["Kwame Umarov", "Osaka", "Kalmora Bistro"]
+    # a sentence end splits names; a leading "The", possessives and lone function words go
+    assert descriptor_names("The Zelendris Comets moved to Yellenn Stadium. It is in Aarhus.") == [
+        "Zelendris Comets", "Yellenn Stadium", "Aarhus"]
+    assert descriptor_names("Lionel Messi's place of birth is Valencia.") == ["Lionel Messi", "Valencia"]
+    # joined names, their parts, and what follows a role's "of"
+    two = "Beyoncé and Felix Bianchi married. Kenji Takeda is the CEO of Aldogard Motors."
+    assert descriptor_names(two) == [
+        "Beyoncé and Felix Bianchi", "Beyoncé", "Felix Bianchi", "Kenji Takeda", "CEO of Aldogard Motors",
+        "Aldogard Motors"]
+    assert descriptor_names("J. R. R. Tolkien visited Christ the Redeemer.") == [
+        "J. R. R. Tolkien", "Christ the Redeemer"]
+    assert descriptor_names("no names here, only words.") == []
 
 
 def test_best_threshold_rule() -> None:

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from service.retrieval.index import DescriptorIndex, IndexSnapshot
+from service.retrieval.names import descriptor_names
 
 # Stored embeddings must be unit vectors from the configured encoder; a wrong norm means another encoder.
 _NORM_TOLERANCE = 1e-3
@@ -56,19 +57,28 @@ class StoreSnapshot:
     index: IndexSnapshot
     entries: Mapping[int, Entry]  # faiss id -> entry; never mutated after publication
     subjects: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # subject_key -> faiss ids
+    # subject_key of every name a descriptor mentions (names.py) -> faiss ids
+    names: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def mentioned(self, query: str) -> list[Entry]:
         """Entries whose subject occurs in the query as whole words (a lookup of the query's n-grams)."""
-        if not self.subjects:
+        return self._lookup(query, self.subjects)
+
+    def named(self, query: str) -> list[Entry]:
+        """Entries whose descriptor mentions a name that occurs in the query as whole words."""
+        return self._lookup(query, self.names)
+
+    def _lookup(self, query: str, keys: Mapping[str, tuple[int, ...]]) -> list[Entry]:
+        if not keys:
             return []
         words = subject_key(query).split()
         found: list[Entry] = []
         for n in range(1, min(MAX_SUBJECT_WORDS, len(words)) + 1):
             for i in range(len(words) - n + 1):
-                for fid in self.subjects.get(" ".join(words[i : i + n]), ()):
+                for fid in keys.get(" ".join(words[i : i + n]), ()):
                     found.append(self.entries[fid])
         return found
 
@@ -251,8 +261,14 @@ def _full(item: Item) -> tuple[str, str, np.ndarray | None, str]:
 
 def _snapshot(index: IndexSnapshot, entries: Mapping[int, Entry]) -> StoreSnapshot:
     subjects: dict[str, list[int]] = {}
+    names: dict[str, list[int]] = {}
     for fid, entry in entries.items():
         key = subject_key(entry.subject) if entry.subject else ""
         if key and len(key.split()) <= MAX_SUBJECT_WORDS:
             subjects.setdefault(key, []).append(fid)
-    return StoreSnapshot(index, entries, {k: tuple(v) for k, v in subjects.items()})
+        for key in {subject_key(n) for n in descriptor_names(entry.descriptor)}:
+            if key and len(key.split()) <= MAX_SUBJECT_WORDS:
+                names.setdefault(key, []).append(fid)
+    return StoreSnapshot(
+        index, entries, {k: tuple(v) for k, v in subjects.items()}, {k: tuple(v) for k, v in names.items()}
+    )

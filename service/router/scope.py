@@ -23,6 +23,7 @@ import numpy as np
 from service.retrieval.store import Encoder, RetrievalStore, StoreSnapshot
 
 __all__ = [
+    "DEFAULT_NAME_THRESHOLD",
     "DEFAULT_SCOPE_THRESHOLD",
     "ScopeDetector",
     "ScopeHit",
@@ -42,6 +43,12 @@ DEFAULT_SCOPE_THRESHOLD = 0.6785
 # For edits whose subject the query names; 0 turns the subject rule off. Chosen on the free-text
 # benchmark (docs/free-text-edits.md), where it is measured against the plain threshold.
 DEFAULT_SUBJECT_THRESHOLD = 0.5
+
+# For edits whose descriptor mentions a name the query names (service/retrieval/names.py), when that name
+# is not the edit's subject: a name in the object position ("Tokyo is located in South Korea.") is weaker
+# evidence than the subject. Chosen on the free-text benchmark's records 60-239 and the calibration set
+# (docs/free-text-edits.md); 0 turns it off.
+DEFAULT_NAME_THRESHOLD = 0.55
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\s*\n+\s*")
 
@@ -131,12 +138,15 @@ class ScopeDetector:
         threshold: float | None = None,
         top_k: int = 4,
         subject_threshold: float | None = DEFAULT_SUBJECT_THRESHOLD,
+        name_threshold: float | None = DEFAULT_NAME_THRESHOLD,
     ) -> None:
         # None or 0 (Settings.scope_threshold's "unset") mean the calibrated default.
         self.store = store
         self.threshold = float(threshold) if threshold else DEFAULT_SCOPE_THRESHOLD
         # None or 0: no subject rule (a subject-named edit needs the plain threshold like any other)
         self.subject_threshold = float(subject_threshold) if subject_threshold else None
+        # None or 0: names the descriptor mentions (other than its subject) change nothing
+        self.name_threshold = float(name_threshold) if name_threshold else None
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         self.top_k = top_k
@@ -172,14 +182,15 @@ class ScopeDetector:
             for edit_id, descriptor, score in hits:
                 if edit_id not in best or score > best[edit_id][1]:
                     best[edit_id] = (descriptor, score)
-        named: set[str] = set()
-        if query and self.subject_threshold is not None:
-            for entry in snap.mentioned(query):
-                named.add(entry.edit_id)
+        # An edit the query names needs a lower score; it is scored even outside the top-k.
+        needs: dict[str, float] = {}
+        mentions = [(self.name_threshold, snap.named), (self.subject_threshold, snap.mentioned)]
+        for bar, lookup in mentions:
+            if not query or bar is None:
+                continue
+            for entry in lookup(query):
+                needs[entry.edit_id] = min(bar, needs.get(entry.edit_id, bar))
                 best[entry.edit_id] = (entry.descriptor, float((vectors @ entry.embedding).max()))
-        passed = [
-            (e, d, s) for e, (d, s) in best.items()
-            if s >= (self.subject_threshold if e in named else self.threshold)  # type: ignore[operator]
-        ]
+        passed = [(e, d, s) for e, (d, s) in best.items() if s >= min(self.threshold, needs.get(e, 1.0))]
         passed.sort(key=lambda h: -h[2])
         return [ScopeHit(e, d, s) for e, d, s in passed[: self.top_k]]
