@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from service import __version__, metrics
 from service.config import Settings
 from service.engine.cpu_threads import released_after
 from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotServable, Unavailable
+from service.namespaces import validate_namespaces
 from service.router.prompt import PromptStyle
 from service.router.routing import Route, Router
 from service.router.scope import ScopeDetector
@@ -225,10 +227,12 @@ class DataPlane:
 
         self._require_ready()
         max_new = validate_generate(request, self.router.limits)
+        namespaces = validate_namespaces(request.namespaces)
         await self._require_version(request.min_version)
         # One published edit set for the whole request: the router's retrieval and every forward's hook
-        # table come from this snapshot, and its version is the one the response reports.
-        snap = self.manager.snapshot()
+        # table come from this snapshot, and its version is the one the response reports. The request sees
+        # only the namespaces it names (views of the snapshot: masks, nothing copied).
+        snap = self.manager.snapshot().scoped(namespaces)
         route = await self._route(request, snap)
         params = SamplingParams(
             max_new_tokens=max_new,
@@ -254,7 +258,7 @@ class DataPlane:
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
                     edit_version=snap.version,
-                    applied_edits=_applied(route, event.hook_fires) if final else [],
+                    applied_edits=self._applied(route, event.hook_fires) if final else [],
                 )
         finally:
             # Closing the engine's stream frees the batch slot when our caller stops early (cancel).
@@ -276,8 +280,9 @@ class DataPlane:
     async def score(self, request: ScoreInput) -> ScoreResult:
         self._require_ready()
         validate_score(request)
+        namespaces = validate_namespaces(request.namespaces)
         await self._require_version(request.min_version)
-        snap = self.manager.snapshot()
+        snap = self.manager.snapshot().scoped(namespaces)
         route, continuation_ids = await asyncio.to_thread(
             released_after(self.router.route_score), request.prompt, request.continuation, request.use_edits,
             request.edit_paths, snap.retrieval,
@@ -296,7 +301,7 @@ class DataPlane:
             total_logprob=float(sum(out.logprobs)),
             edit_version=snap.version,
             prompt_tokens=len(route.prompt_ids),
-            applied_edits=_applied(route, out.hook_fires),
+            applied_edits=self._applied(route, out.hook_fires),
         )
 
     # ------------------------------------------------------------------------------------ editing
@@ -342,8 +347,14 @@ class DataPlane:
         )
 
 
-def _applied(route: Route, hook_fires: dict[str, float]) -> list[AppliedEdit]:
+    def _applied(self, route: Route, hook_fires: dict[str, float]) -> list[AppliedEdit]:
+        return _applied(route, hook_fires, self.manager.registry.namespace_of)
+
+
+def _applied(
+    route: Route, hook_fires: dict[str, float], namespace_of: Callable[[str], str]
+) -> list[AppliedEdit]:
     """Retrieval hits first (they shaped the prompt), then hook edits that fired, best score first."""
     hooks = [AppliedEdit(edit_id, "hook", score)
              for edit_id, score in sorted(hook_fires.items(), key=lambda kv: -kv[1])]
-    return route.retrieval_edits() + hooks
+    return [replace(a, namespace=namespace_of(a.edit_id)) for a in route.retrieval_edits() + hooks]

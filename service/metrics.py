@@ -5,6 +5,8 @@ Latency buckets follow vLLM's (vllm/engine/metrics.py) so dashboards built for v
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import Counter, Gauge, Histogram, Info
 
 REQUEST_LATENCY_BUCKETS = (
@@ -70,3 +72,47 @@ SCOPE_SECONDS = Histogram(
 )
 SCOPE_IN_SCOPE = Counter("editserve_scope_in_scope", "Requests with at least one in-scope descriptor")
 RETRIEVAL_INDEX_SIZE = Gauge("editserve_retrieval_index_size", "Descriptors in the retrieval index")
+
+# Per-namespace series. Namespaces are tenant-chosen, so their label values are capped: the first
+# MAX_NAMESPACE_LABELS namespaces seen by this process keep their own, every later one is counted under
+# "other" (a namespace never moves between the two while the process lives).
+MAX_NAMESPACE_LABELS = 20
+OTHER_NAMESPACE = "other"
+NAMESPACE_EDITS_ACTIVE = Gauge(
+    "editserve_namespace_edits_active", "Active edits per namespace (capped label set; the rest: other)",
+    ["namespace"],
+)
+NAMESPACE_EDIT_OPERATIONS = Counter(
+    "editserve_namespace_edit_operations",
+    "Edit operations per namespace (capped label set; the rest: other), by operation and result",
+    ["namespace", "op", "result"],
+)
+_namespace_labels: dict[str, str] = {}
+_namespace_lock = threading.Lock()
+
+
+def namespace_label(namespace: str) -> str:
+    """The label value `namespace` is counted under (itself, or "other" past the cap)."""
+    with _namespace_lock:
+        label = _namespace_labels.get(namespace)
+        if label is None:
+            own = len(set(_namespace_labels.values()) - {OTHER_NAMESPACE}) < MAX_NAMESPACE_LABELS
+            label = namespace if own and namespace != OTHER_NAMESPACE else OTHER_NAMESPACE
+            _namespace_labels[namespace] = label
+        return label
+
+
+def count_namespace_operation(namespace: str, op: str, result: str) -> None:
+    NAMESPACE_EDIT_OPERATIONS.labels(namespace=namespace_label(namespace), op=op, result=result).inc()
+
+
+def set_namespace_gauge(active: dict[str, int]) -> None:
+    """Set the active-edit gauge from per-namespace counts (namespaces past the cap are summed)."""
+    totals: dict[str, int] = {}
+    for namespace, n in active.items():
+        label = namespace_label(namespace)
+        totals[label] = totals.get(label, 0) + n
+    with _namespace_lock:
+        known = set(_namespace_labels.values())
+    for label in known:  # a namespace whose edits were all rolled back reads 0, not its last value
+        NAMESPACE_EDITS_ACTIVE.labels(namespace=label).set(totals.get(label, 0))

@@ -43,6 +43,7 @@ class GenerateInput:
     min_version: int = 0
     edit_paths: tuple[EditPathName, ...] = ("hook", "retrieval")  # which paths apply when use_edits
     deadline: float | None = None  # time.monotonic() deadline, from the gRPC deadline when one is set
+    namespaces: tuple[str, ...] = ()  # whose edits apply; empty = ("default",)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class AppliedEdit:
     edit_id: str
     path: EditPathName
     score: float  # hook: best gate cosine over the tokens where it fired; retrieval: scope similarity
+    namespace: str = "default"
 
 
 @dataclass
@@ -83,6 +85,7 @@ class ScoreInput:
     min_version: int = 0
     edit_paths: tuple[EditPathName, ...] = ("hook", "retrieval")
     deadline: float | None = None
+    namespaces: tuple[str, ...] = ()  # whose edits apply; empty = ("default",)
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class EditInput:
     actor: str = ""
     compile_descriptor: bool | None = None  # None (proto field unset) = Settings.compile_descriptors
     deadline: float | None = None  # time.monotonic(); past it nothing is committed (DEADLINE_EXCEEDED)
+    namespace: str = ""  # "" = "default" (in a batch: the batch's namespace)
 
 
 @dataclass
@@ -157,6 +161,7 @@ class BatchEditInput:
     force: bool = False
     actor: str = ""
     deadline: float | None = None  # time.monotonic(); past it nothing is committed (DEADLINE_EXCEEDED)
+    namespace: str = ""  # of every edit that names none; "" = "default"
 
 
 @dataclass
@@ -173,6 +178,7 @@ class ListEditsInput:
     subject: str = ""  # case-insensitive substring of the subject; "" = any
     text: str = ""  # case-insensitive substring of subject, prompt, target, paraphrases or descriptor
     actor: str = ""  # who made the edit, case-insensitive whole name; "" = any
+    namespace: str = ""  # "" = every namespace
 
 
 @dataclass
@@ -193,6 +199,7 @@ class RollbackToInput:
     version: int
     reason: str = ""
     actor: str = ""
+    namespace: str = ""  # "" = every namespace; else only that namespace's edits
 
 
 @dataclass

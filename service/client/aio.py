@@ -98,6 +98,7 @@ class AsyncEditServeClient(_Base):
         stop: Sequence[str] = (),
         use_edits: bool | None = None,
         edit_paths: Iterable[str | int] | None = None,
+        namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
         timeout: float | None = None,
     ) -> pb.GenerateResponse:
@@ -113,6 +114,7 @@ class AsyncEditServeClient(_Base):
             stop=stop,
             use_edits=use_edits,
             edit_paths_=edit_paths,
+            namespaces=namespaces,
             min_version=self._min_version(min_version),
         )
         return await self._call(lambda: self._generate.Generate, request, self._timeout(timeout, "generate"))
@@ -131,6 +133,7 @@ class AsyncEditServeClient(_Base):
         stop: Sequence[str] = (),
         use_edits: bool | None = None,
         edit_paths: Iterable[str | int] | None = None,
+        namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
@@ -147,6 +150,7 @@ class AsyncEditServeClient(_Base):
             stop=stop,
             use_edits=use_edits,
             edit_paths_=edit_paths,
+            namespaces=namespaces,
             min_version=self._min_version(min_version),
         )
         timeout = self._timeout(timeout, "generate")
@@ -176,6 +180,7 @@ class AsyncEditServeClient(_Base):
         *,
         use_edits: bool | None = None,
         edit_paths: Iterable[str | int] | None = None,
+        namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
         timeout: float | None = None,
     ) -> pb.ScoreResponse:
@@ -184,6 +189,7 @@ class AsyncEditServeClient(_Base):
             continuation,
             use_edits=use_edits,
             edit_paths_=edit_paths,
+            namespaces=namespaces,
             min_version=self._min_version(min_version),
         )
         return await self._call(lambda: self._generate.Score, request, self._timeout(timeout, "generate"))
@@ -207,12 +213,14 @@ class AsyncEditServeClient(_Base):
         idempotency_key: str | None = None,
         force: bool = False,
         actor: str = "",
+        namespace: str = "",
         timeout: float | None = None,
     ) -> pb.BatchEditResponse:
         request = pb.BatchEditRequest(
             edits=[rq.edit_request(e) for e in edits],
             force=force,
             actor=actor,
+            namespace=namespace,
             idempotency_key=idempotency_key or rq.new_idempotency_key(),
         )
         response = await self._call(lambda: self._edits.BatchEdit, request, self._timeout(timeout, "edit"))
@@ -232,6 +240,7 @@ class AsyncEditServeClient(_Base):
         subject: str = "",
         text: str = "",
         actor: str = "",
+        namespace: str = "",
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
@@ -241,6 +250,7 @@ class AsyncEditServeClient(_Base):
             subject=subject,
             text=text,
             actor=actor,
+            namespace=namespace,
             page_size=page_size,
             page_token=page_token,
         )
@@ -253,6 +263,7 @@ class AsyncEditServeClient(_Base):
         subject: str = "",
         text: str = "",
         actor: str = "",
+        namespace: str = "",
         page_size: int = 500,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.EditRecord]:
@@ -263,6 +274,7 @@ class AsyncEditServeClient(_Base):
                 subject=subject,
                 text=text,
                 actor=actor,
+                namespace=namespace,
                 page_size=page_size,
                 page_token=token,
                 timeout=timeout,
@@ -282,9 +294,15 @@ class AsyncEditServeClient(_Base):
         return response
 
     async def rollback_to(
-        self, version: int, *, reason: str = "", actor: str = "", timeout: float | None = None
+        self,
+        version: int,
+        *,
+        reason: str = "",
+        actor: str = "",
+        namespace: str = "",
+        timeout: float | None = None,
     ) -> pb.RollbackToResponse:
-        request = pb.RollbackToRequest(version=version, reason=reason, actor=actor)
+        request = pb.RollbackToRequest(version=version, reason=reason, actor=actor, namespace=namespace)
         response = await self._call(
             lambda: self._edits.RollbackTo, request, self._timeout(timeout, "default")
         )

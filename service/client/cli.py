@@ -95,6 +95,9 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         dest="paths",
         help="only this edit path (repeatable; default both)",
     )
+    gen.add_argument(
+        "--namespaces", default="", help="comma-separated namespaces whose edits apply (default: default)"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=None)
     gen.add_argument("--min-new-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -117,6 +120,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     score.add_argument("continuation")
     score.add_argument("--no-edits", action="store_true")
     score.add_argument("--path", choices=("hook", "retrieval"), action="append", dest="paths")
+    score.add_argument("--namespaces", default="", help="comma-separated namespaces whose edits apply")
     score.set_defaults(handler=_guarded(cmd_score))
 
     edit = commands.add_parser(
@@ -145,6 +149,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         help="keep a descriptor-only edit retrieval-only (compile_descriptor=false)",
     )
     edit.add_argument("--force", action="store_true", help="store even if the quality gate fails")
+    edit.add_argument("--namespace", default="", help="the edit's namespace (default: default)")
     edit.add_argument("--idempotency-key", default=None, help="same key and content: the first result again")
     edit.add_argument(
         "--file", type=Path, default=None, help="a JSONL file of edits, one per line ('-' = stdin)"
@@ -170,6 +175,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         help="case-insensitive part of any of its texts (subject, prompt, target, paraphrases, descriptor)",
     )
     listing.add_argument("--actor", default="", help="who made it (whole name, any case)")
+    listing.add_argument("--namespace", default="", help="only this namespace's edits")
     listing.add_argument("--limit", type=int, default=0, help="at most this many (default: all)")
     listing.set_defaults(handler=_guarded(cmd_list))
 
@@ -189,6 +195,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     rollback_to.add_argument("version", type=int)
     rollback_to.add_argument("--reason", required=True, help="why (kept in the edit log)")
     rollback_to.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    rollback_to.add_argument("--namespace", default="", help="only this namespace's edits")
     _actor_argument(rollback_to)
     rollback_to.set_defaults(handler=_guarded(cmd_rollback_to))
 
@@ -313,6 +320,11 @@ def _open_lines(path: Path) -> list[str]:
 # ------------------------------------------------------------------------------------------ generate, score
 
 
+def _namespaces(text: str) -> list[str]:
+    """`--namespaces a,b` as a list (the server validates the names)."""
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
 def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .format import finish_name, path_name, print_json
 
@@ -335,6 +347,7 @@ def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             use_edits=False if args.no_edits else None,
             edit_paths=args.paths,
             min_version=args.min_version,
+            namespaces=_namespaces(args.namespaces),
         )
         pieces, last = [], None
         for chunk in stream:
@@ -353,7 +366,8 @@ def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 "completion_tokens": last.completion_tokens if last else 0,
                 "edit_version": last.edit_version if last else 0,
                 "applied_edits": [
-                    {"edit_id": a.edit_id, "path": path_name(a.path), "score": round(a.score, 4)}
+                    {"edit_id": a.edit_id, "path": path_name(a.path), "score": round(a.score, 4),
+                     "namespace": a.namespace}
                     for a in applied
                 ],
             },
@@ -362,7 +376,11 @@ def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return EXIT_OK
     sys.stdout.write("\n")
     sys.stdout.flush()  # the text before the footer on stderr
-    fired = ", ".join(f"{a.edit_id} ({path_name(a.path)} {a.score:.2f})" for a in applied) or "none"
+    fired = ", ".join(
+        f"{a.edit_id} ({path_name(a.path)} {a.score:.2f}"
+        + (f", namespace {a.namespace})" if a.namespace not in ("", "default") else ")")
+        for a in applied
+    ) or "none"
     if last is not None:  # on stderr: `editserve generate ... > answer.txt` keeps only the text
         print(
             f"[edit version {last.edit_version} · {last.completion_tokens} tokens · "
@@ -377,7 +395,8 @@ def cmd_score(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     with make_client(args, env) as client:
         reply = client.score(
-            args.prompt, args.continuation, use_edits=False if args.no_edits else None, edit_paths=args.paths
+            args.prompt, args.continuation, use_edits=False if args.no_edits else None, edit_paths=args.paths,
+            namespaces=_namespaces(args.namespaces),
         )
     if args.json:
         print_json(to_dict(reply), sys.stdout)
@@ -426,6 +445,7 @@ def cmd_edit(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "force": args.force,
         "actor": actor_of(args, env),
         "idempotency_key": args.idempotency_key,
+        "namespace": args.namespace,
     }
     if args.no_compile:
         fields["compile_descriptor"] = False
@@ -551,6 +571,7 @@ def cmd_list(args: argparse.Namespace, env: Mapping[str, str]) -> int:
             subject=args.subject,
             text=args.text,
             actor=args.actor,
+            namespace=args.namespace,
             page_size=min(args.limit or 500, 500),
         ):
             records.append(record)
@@ -616,7 +637,8 @@ def cmd_rollback_to(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         if args.version > current:
             raise CommandError(f"version {args.version} is beyond the server's edit version {current}")
         # what RollbackTo will take back: every edit after the version that is not rolled back already
-        doomed = [r for r in client.iter_edits() if r.version > args.version and r.state != ROLLED_BACK]
+        doomed = [r for r in client.iter_edits(namespace=args.namespace)
+                  if r.version > args.version and r.state != ROLLED_BACK]
         if not doomed:
             if args.json:
                 print_json({"version": current, "rolled_back_edit_ids": []}, sys.stdout)
@@ -635,7 +657,8 @@ def cmd_rollback_to(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         )
         if not args.yes:
             _confirm(f"Roll back these {len(doomed)} edit(s)? [y/N] ")
-        reply = client.rollback_to(args.version, reason=args.reason, actor=actor_of(args, env))
+        reply = client.rollback_to(args.version, reason=args.reason, actor=actor_of(args, env),
+                                   namespace=args.namespace)
     if args.json:
         print_json(to_dict(reply), sys.stdout)
         return EXIT_OK

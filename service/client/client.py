@@ -166,6 +166,7 @@ class EditServeClient(_Base):
         stop: Sequence[str] = (),
         use_edits: bool | None = None,
         edit_paths: Iterable[str | int] | None = None,
+        namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
         timeout: float | None = None,
     ) -> pb.GenerateResponse:
@@ -183,6 +184,7 @@ class EditServeClient(_Base):
             stop=stop,
             use_edits=use_edits,
             edit_paths_=edit_paths,
+            namespaces=namespaces,
             min_version=self._min_version(min_version),
         )
         return self._call(self._generate.Generate, request, self._timeout(timeout, "generate"))
@@ -201,6 +203,7 @@ class EditServeClient(_Base):
         stop: Sequence[str] = (),
         use_edits: bool | None = None,
         edit_paths: Iterable[str | int] | None = None,
+        namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
         timeout: float | None = None,
     ) -> Iterator[pb.GenerateStreamResponse]:
@@ -219,6 +222,7 @@ class EditServeClient(_Base):
             stop=stop,
             use_edits=use_edits,
             edit_paths_=edit_paths,
+            namespaces=namespaces,
             min_version=self._min_version(min_version),
         )
         timeout = self._timeout(timeout, "generate")
@@ -247,6 +251,7 @@ class EditServeClient(_Base):
         *,
         use_edits: bool | None = None,
         edit_paths: Iterable[str | int] | None = None,
+        namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
         timeout: float | None = None,
     ) -> pb.ScoreResponse:
@@ -256,6 +261,7 @@ class EditServeClient(_Base):
             continuation,
             use_edits=use_edits,
             edit_paths_=edit_paths,
+            namespaces=namespaces,
             min_version=self._min_version(min_version),
         )
         return self._call(self._generate.Score, request, self._timeout(timeout, "generate"))
@@ -282,6 +288,7 @@ class EditServeClient(_Base):
         idempotency_key: str | None = None,
         force: bool = False,
         actor: str = "",
+        namespace: str = "",
         timeout: float | None = None,
     ) -> pb.BatchEditResponse:
         """All the edits in one version, or none of them (one failing its gate refuses the batch: the
@@ -290,6 +297,7 @@ class EditServeClient(_Base):
             edits=[rq.edit_request(e) for e in edits],
             force=force,
             actor=actor,
+            namespace=namespace,
             idempotency_key=idempotency_key or rq.new_idempotency_key(),
         )
         response = self._call(self._edits.BatchEdit, request, self._timeout(timeout, "edit"))
@@ -307,6 +315,7 @@ class EditServeClient(_Base):
         subject: str = "",
         text: str = "",
         actor: str = "",
+        namespace: str = "",
         page_size: int = 0,
         page_token: str = "",
         timeout: float | None = None,
@@ -319,6 +328,7 @@ class EditServeClient(_Base):
             subject=subject,
             text=text,
             actor=actor,
+            namespace=namespace,
             page_size=page_size,
             page_token=page_token,
         )
@@ -331,6 +341,7 @@ class EditServeClient(_Base):
         subject: str = "",
         text: str = "",
         actor: str = "",
+        namespace: str = "",
         page_size: int = 500,
         timeout: float | None = None,
     ) -> Iterator[pb.EditRecord]:
@@ -342,6 +353,7 @@ class EditServeClient(_Base):
                 subject=subject,
                 text=text,
                 actor=actor,
+                namespace=namespace,
                 page_size=page_size,
                 page_token=token,
                 timeout=timeout,
@@ -360,10 +372,16 @@ class EditServeClient(_Base):
         return response
 
     def rollback_to(
-        self, version: int, *, reason: str = "", actor: str = "", timeout: float | None = None
+        self,
+        version: int,
+        *,
+        reason: str = "",
+        actor: str = "",
+        namespace: str = "",
+        timeout: float | None = None,
     ) -> pb.RollbackToResponse:
         """Roll back every edit committed after `version` (one log entry)."""
-        request = pb.RollbackToRequest(version=version, reason=reason, actor=actor)
+        request = pb.RollbackToRequest(version=version, reason=reason, actor=actor, namespace=namespace)
         response = self._call(self._edits.RollbackTo, request, self._timeout(timeout, "default"))
         self._wrote(response.version)
         return response

@@ -142,6 +142,7 @@ def write_record(record: pb.EditRecord, out: TextIO) -> None:
             kind_name(record.kind)
             + (" (compiled from the descriptor)" if record.derived_from_descriptor else ""),
         ),
+        ("namespace", record.namespace or "default"),
         ("version", str(record.version)),
         ("actor", record.actor or "-"),
         ("created", when(record.created_at)),

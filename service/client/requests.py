@@ -30,6 +30,7 @@ EDIT_FIELDS = (
     "force",
     "actor",
     "compile_descriptor",
+    "namespace",
 )
 
 
@@ -96,6 +97,7 @@ def generate_request(
     use_edits: bool | None = None,
     edit_paths_: Iterable[str | int] | None = None,
     min_version: int = 0,
+    namespaces: Iterable[str] | None = None,
 ) -> pb.GenerateRequest:
     request = pb.GenerateRequest(
         prompt=prompt,
@@ -106,6 +108,7 @@ def generate_request(
         stop=list(stop),
         edit_paths=edit_paths(edit_paths_),
         min_version=min_version,
+        namespaces=list(namespaces or ()),
     )
     # optional fields: unset means the server default, so only set what the caller chose
     if max_new_tokens is not None:
@@ -126,9 +129,11 @@ def score_request(
     use_edits: bool | None = None,
     edit_paths_: Iterable[str | int] | None = None,
     min_version: int = 0,
+    namespaces: Iterable[str] | None = None,
 ) -> pb.ScoreRequest:
     request = pb.ScoreRequest(
-        prompt=prompt, continuation=continuation, edit_paths=edit_paths(edit_paths_), min_version=min_version
+        prompt=prompt, continuation=continuation, edit_paths=edit_paths(edit_paths_), min_version=min_version,
+        namespaces=list(namespaces or ()),
     )
     if use_edits is not None:
         request.use_edits = use_edits

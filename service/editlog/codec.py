@@ -14,6 +14,7 @@ from sqlalchemy.engine import Row
 from service.errors import EditLogCorrupted, InvalidArgument
 
 from .model import (
+    DEFAULT_NAMESPACE,
     EDIT_KINDS,
     ENTRY_KINDS,
     LogEntry,
@@ -107,6 +108,7 @@ def normalised_entry(entry: LogEntry) -> LogEntry:
                 report=json.loads(canonical_json(dict(edit.report))),
                 supersedes=[_check_text(s, "supersedes") for s in edit.supersedes],
                 derived_from_descriptor=bool(edit.derived_from_descriptor),
+                namespace=_check_text(edit.namespace, "namespace") or DEFAULT_NAMESPACE,
             )
         )
     return LogEntry(
@@ -120,6 +122,7 @@ def normalised_entry(entry: LogEntry) -> LogEntry:
         target_edit_ids=[_check_text(t, "target_edit_ids") for t in entry.target_edit_ids],
         target_version=int(entry.target_version) if entry.target_version is not None else None,
         reason=_check_text(entry.reason, "reason"),
+        namespace=_check_text(entry.namespace, "namespace"),
     )
 
 
@@ -135,6 +138,7 @@ def entry_rows(entry: LogEntry) -> tuple[dict[str, Any], list[dict[str, Any]], l
         "target_version": entry.target_version,
         "target_edit_ids": canonical_json(entry.target_edit_ids),
         "checksum": entry_checksum(entry),
+        "namespace": entry.namespace or None,
     }
     edit_rows, hook_rows = [], []
     for ordinal, edit in enumerate(entry.edits):
@@ -157,6 +161,8 @@ def entry_rows(entry: LogEntry) -> tuple[dict[str, Any], list[dict[str, Any]], l
                 "emb_shape": canonical_json(emb.shape) if emb else None,
                 "emb_data": emb.data if emb else None,
                 "derived_from_descriptor": True if edit.derived_from_descriptor else None,
+                # NULL for the default namespace: the rows of older releases read the same way
+                "namespace": None if edit.namespace == DEFAULT_NAMESPACE else edit.namespace,
             }
         )
         for h_ordinal, hook in enumerate(edit.hooks):
@@ -229,6 +235,7 @@ def decode_entry(
                     report=json.loads(e.report),
                     supersedes=json.loads(e.supersedes),
                     derived_from_descriptor=bool(e.derived_from_descriptor),
+                    namespace=e.namespace or DEFAULT_NAMESPACE,
                 )
             )
         entry = LogEntry(
@@ -242,6 +249,7 @@ def decode_entry(
             target_edit_ids=json.loads(row.target_edit_ids),
             target_version=row.target_version,
             reason=row.reason,
+            namespace=row.namespace or "",
         )
         checksum = entry_checksum(entry)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:  # JSONDecodeError is a ValueError

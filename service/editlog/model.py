@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 ENTRY_KINDS = ("edit", "batch", "rollback", "rollback_to")
+# The namespace of an edit that names none, and of every edit logged before namespaces existed.
+DEFAULT_NAMESPACE = "default"
 EDIT_KINDS = ("triple", "descriptor")
 
 # Byte width of every dtype a blob may carry. bfloat16 is here because hook values may be
@@ -167,6 +169,7 @@ class StoredEdit:
     supersedes: list[str] = field(default_factory=list)
     # subject/prompt/target_new were compiled from the descriptor (service/edits/compile.py)
     derived_from_descriptor: bool = False
+    namespace: str = DEFAULT_NAMESPACE  # requests see this edit only when they name its namespace
 
     @property
     def hook_layers(self) -> list[int]:
@@ -193,6 +196,8 @@ class StoredEdit:
         }
         if self.derived_from_descriptor:  # absent otherwise: entries logged before it keep their bytes
             d["derived_from_descriptor"] = True
+        if self.namespace != DEFAULT_NAMESPACE:  # likewise: older entries keep their checksums
+            d["namespace"] = self.namespace
         return d
 
     @classmethod
@@ -212,6 +217,7 @@ class StoredEdit:
             report=dict(d.get("report", {})),
             supersedes=list(d.get("supersedes", [])),
             derived_from_descriptor=bool(d.get("derived_from_descriptor", False)),
+            namespace=d.get("namespace") or DEFAULT_NAMESPACE,
         )
 
 
@@ -232,9 +238,10 @@ class LogEntry:
     target_edit_ids: list[str] = field(default_factory=list)  # rollback / rollback_to: the ids it rolls back
     target_version: int | None = None  # rollback_to
     reason: str = ""
+    namespace: str = ""  # rollback_to limited to one namespace ("" = every namespace)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "version": self.version,
             "kind": self.kind,
             "created_at": to_utc(self.created_at).isoformat(timespec="microseconds"),
@@ -246,6 +253,9 @@ class LogEntry:
             "target_version": self.target_version,
             "reason": self.reason,
         }
+        if self.namespace:  # absent otherwise: older entries keep their checksums
+            d["namespace"] = self.namespace
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LogEntry:
@@ -261,6 +271,7 @@ class LogEntry:
             target_edit_ids=list(d.get("target_edit_ids", [])),
             target_version=int(tv) if tv is not None else None,
             reason=d.get("reason", ""),
+            namespace=d.get("namespace", ""),
         )
 
 

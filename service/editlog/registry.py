@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .model import LogEntry, StoredEdit, request_digest
+from .model import DEFAULT_NAMESPACE, LogEntry, StoredEdit, request_digest
 from .store import EditLog
 
 __all__ = ["EditRegistry", "EditView", "RegistryCounts", "RegistryDelta", "request_digest", "STATES"]
@@ -111,6 +111,7 @@ class _Record:
             report=dict(e.report),
             supersedes=list(e.supersedes),
             derived_from_descriptor=e.derived_from_descriptor,
+            namespace=e.namespace,
             version=self.version,
             ordinal=self.ordinal,
             created_at=self.created_at,
@@ -136,6 +137,7 @@ class EditRegistry:
         self._hidden_by: dict[str, set[str]] = {}  # superseder id -> ids it currently supersedes
         self._by_relation: dict[str, list[_Record]] = {}
         self._counts: Counter[tuple[str, str]] = Counter()  # (state, kind) -> n
+        self._active_ns: Counter[str] = Counter()  # namespace -> active edits
 
     # ------------------------------------------------------------------ replay
 
@@ -193,6 +195,7 @@ class EditRegistry:
         self._ordered.append(rec)
         self._positions.append((rec.version, rec.ordinal))
         self._counts[(ACTIVE, edit.kind)] += 1
+        self._active_ns[edit.namespace] += 1
         if edit.relation_key:
             self._by_relation.setdefault(edit.relation_key, []).append(rec)
         touched.setdefault(edit.edit_id, False)
@@ -229,6 +232,9 @@ class EditRegistry:
     def _set_state(self, rec: _Record, state: str) -> None:
         self._counts[(rec.state, rec.edit.kind)] -= 1
         self._counts[(state, rec.edit.kind)] += 1
+        self._active_ns[rec.edit.namespace] += (state == ACTIVE) - (rec.state == ACTIVE)
+        if not self._active_ns[rec.edit.namespace]:
+            del self._active_ns[rec.edit.namespace]
         rec.state = state
 
     # ------------------------------------------------------------------ validation helpers
@@ -246,8 +252,9 @@ class EditRegistry:
                 )
             return rec.view()
 
-    def check_rollback_to(self, version: int) -> list[str]:
-        """Ids a rollback_to `version` would roll back (put them in the entry's target_edit_ids)."""
+    def check_rollback_to(self, version: int, namespace: str = "") -> list[str]:
+        """Ids a rollback_to `version` would roll back (put them in the entry's target_edit_ids); with a
+        `namespace`, only that namespace's edits."""
         with self._lock:
             if version < 0:
                 raise InvalidArgument(f"must be >= 0, got {version}", field="version")
@@ -256,7 +263,10 @@ class EditRegistry:
                     f"version {version} is beyond the head version {self.version}", field="version"
                 )
             start = bisect.bisect_left(self._positions, (version + 1, -1))  # first edit after `version`
-            return [r.edit.edit_id for r in self._ordered[start:] if r.state != ROLLED_BACK]
+            return [
+                r.edit.edit_id for r in self._ordered[start:]
+                if r.state != ROLLED_BACK and (not namespace or r.edit.namespace == namespace)
+            ]
 
     # ------------------------------------------------------------------ queries
 
@@ -267,7 +277,7 @@ class EditRegistry:
 
     def list(
         self, state: str | None = None, page_size: int = 0, page_token: str = "", *,
-        subject: str = "", text: str = "", actor: str = "",
+        subject: str = "", text: str = "", actor: str = "", namespace: str = "",
     ) -> tuple[builtins.list[EditView], str]:
         """One page in (version, ordinal) order, optionally of one state and matching the filters
         (combined with AND); "" token = first page.
@@ -293,6 +303,8 @@ class EditRegistry:
                     continue
                 if matches is not None and not matches(rec):
                     continue
+                if namespace and rec.edit.namespace != namespace:
+                    continue
                 if len(page) == size:  # one more match exists: hand out a token
                     last = page[-1]
                     next_token = _encode_token(last.version, last.ordinal)
@@ -304,10 +316,24 @@ class EditRegistry:
         with self._lock:
             return [r.edit for r in self._ordered if r.state == ACTIVE]
 
-    def active_ids_for_relation(self, relation_key: str) -> builtins.list[str]:
-        """Active edits on the same subject+relation: what a new edit should list in `supersedes`."""
+    def active_ids_for_relation(
+        self, relation_key: str, namespace: str = DEFAULT_NAMESPACE
+    ) -> builtins.list[str]:
+        """Active edits on the same subject+relation in the same namespace: what a new edit should list in
+        `supersedes` (tenants never supersede each other's edits)."""
         with self._lock:
-            return [r.edit.edit_id for r in self._by_relation.get(relation_key, []) if r.state == ACTIVE]
+            return [r.edit.edit_id for r in self._by_relation.get(relation_key, [])
+                    if r.state == ACTIVE and r.edit.namespace == namespace]
+
+    def namespace_of(self, edit_id: str) -> str:
+        """The namespace of a known edit (DEFAULT_NAMESPACE for an unknown id): cheaper than `get`."""
+        rec = self._records.get(edit_id)
+        return DEFAULT_NAMESPACE if rec is None else rec.edit.namespace
+
+    def active_by_namespace(self) -> dict[str, int]:
+        """Active edits per namespace (metrics)."""
+        with self._lock:
+            return dict(self._active_ns)
 
     def counts(self) -> RegistryCounts:
         with self._lock:

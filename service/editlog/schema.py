@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["ADDED_EDIT_COLUMNS", "ADDED_HOOK_COLUMNS", "METADATA", "TABLES", "log_edits", "log_entries",
-           "log_head", "log_hooks"]
+__all__ = ["ADDED_EDIT_COLUMNS", "ADDED_ENTRY_COLUMNS", "ADDED_HOOK_COLUMNS", "METADATA", "TABLES",
+           "log_edits", "log_entries", "log_head", "log_hooks"]
 
 METADATA = sa.MetaData()
 # SQLite: INTEGER PRIMARY KEY is the rowid itself (no second b-tree); PostgreSQL: bigint.
 VERSION_TYPE = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+# JSON-valued columns are Text holding canonical JSON: identical on both backends, and NaN in a
+# quality report (which PostgreSQL's json type refuses) still round-trips.
+# Columns added after the first release: nullable, and added to an existing table when it is opened.
+# namespace: NULL is "default", the namespace of every edit logged before namespaces existed.
+ADDED_EDIT_COLUMNS = (
+    sa.Column("derived_from_descriptor", sa.Boolean, nullable=True),
+    sa.Column("namespace", sa.Text, nullable=True),
+)
+# namespace: the one namespace a rollback_to was limited to (NULL: every namespace).
+ADDED_ENTRY_COLUMNS = (sa.Column("namespace", sa.Text, nullable=True),)
 
 log_entries = sa.Table(
     "log_entries",
@@ -24,6 +35,7 @@ log_entries = sa.Table(
     sa.Column("target_version", sa.BigInteger, nullable=True),
     sa.Column("target_edit_ids", sa.Text, nullable=False),  # JSON list
     sa.Column("checksum", sa.String(64), nullable=False),
+    *ADDED_ENTRY_COLUMNS,
 )
 sa.Index(
     "uq_log_entries_idempotency_key",
@@ -32,11 +44,6 @@ sa.Index(
     sqlite_where=log_entries.c.idempotency_key != "",
     postgresql_where=log_entries.c.idempotency_key != "",
 )
-
-# JSON-valued columns are Text holding canonical JSON: identical on both backends, and NaN in a
-# quality report (which PostgreSQL's json type refuses) still round-trips.
-# Columns added after the first release: nullable, and added to an existing table when it is opened.
-ADDED_EDIT_COLUMNS = (sa.Column("derived_from_descriptor", sa.Boolean, nullable=True),)
 
 log_edits = sa.Table(
     "log_edits",

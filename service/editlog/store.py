@@ -33,6 +33,7 @@ from .codec import decode_entry, entry_rows, normalised_entry
 from .model import LogEntry
 from .schema import (
     ADDED_EDIT_COLUMNS,
+    ADDED_ENTRY_COLUMNS,
     ADDED_HOOK_COLUMNS,
     METADATA,
     TABLES,
@@ -176,7 +177,8 @@ class EditLog:
     def _add_missing_columns(self, conn: Connection) -> None:
         """An edit log written by an older release lacks the columns added since (all nullable)."""
         prefix = f"{self._quoted_schema()}." if self._schema else ""
-        for table, added in ((log_hooks, ADDED_HOOK_COLUMNS), (log_edits, ADDED_EDIT_COLUMNS)):
+        for table, added in ((log_hooks, ADDED_HOOK_COLUMNS), (log_edits, ADDED_EDIT_COLUMNS),
+                             (log_entries, ADDED_ENTRY_COLUMNS)):
             have = {c["name"] for c in sa.inspect(conn).get_columns(table.name, schema=self._schema)}
             for col in added:
                 if col.name not in have:

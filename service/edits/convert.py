@@ -56,9 +56,20 @@ def hook_entries(edit: StoredEdit) -> list[HookEntry]:
             h.threshold,
             None if h.prev_key is None else blob_tensor(h.prev_key),
             NO_PREV_CONDITION if h.prev_threshold is None else h.prev_threshold,
+            edit.namespace,
         )
         for h in edit.hooks
     ]
+
+
+def ids_outside(table: HookTable, namespaces: frozenset[str]) -> set[str]:
+    """Edit ids of `table` whose entries belong to none of `namespaces`."""
+    out: set[str] = set()
+    for lt in table.layers.values():
+        if lt.namespace_set <= namespaces:
+            continue
+        out.update(i for n, i in enumerate(lt.ids) if lt.namespace_of(n) not in namespaces)
+    return out
 
 
 def embedding_blob(vector: np.ndarray) -> TensorBlob:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -61,7 +61,10 @@ from service.metrics import (
     HOOK_TABLE_BYTES,
     QUALITY_GATE,
     RETRIEVAL_INDEX_SIZE,
+    count_namespace_operation,
+    set_namespace_gauge,
 )
+from service.namespaces import DEFAULT_NAMESPACE, validate_namespace, validate_namespaces
 from service.retrieval import DescriptorEncoder, RetrievalStore, StoreSnapshot
 from service.retrieval.encoder import LazyDescriptorEncoder
 from service.retrieval.store import Encoder
@@ -78,7 +81,15 @@ from service.types import (
     RollbackToResult,
 )
 
-from .convert import embedding_array, embedding_blob, hook_entries, relabel, stored_hooks, without
+from .convert import (
+    embedding_array,
+    embedding_blob,
+    hook_entries,
+    ids_outside,
+    relabel,
+    stored_hooks,
+    without,
+)
 from .requests import EditPlan, batch_digest, edit_digest, plan_edit
 
 __all__ = ["EditManager", "EditSnapshot", "EditorFactory", "QualityGateRejected", "default_editor_factory"]
@@ -108,6 +119,11 @@ class EditSnapshot:
     hooks: HookTable
     retrieval: StoreSnapshot
 
+    def scoped(self, namespaces: frozenset[str]) -> EditSnapshot:
+        """This version as a request naming `namespaces` sees it: only those namespaces' hook entries
+        can fire and only their descriptors are retrieved (views; nothing is copied)."""
+        return EditSnapshot(self.version, self.hooks.scoped(namespaces), self.retrieval.scoped(namespaces))
+
 
 class QualityGateRejected(FailedPrecondition):
     """The quality gate refused the edit (or one edit of a batch); nothing was stored.
@@ -134,6 +150,18 @@ def default_editor_factory(settings: Settings) -> EditorFactory:
 
 class _Outcome:
     result = "ok"
+    namespace = DEFAULT_NAMESPACE  # the metrics label of the operation
+
+
+def _namespace_label(name: str, all_: str = DEFAULT_NAMESPACE) -> str:
+    """The namespace an operation is counted under; a name that fails validation is counted as
+    "invalid" (it never becomes a label value)."""
+    if not name:
+        return all_ or "all"
+    try:
+        return validate_namespace(name)
+    except InvalidArgument:
+        return "invalid"
 
 
 
@@ -227,7 +255,8 @@ class EditManager:
             self._check_servable(active)
             table = self._table_of(active, registry.version)
             self.store.rebuild(
-                [(e.edit_id, e.descriptor, embedding_array(e), e.subject) for e in active if e.descriptor]
+                [(e.edit_id, e.descriptor, embedding_array(e), e.subject, e.namespace)
+                 for e in active if e.descriptor]
             )
             self.registry = registry
             self._publish_table(table)
@@ -243,7 +272,7 @@ class EditManager:
 
     def edit(self, req: EditInput) -> EditResult:
         _check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
-        with self._operation("edit") as outcome:
+        with self._operation("edit", _namespace_label(req.namespace)) as outcome:
             self._check_open()
             plan = self._plan(req)
             digest = edit_digest(req)
@@ -261,8 +290,12 @@ class EditManager:
     def batch_edit(self, req: BatchEditInput) -> BatchEditResult:
         """All or nothing, one version: one edit failing validation or the gate stores none of them."""
         _check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
-        with self._operation("batch_edit") as outcome:
+        with self._operation("batch_edit", _namespace_label(req.namespace)) as outcome:
             self._check_open()
+            batch_ns = validate_namespace(req.namespace)
+            # An edit without a namespace takes the batch's (digest and plan see the effective one).
+            req = replace(req, edits=[e if e.namespace else replace(e, namespace=batch_ns)
+                                      for e in req.edits])
             if not req.edits:
                 raise InvalidArgument("must hold at least one edit", field="edits")
             if len(req.edits) > self.settings.max_batch_edits:
@@ -294,13 +327,14 @@ class EditManager:
 
     def rollback(self, req: RollbackInput) -> RollbackResult:
         _check_metadata(actor=req.actor, reason=req.reason, edit_id=req.edit_id)
-        with self._operation("rollback"):
+        with self._operation("rollback") as outcome:
             if not req.edit_id:
                 raise InvalidArgument("must name an edit", field="edit_id")
             with self._commit_lock:
                 self._check_open()
                 self._catch_up()
-                self.registry.check_rollback(req.edit_id)  # NotFound / FailedPrecondition
+                view = self.registry.check_rollback(req.edit_id)  # NotFound / FailedPrecondition
+                outcome.namespace = view.namespace
                 committed = self.log.append(
                     LogEntry(
                         kind="rollback",
@@ -316,11 +350,12 @@ class EditManager:
         """Roll back every edit committed after `req.version`, in one log entry (nothing to roll back:
         nothing is appended and the current version comes back)."""
         _check_metadata(actor=req.actor, reason=req.reason)
-        with self._operation("rollback_to"):
+        with self._operation("rollback_to", _namespace_label(req.namespace, all_="")):
+            namespace = validate_namespace(req.namespace) if req.namespace else ""
             with self._commit_lock:
                 self._check_open()
                 self._catch_up()
-                ids = self.registry.check_rollback_to(req.version)  # InvalidArgument / NotFound
+                ids = self.registry.check_rollback_to(req.version, namespace)  # InvalidArgument / NotFound
                 if not ids:
                     return RollbackToResult(version=self.version, rolled_back_edit_ids=[])
                 committed = self.log.append(
@@ -330,6 +365,7 @@ class EditManager:
                         target_version=req.version,
                         target_edit_ids=ids,
                         reason=req.reason or "",
+                        namespace=namespace,
                     )
                 )
                 delta = self._apply(committed)
@@ -346,9 +382,10 @@ class EditManager:
         return view
 
     def list(self, req: ListEditsInput) -> tuple[list[EditView], str]:
+        namespace = validate_namespace(req.namespace) if req.namespace else ""
         return self.registry.list(
             state=req.state or None, page_size=req.page_size or LIST_PAGE_SIZE, page_token=req.page_token,
-            subject=req.subject, text=req.text, actor=req.actor,
+            subject=req.subject, text=req.text, actor=req.actor, namespace=namespace,
         )
 
     def counts(self) -> RegistryCounts:
@@ -444,7 +481,10 @@ class EditManager:
         current = self.hooks.current
         hidden: set[str] = set()
         for n in hook_plans:
-            hidden.update(self.registry.active_ids_for_relation(plans[n].relation_key))
+            hidden.update(self.registry.active_ids_for_relation(plans[n].relation_key, plans[n].namespace))
+        # An edit is measured against the edits that will be served with it: its own namespace's (a
+        # request naming several namespaces sees them together; the common case is one).
+        hidden |= ids_outside(current, validate_namespaces([plans[n].namespace for n in hook_plans]))
         hidden &= set(current.edit_ids)
         # Measure against the table as it will be once the superseded edits are gone.
         base = without(current, hidden, current.version) if hidden else None
@@ -477,7 +517,8 @@ class EditManager:
     def _check_capacity(self, plans: Sequence[EditPlan]) -> None:
         active = self.registry.counts().active
         hidden = {
-            i for p in plans if p.relation_key for i in self.registry.active_ids_for_relation(p.relation_key)
+            i for p in plans if p.relation_key
+            for i in self.registry.active_ids_for_relation(p.relation_key, p.namespace)
         }
         after = active - len(hidden) + len(plans)
         if after > self.settings.max_edits:
@@ -503,14 +544,15 @@ class EditManager:
         self, plans: Sequence[EditPlan], computed: dict[int, ComputedEdit], vectors: np.ndarray
     ) -> list[StoredEdit]:
         edits: list[StoredEdit] = []
-        in_batch: dict[str, list[str]] = {}  # relation key -> earlier edits of this batch
+        # (namespace, relation key) -> earlier edits of this batch: supersede stays within a namespace
+        in_batch: dict[tuple[str, str], list[str]] = {}
         for n, plan in enumerate(plans):
             edit_id = new_edit_id()
             supersedes: list[str] = []
             if plan.relation_key:
-                supersedes = self.registry.active_ids_for_relation(plan.relation_key)
-                supersedes += in_batch.get(plan.relation_key, [])
-                in_batch.setdefault(plan.relation_key, []).append(edit_id)
+                supersedes = self.registry.active_ids_for_relation(plan.relation_key, plan.namespace)
+                supersedes += in_batch.get((plan.namespace, plan.relation_key), [])
+                in_batch.setdefault((plan.namespace, plan.relation_key), []).append(edit_id)
             ce = computed.get(n)
             spec = plan.spec
             report = ce.report.to_dict() if ce else asdict(_descriptor_report())
@@ -537,6 +579,7 @@ class EditManager:
                     report=report,
                     supersedes=supersedes,
                     derived_from_descriptor=plan.derived,
+                    namespace=plan.namespace,
                 )
             )
         return edits
@@ -579,7 +622,7 @@ class EditManager:
         self.store.update(
             remove=delta.deactivated,
             add=[
-                (e.edit_id, e.descriptor, embedding_array(e), e.subject)
+                (e.edit_id, e.descriptor, embedding_array(e), e.subject, e.namespace)
                 for e in delta.activated
                 if e.descriptor
             ],
@@ -593,6 +636,7 @@ class EditManager:
         counts = self.registry.counts()
         EDITS_ACTIVE.labels(path="hook").set(counts.active_hook)
         EDITS_ACTIVE.labels(path="retrieval").set(len(self.store))
+        set_namespace_gauge(self.registry.active_by_namespace())
         RETRIEVAL_INDEX_SIZE.set(len(self.store))
         EDIT_LOG_VERSION.set(table.version)
 
@@ -626,17 +670,21 @@ class EditManager:
             raise Unavailable("the edit manager is closed")
 
     @contextmanager
-    def _operation(self, op: str) -> Iterator[_Outcome]:
+    def _operation(self, op: str, namespace: str = DEFAULT_NAMESPACE) -> Iterator[_Outcome]:
         outcome = _Outcome()
+        outcome.namespace = namespace
         try:
             yield outcome
         except EditServeError as exc:
             EDIT_OPERATIONS.labels(op=op, result=exc.code.lower()).inc()
+            count_namespace_operation(outcome.namespace, op, exc.code.lower())
             raise
         except BaseException:
             EDIT_OPERATIONS.labels(op=op, result="internal").inc()
+            count_namespace_operation(outcome.namespace, op, "internal")
             raise
         EDIT_OPERATIONS.labels(op=op, result=outcome.result).inc()
+        count_namespace_operation(outcome.namespace, op, outcome.result)
 
 
 def _gate_verdict(passed: bool, plan: EditPlan) -> str:

@@ -5,13 +5,14 @@ Every caller mistake becomes InvalidArgument naming the field ("edits[2].prompt"
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from service.editlog import request_digest
 from service.edits.compile import compile_descriptor
 from service.errors import InvalidArgument
 from service.hooks import Editor, EditSpec
+from service.namespaces import DEFAULT_NAMESPACE, validate_namespace
 from service.router.prompt import derive_descriptor, raw_prompt_prefix, relation_key, validate_descriptor
 from service.types import BatchEditInput, EditInput
 
@@ -28,6 +29,7 @@ class EditPlan:
     # The triple was compiled from a descriptor-only request: its hook entry is kept only when it passes
     # the quality gate (force covers the caller's own triples, not the server's reading of a sentence).
     derived: bool = False
+    namespace: str = DEFAULT_NAMESPACE
 
 
 def plan_edit(
@@ -45,6 +47,7 @@ def plan_edit(
     """`fit_in_retrieval_prompt`: fit the value also after the edit's own descriptor block, the prompt the
     router builds when the edit is in scope (see EditSpec.serving_contexts)."""
     try:
+        namespace = validate_namespace(req.namespace)
         compile_it = compile_descriptors if req.compile_descriptor is None else req.compile_descriptor
         plan = _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force,
                      compile_it, descriptor_hooks)
@@ -52,6 +55,7 @@ def plan_edit(
         if not field_prefix:
             raise
         raise _prefixed(exc, field_prefix) from exc
+    plan = replace(plan, namespace=namespace)
     if plan.spec is not None and fit_in_retrieval_prompt:
         plan.spec.serving_contexts = [raw_prompt_prefix([plan.descriptor])]
     return plan
@@ -137,6 +141,8 @@ def _content(req: EditInput) -> dict[str, Any]:
     }
     if req.compile_descriptor is not None:  # absent when unset: digests of older requests stay the same
         content["compile_descriptor"] = bool(req.compile_descriptor)
+    if req.namespace and req.namespace != DEFAULT_NAMESPACE:  # likewise
+        content["namespace"] = req.namespace
     return content
 
 

@@ -159,6 +159,16 @@ class ScoreOutput:
     argmax: list[int] = field(default_factory=list)  # the argmax token at each continuation position
 
 
+def _base_table(table: Any) -> Any:
+    """The published table a namespace view (HookTable.scoped) shares its tensors with."""
+    return getattr(table, "base", table)
+
+
+def _table_scope(table: Any) -> frozenset[str] | None:
+    """The namespaces a row's table view lets fire (None: all of them)."""
+    return getattr(table, "scope", None)
+
+
 class ModelRunner:
     """Runs prefill, decode and teacher-forced forwards; must be called from one thread at a time."""
 
@@ -200,7 +210,12 @@ class ModelRunner:
             return
         current = self.hooks.current
         row_tables = [current if t is None else t for t in (tables or [None] * len(enabled))]
-        distinct = list({id(t): t for t in row_tables}.values())
+        # A request's table may be a namespace view of a published table (HookTable.scoped): rows are
+        # grouped by the published table, and each row's namespaces become a per-row mask in the gate, so
+        # a batch mixing namespaces still runs one gate matmul per layer.
+        bases = [_base_table(t) for t in row_tables]
+        row_scopes = [_table_scope(t) for t in row_tables]
+        distinct = list({id(t): t for t in bases}.values())
         versions = [int(t.version) for t in row_tables]
         flags = self._flags(enabled)
         if len(distinct) == 1:
@@ -210,7 +225,8 @@ class ModelRunner:
             scope = nullcontext()
         with scope, self.hooks.recording(flags) as rec:
             if len(distinct) > 1:  # rows of this forward started under different edit sets
-                rec.row_tables = [(t, self._flags([r is t for r in row_tables])) for t in distinct]
+                rec.row_tables = [(t, self._flags([r is t for r in bases])) for t in distinct]
+            rec.row_scopes = row_scopes if any(s is not None for s in row_scopes) else None
             rec.position_offset = list(offsets)
             rec.prev_keys = prev_keys
             rec.defer = self.defer_fires
@@ -281,7 +297,7 @@ class ModelRunner:
         if self.prefix_cache.enabled:
             self._keep_prefixes(
                 out.past_key_values, logits, keys, prompts, hooks_enabled, pads, fires, fired, versions,
-                adapted,
+                adapted, self._scopes(len(prompts), tables),
             )
         return ForwardOutput(logits, fires, fired, max(versions)), KVState(out.past_key_values, lengths, keys)
 
@@ -298,6 +314,10 @@ class ModelRunner:
         current = self.hooks.current
         return [int((current if t is None else t).version) for t in (tables or [None] * n)]
 
+    @staticmethod
+    def _scopes(n: int, tables: Sequence[Any] | None) -> list[frozenset[str] | None]:
+        return [None if t is None else _table_scope(t) for t in (tables or [None] * n)]
+
     def cached_prefixes(
         self,
         prompts: Sequence[Sequence[int]],
@@ -309,10 +329,11 @@ class ModelRunner:
         if not self.prefix_cache.enabled:
             return [None] * len(prompts)
         versions = self._versions(len(prompts), tables)
+        scopes = self._scopes(len(prompts), tables)
         flags = self._adapted(adapted, len(prompts))
         return [
-            self.prefix_cache.get(prefix_key(version, use, list(p), a))
-            for p, use, version, a in zip(prompts, hooks_enabled, versions, flags, strict=True)
+            self.prefix_cache.get(prefix_key(version, use, list(p), a, sc))
+            for p, use, version, a, sc in zip(prompts, hooks_enabled, versions, flags, scopes, strict=True)
         ]
 
     def prefill_from_cache(self, entries: Sequence[PrefixEntry]) -> tuple[ForwardOutput, KVState]:
@@ -352,6 +373,7 @@ class ModelRunner:
         fired: list[int],
         versions: Sequence[int],
         adapted: Sequence[bool] | None = None,
+        scopes: Sequence[frozenset[str] | None] | None = None,
     ) -> None:
         """Keep each row's prompt state: its columns [starts[row], starts[row] + len(prompt)) of `cache`,
         the logits and gate keys after its last prompt token, and the fires over its prompt."""
@@ -367,7 +389,8 @@ class ModelRunner:
                 fired[row],
                 versions[row],
             )
-            key = prefix_key(versions[row], hooks_enabled[row], list(prompt), bool(adapted and adapted[row]))
+            key = prefix_key(versions[row], hooks_enabled[row], list(prompt), bool(adapted and adapted[row]),
+                             scopes[row] if scopes else None)
             self.prefix_cache.put(key, entry)
 
     def decode(

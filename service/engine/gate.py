@@ -36,6 +36,7 @@ class GateRecorder(Protocol):
     fires: list[Any]  # GateFire
     pending: list[Any]
     row_tables: list[tuple[Any, torch.Tensor]] | None  # (table, [rows] bool) when rows' tables differ
+    row_scopes: Sequence[frozenset[str] | None] | None  # per row, the edit namespaces it may fire
 
     def packed_pending(self) -> torch.Tensor: ...
 

@@ -23,14 +23,20 @@ import torch
 
 from service import metrics
 
-PrefixKey = tuple[int, bool, bool, tuple[int, ...]]
+PrefixKey = tuple[int, bool, bool, tuple[int, ...], frozenset[str] | None]
 
 
 def prefix_key(
-    version: int, use_hooks: bool, prompt_ids: list[int] | tuple[int, ...], adapted: bool = False
+    version: int,
+    use_hooks: bool,
+    prompt_ids: list[int] | tuple[int, ...],
+    adapted: bool = False,
+    scope: frozenset[str] | None = None,
 ) -> PrefixKey:
-    """`adapted`: the row ran with the alignment adapter (engine/adapter.py), another forward entirely."""
-    return (int(version), bool(use_hooks), bool(adapted), tuple(int(t) for t in prompt_ids))
+    """`adapted`: the row ran with the alignment adapter (engine/adapter.py), another forward entirely.
+    `scope`: the edit namespaces the row's hook gate saw (None: every namespace of the table)."""
+    return (int(version), bool(use_hooks), bool(adapted), tuple(int(t) for t in prompt_ids),
+            scope if use_hooks else None)
 
 
 @dataclass

@@ -86,6 +86,9 @@ class Recorder:
     # Rows served with different tables in one forward (a request keeps the edit set it started with):
     # (table, [rows] bool mask) pairs with disjoint masks, used instead of the published/override table.
     row_tables: list[tuple[HookTable, torch.Tensor]] | None = None
+    # Per row, the namespaces whose entries it may fire (None: all); rows naming different namespaces
+    # share one gate matmul, masked per row (LayerTable.row_mask).
+    row_scopes: Sequence[frozenset[str] | None] | None = None
     fires: list[Fire] = field(default_factory=list)
     position_offset: int | Sequence[int] = 0
     prev_keys: dict[int, torch.Tensor] | None = None
@@ -366,46 +369,74 @@ class HookManager:
                 stop = stop or c.stop
             if stop:
                 raise StopForward(layer)
+        scopes: Sequence[frozenset[str] | None] | frozenset[str] | None = table.scope
+        if rec is not None and rec.row_scopes is not None:
+            scopes = rec.row_scopes
         for lt, rows in groups:
-            out = self._gate(lt, h, out, layer, rec, rows)
+            out = self._gate(lt, h, out, layer, rec, rows, scopes)
         if ivs:
             for iv in ivs:
                 out = out.index_put((iv.rows, iv.positions), iv.delta.to(out.dtype), accumulate=True)
         return out
 
     @staticmethod
-    def _best_keys(lt: LayerTable, unit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masked(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """[tokens, N] scores with -inf where the token's row may not fire the entry. `allowed` is
+        [rows, N], broadcast over each row's tokens without materialising a [tokens, N] mask."""
+        if allowed is None:
+            return scores
+        rows, n = allowed.shape
+        grid = scores.view(rows, -1, n).masked_fill(~allowed[:, None, :], -math.inf)
+        return grid.view(-1, n)
+
+    @staticmethod
+    def _best_keys(
+        lt: LayerTable, unit: torch.Tensor, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token: the best key's exact cosine and its row (see PREFILTER_* for large tables)."""
         if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
-            return (unit @ lt.keys.T).max(dim=-1)  # [tokens, N]: one matmul for all edits
-        cand, exact = HookManager._candidates(lt, unit, PREFILTER_TOP_K)
+            # [tokens, N]: one matmul for all edits (and all namespaces: `allowed` masks per row)
+            return HookManager._masked(unit @ lt.keys.T, allowed).max(dim=-1)
+        cand, exact = HookManager._candidates(lt, unit, PREFILTER_TOP_K, allowed)
         best, j = exact.max(dim=-1)
         return best, cand.gather(1, j[:, None]).squeeze(1)
 
     @staticmethod
-    def _candidates(lt: LayerTable, unit: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token: the rows of (about) the k best keys and their exact cosines, [tokens, k] each."""
+    def _candidates(
+        lt: LayerTable, unit: torch.Tensor, k: int, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per token: the rows of (about) the k best keys and their exact cosines, [tokens, k] each; an
+        entry `allowed` ([rows, N]) refuses to a token's row scores -inf."""
         k = min(k, len(lt))
         if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
-            exact, cand = (unit @ lt.keys.T).topk(k, dim=-1)
+            exact, cand = HookManager._masked(unit @ lt.keys.T, allowed).topk(k, dim=-1)
             return cand, exact
         q, scales = lt.prefilter
         approx = torch._weight_int8pack_mm(unit.to(torch.bfloat16).contiguous(), q, scales)
-        cand = approx.topk(k, dim=-1).indices  # [tokens, k]
-        return cand, torch.einsum("td,tkd->tk", unit, lt.keys[cand])
+        cand = HookManager._masked(approx, allowed).topk(k, dim=-1).indices  # [tokens, k]
+        exact = torch.einsum("td,tkd->tk", unit, lt.keys[cand])
+        if allowed is not None:  # fewer than k allowed entries: the rest of the candidates are refused
+            row = torch.arange(unit.shape[0], device=unit.device) // (unit.shape[0] // allowed.shape[0])
+            exact = exact.masked_fill(~allowed[row[:, None], cand], -math.inf)
+        return cand, exact
 
     @staticmethod
     def gate_decisions(
-        lt: LayerTable, unit: torch.Tensor, prev_unit: torch.Tensor | None, prev_known: torch.Tensor | None
+        lt: LayerTable,
+        unit: torch.Tensor,
+        prev_unit: torch.Tensor | None,
+        prev_known: torch.Tensor | None,
+        allowed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per token (rows of `unit`, unit activations): the winning entry's cosine and row; it fires where
         the cosine reaches its threshold. `prev_unit` holds each token's previous activation (unit rows)
         and `prev_known` whether it is known; where an entry's previous-token condition fails, the entry
-        is no candidate (best is -inf where no candidate is left)."""
+        is no candidate (best is -inf where no candidate is left). `allowed` ([rows, N] bool, rows of
+        equal token counts) restricts each row to the entries of the namespaces its request named."""
         if lt.prev_keys is None or lt.prev_thresholds is None or prev_unit is None:
-            return HookManager._best_keys(lt, unit)
+            return HookManager._best_keys(lt, unit, allowed)
         cand, exact = HookManager._candidates(
-            lt, unit, PREFILTER_TOP_K if lt.prefilter is not None else PREV_CHECK_TOP_K
+            lt, unit, PREFILTER_TOP_K if lt.prefilter is not None else PREV_CHECK_TOP_K, allowed
         )
         prev_cos = torch.einsum("td,tkd->tk", prev_unit, lt.prev_keys[cand])
         ok = prev_cos >= lt.prev_thresholds[cand]
@@ -443,6 +474,7 @@ class HookManager:
         layer: int,
         rec: Recorder | None,
         rows_of_table: torch.Tensor | None = None,
+        scopes: Sequence[frozenset[str] | None] | frozenset[str] | None = None,
     ) -> torch.Tensor:
         shape = out.shape
         t_len = h.shape[-2] if h.dim() >= 2 else 1
@@ -459,7 +491,13 @@ class HookManager:
         if lt.prev_keys is not None:
             before = None if rec is None or rec.prev_keys is None else rec.prev_keys.get(layer)
             prev_unit, prev_known = HookManager._previous_units(unit, rows, t_len, before)
-        best, idx = HookManager.gate_decisions(lt, unit, prev_unit, prev_known)
+        allowed = None
+        if isinstance(scopes, frozenset):  # one scope for every row (a scoped table override)
+            mask = lt.entry_mask(scopes)
+            allowed = None if mask is None else mask[None, :].expand(rows, -1)
+        elif scopes is not None:
+            allowed = lt.row_mask(scopes)
+        best, idx = HookManager.gate_decisions(lt, unit, prev_unit, prev_known, allowed)
         fire = best >= lt.thresholds[idx]
         if rec is not None and rec.row_enabled is not None:
             fire &= rec.row_enabled.to(fire.device).repeat_interleave(t_len)

@@ -6,12 +6,13 @@ prefilter. Publishing a new table is a reference swap; nothing here runs a model
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "DEFAULT_NAMESPACE",
     "NO_PREV_CONDITION",
     "PREFILTER_MAX_TOKENS",
     "PREFILTER_MIN_ENTRIES",
@@ -23,6 +24,9 @@ __all__ = [
     "quantize_keys",
 ]
 
+
+# The namespace of an edit that names none, and of every edit logged before namespaces existed.
+DEFAULT_NAMESPACE = "default"
 
 # The condition that always holds (a cosine is never below -1): the value of entries without prev_key.
 NO_PREV_CONDITION = -2.0
@@ -41,6 +45,7 @@ class HookEntry:
     # (a one-token subject, whose previous token is context, not subject).
     prev_key: torch.Tensor | None = None
     prev_threshold: float = NO_PREV_CONDITION
+    namespace: str = DEFAULT_NAMESPACE  # requests see this entry only when they name its namespace
 
     def __post_init__(self) -> None:
         if (self.prev_key is None) != (self.prev_threshold == NO_PREV_CONDITION):
@@ -89,10 +94,56 @@ class LayerTable:
     # there); both None when no entry of the layer has a previous-token condition
     prev_keys: torch.Tensor | None = None
     prev_thresholds: torch.Tensor | None = None
+    # Each entry's namespace; None: every entry is in DEFAULT_NAMESPACE.
+    namespaces: tuple[str, ...] | None = None
+    # Boolean masks over the entries, made on first use and kept with this immutable table: per namespace
+    # set [N], and per batch composition [rows, N] (see row_mask).
+    _masks: dict[object, torch.Tensor | None] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.prefilter is None and self.wants_prefilter(len(self.ids), self.keys.device):
             object.__setattr__(self, "prefilter", quantize_keys(self.keys))
+        if self.namespaces is not None:
+            if len(self.namespaces) != len(self.ids):
+                raise ValueError("one namespace per entry")
+            if all(ns == DEFAULT_NAMESPACE for ns in self.namespaces):
+                object.__setattr__(self, "namespaces", None)
+
+    def namespace_of(self, row: int) -> str:
+        return DEFAULT_NAMESPACE if self.namespaces is None else self.namespaces[row]
+
+    @property
+    def namespace_set(self) -> frozenset[str]:
+        return frozenset(self.namespaces) if self.namespaces is not None else frozenset({DEFAULT_NAMESPACE})
+
+    def entry_mask(self, allowed: frozenset[str] | None) -> torch.Tensor | None:
+        """[N] bool: the entries a request naming `allowed` may fire; None when that is every entry."""
+        if allowed is None or self.namespace_set <= allowed:
+            return None
+        if allowed not in self._masks:
+            names = self.namespaces or (DEFAULT_NAMESPACE,) * len(self.ids)
+            self._masks[allowed] = torch.tensor(
+                [ns in allowed for ns in names], dtype=torch.bool, device=self.keys.device
+            )
+        return self._masks[allowed]
+
+    def row_mask(self, scopes: Sequence[frozenset[str] | None] | None) -> torch.Tensor | None:
+        """[rows, N] bool: which entries each row of a forward may fire (rows of a batch may name different
+        namespaces, and all are gated by one matmul); None when every row may fire every entry."""
+        if scopes is None:
+            return None
+        key = ("rows", tuple(scopes))
+        if key not in self._masks:
+            masks = [self.entry_mask(s) for s in scopes]
+            if all(m is None for m in masks):
+                out = None
+            else:
+                full = torch.ones(len(self.ids), dtype=torch.bool, device=self.keys.device)
+                out = torch.stack([full if m is None else m for m in masks])
+            if len(self._masks) > 64:  # batch compositions come and go; keep the cache small
+                self._masks.clear()
+            self._masks[key] = out
+        return self._masks[key]
 
     @staticmethod
     def wants_prefilter(n: int, device: torch.device) -> bool:
@@ -125,6 +176,7 @@ class LayerTable:
             prefilter=pre,
             prev_keys=None if prev is None else prev[0],
             prev_thresholds=None if prev is None else prev[1],
+            namespaces=None if self.namespaces is None else tuple(self.namespaces[n] for n in rows.tolist()),
         )
 
     def extended(self, other: LayerTable) -> LayerTable:
@@ -147,6 +199,10 @@ class LayerTable:
             prefilter=pre,
             prev_keys=prev_keys,
             prev_thresholds=prev_thresholds,
+            namespaces=None if self.namespaces is None and other.namespaces is None else (
+                tuple(self.namespace_of(n) for n in range(len(self)))
+                + tuple(other.namespace_of(n) for n in range(len(other)))
+            ),
         )
 
 
@@ -174,6 +230,7 @@ def _stack_layer(entries: Sequence[HookEntry], device: torch.device, dtype: torc
         tuple(e.edit_id for e in entries),
         prev_keys=prev_keys,
         prev_thresholds=prev_thresholds,
+        namespaces=tuple(e.namespace for e in entries),
     )
 
 
@@ -196,6 +253,34 @@ class HookTable:
         for i in sorted(self._layers):
             seen.update(dict.fromkeys(self._layers[i].ids))
         self._edit_ids = tuple(seen)
+        # A scoped view (see `scoped`) shares `base`'s tensors; the gate masks entries outside `scope`.
+        self.base: HookTable = self
+        self.scope: frozenset[str] | None = None
+        self._views: dict[frozenset[str], HookTable] = {}
+
+    @property
+    def namespaces(self) -> frozenset[str]:
+        """The namespaces that have entries in this table."""
+        out: set[str] = set()
+        for t in self._layers.values():
+            out |= t.namespace_set
+        return frozenset(out)
+
+    def scoped(self, namespaces: frozenset[str] | None) -> HookTable:
+        """This table as a request naming `namespaces` sees it: the same tensors, with the gate masking
+        the entries of every other namespace. Itself when the request names every namespace the table
+        holds (no mask, no cost); one view object per namespace set, so the engine can group rows."""
+        base = self.base
+        if namespaces is None or base.namespaces <= namespaces:
+            return base
+        view = base._views.get(namespaces)
+        if view is None:
+            view = HookTable(base._layers, version=base.version, device=base.device, dtype=base.dtype)
+            view.base, view.scope = base, namespaces
+            if len(base._views) > 256:
+                base._views.clear()
+            base._views[namespaces] = view
+        return view
 
     @property
     def nbytes(self) -> int:

@@ -46,8 +46,12 @@ class IndexSnapshot:
     def __len__(self) -> int:
         return self.ntotal - len(self.tombstones)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores [q, k] float32, ids [q, k] int64); missing slots are id -1 with score -inf."""
+    def search(
+        self, queries: np.ndarray, k: int, only: object | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(scores [q, k] float32, ids [q, k] int64); missing slots are id -1 with score -inf. `only`: a
+        faiss IDSelector of live ids to search among (a namespace view); it replaces the tombstone
+        selector, so it must name live ids only."""
         q = _as_matrix(queries, self.dim)
         if k <= 0:
             raise ValueError("k must be positive")
@@ -55,10 +59,12 @@ class IndexSnapshot:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
         params = None
         if self.kind == "hnsw":
-            sel = self._selector[0] if self._selector else None
+            sel = only if only is not None else self._selector[0] if self._selector else None
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
             if sel is not None:
                 params.sel = sel
+        elif only is not None:
+            params = faiss.SearchParameters(sel=only)
         scores, ids = self.index.search(q, k, params=params)
         scores = scores.astype(np.float32, copy=False)
         scores[ids < 0] = -np.inf

@@ -32,8 +32,13 @@ class Encoder(Protocol):
     def encode(self, texts: list[str]) -> np.ndarray: ...
 
 
-# (edit_id, descriptor, embedding or None to encode[, subject]): what add/update/rebuild take
-Item = tuple[str, str, np.ndarray | None] | tuple[str, str, np.ndarray | None, str]
+# (edit_id, descriptor, embedding or None to encode[, subject[, namespace]]): what add/update/rebuild take
+Item = (
+    tuple[str, str, np.ndarray | None]
+    | tuple[str, str, np.ndarray | None, str]
+    | tuple[str, str, np.ndarray | None, str, str]
+)
+DEFAULT_NAMESPACE = "default"  # as service.hooks.table.DEFAULT_NAMESPACE (this package imports no torch)
 MAX_SUBJECT_WORDS = 12
 _NON_WORD = re.compile(r"[^\w]+")
 
@@ -50,6 +55,7 @@ class Entry:
     descriptor: str
     embedding: np.ndarray  # [dim] float32, unit norm
     subject: str = ""  # the edit's subject, when it has one (triple edits, compiled descriptors)
+    namespace: str = DEFAULT_NAMESPACE
 
 
 @dataclass(frozen=True)
@@ -59,9 +65,39 @@ class StoreSnapshot:
     subjects: Mapping[str, tuple[int, ...]] = field(default_factory=dict)  # subject_key -> faiss ids
     # subject_key of every name a descriptor mentions (names.py) -> faiss ids
     names: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # A namespace view (see `scoped`): the faiss ids of the entries a request naming `scope` may see,
+    # searched with a faiss IDSelector, so the top-k is the top-k of those namespaces alone.
+    scope: frozenset[str] | None = None
+    allowed: frozenset[int] | None = None
+    _selector: tuple[object, ...] = field(default=(), repr=False, compare=False)
+    _views: dict[frozenset[str], StoreSnapshot] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return len(self.entries) if self.allowed is None else len(self.allowed)
+
+    @property
+    def namespaces(self) -> frozenset[str]:
+        return frozenset(e.namespace for e in self.entries.values())
+
+    def scoped(self, namespaces: frozenset[str] | None) -> StoreSnapshot:
+        """This snapshot as a request naming `namespaces` sees it (itself when that is every entry); one
+        view per namespace set and snapshot, made on first use."""
+        if self.allowed is not None:
+            raise ValueError("a namespace view cannot be scoped again")
+        if namespaces is None or self.namespaces <= namespaces:
+            return self
+        view = self._views.get(namespaces)
+        if view is None:
+            import faiss
+
+            allowed = frozenset(fid for fid, e in self.entries.items() if e.namespace in namespaces)
+            selector = faiss.IDSelectorBatch(np.fromiter(allowed, np.int64, len(allowed)))
+            view = StoreSnapshot(self.index, self.entries, self.subjects, self.names, namespaces, allowed,
+                                 (selector,))
+            if len(self._views) > 256:
+                self._views.clear()
+            self._views[namespaces] = view
+        return view
 
     def mentioned(self, query: str) -> list[Entry]:
         """Entries whose subject occurs in the query as whole words (a lookup of the query's n-grams)."""
@@ -79,13 +115,16 @@ class StoreSnapshot:
         for n in range(1, min(MAX_SUBJECT_WORDS, len(words)) + 1):
             for i in range(len(words) - n + 1):
                 for fid in keys.get(" ".join(words[i : i + n]), ()):
-                    found.append(self.entries[fid])
+                    if self.allowed is None or fid in self.allowed:
+                        found.append(self.entries[fid])
         return found
 
     def search_vectors(self, queries: np.ndarray, k: int) -> list[list[tuple[str, str, float]]]:
         """Per query, up to k (edit_id, descriptor, score), best first."""
-        k_eff = max(1, min(k, len(self.entries)))
-        scores, ids = self.index.search(queries, k_eff)
+        if len(self) == 0:
+            return [[] for _ in range(len(np.atleast_2d(queries)))]
+        k_eff = max(1, min(k, len(self)))
+        scores, ids = self.index.search(queries, k_eff, self._selector[0] if self._selector else None)
         out: list[list[tuple[str, str, float]]] = []
         for row_s, row_i in zip(scores, ids, strict=True):
             hits = []
@@ -184,8 +223,8 @@ class RetrievalStore:
             entries = {i: e for i, e in self._snap.entries.items() if e.edit_id not in gone}
             taken = set(entries)
             new_ids = [self._assign(e, taken) for e in ids_in]
-            for (edit_id, descriptor, _, subject), fid, vec in zip(items, new_ids, vecs, strict=True):
-                entries[fid] = Entry(edit_id, descriptor, vec, subject)
+            for (edit_id, descriptor, _, subject, ns), fid, vec in zip(items, new_ids, vecs, strict=True):
+                entries[fid] = Entry(edit_id, descriptor, vec, subject, ns)
             if new_ids:
                 self._index.add(np.array(new_ids, np.int64), vecs)
             self._snap = _snapshot(self._index.snapshot(), entries)
@@ -215,8 +254,8 @@ class RetrievalStore:
             entries: dict[int, Entry] = {}
             taken: set[int] = set()
             new_ids = [self._assign(e, taken) for e in ids_in]
-            for (edit_id, descriptor, _, subject), fid, vec in zip(items, new_ids, vecs, strict=True):
-                entries[fid] = Entry(edit_id, descriptor, vec, subject)
+            for (edit_id, descriptor, _, subject, ns), fid, vec in zip(items, new_ids, vecs, strict=True):
+                entries[fid] = Entry(edit_id, descriptor, vec, subject, ns)
             self._index.rebuild(np.array(new_ids, np.int64), vecs)
             self._snap = _snapshot(self._index.snapshot(), entries)
 
@@ -230,10 +269,10 @@ class RetrievalStore:
         self._ids[edit_id] = fid
         return fid
 
-    def _embeddings(self, items: list[tuple[str, str, np.ndarray | None, str]]) -> np.ndarray:
+    def _embeddings(self, items: list[tuple[str, str, np.ndarray | None, str, str]]) -> np.ndarray:
         out = np.empty((len(items), self.dim), np.float32)
         todo = []
-        for n, (edit_id, descriptor, emb, _) in enumerate(items):
+        for n, (edit_id, descriptor, emb, _, _) in enumerate(items):
             if not isinstance(edit_id, str) or not edit_id or not isinstance(descriptor, str):
                 raise ValueError("edit_id must be a non-empty string and descriptor a string")
             if emb is None:
@@ -253,9 +292,11 @@ class RetrievalStore:
         return out
 
 
-def _full(item: Item) -> tuple[str, str, np.ndarray | None, str]:
+def _full(item: Item) -> tuple[str, str, np.ndarray | None, str, str]:
     if len(item) == 3:
-        return (item[0], item[1], item[2], "")
+        return (item[0], item[1], item[2], "", DEFAULT_NAMESPACE)
+    if len(item) == 4:
+        return (item[0], item[1], item[2], item[3], DEFAULT_NAMESPACE)  # type: ignore[misc]
     return item  # type: ignore[return-value]
 
 

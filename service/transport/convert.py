@@ -70,6 +70,7 @@ def generate_input(req: pb.GenerateRequest, deadline: float | None) -> t.Generat
         min_version=req.min_version,
         edit_paths=edit_paths(req.edit_paths),
         deadline=deadline,
+        namespaces=tuple(req.namespaces),
     )
 
 
@@ -81,11 +82,13 @@ def score_input(req: pb.ScoreRequest, deadline: float | None) -> t.ScoreInput:
         min_version=req.min_version,
         edit_paths=edit_paths(req.edit_paths),
         deadline=deadline,
+        namespaces=tuple(req.namespaces),
     )
 
 
 def applied_edits(edits: list[t.AppliedEdit]) -> list[pb.AppliedEdit]:
-    return [pb.AppliedEdit(edit_id=e.edit_id, path=_PATH_TO_PB[e.path], score=e.score) for e in edits]
+    return [pb.AppliedEdit(edit_id=e.edit_id, path=_PATH_TO_PB[e.path], score=e.score, namespace=e.namespace)
+            for e in edits]
 
 
 def finish_reason(reason: str | None) -> int:
@@ -149,6 +152,7 @@ def edit_input(req: pb.EditRequest, deadline: float | None = None) -> t.EditInpu
         actor=req.actor,
         compile_descriptor=req.compile_descriptor if req.HasField("compile_descriptor") else None,
         deadline=deadline,
+        namespace=req.namespace,
     )
 
 
@@ -159,6 +163,7 @@ def batch_edit_input(req: pb.BatchEditRequest, deadline: float | None = None) ->
         force=req.force,
         actor=req.actor,
         deadline=deadline,
+        namespace=req.namespace,
     )
 
 
@@ -217,6 +222,7 @@ def edit_record(view: Any) -> pb.EditRecord:
         hook_layers=sorted({hook.layer for hook in view.hooks}),
         derived_from_descriptor=bool(getattr(view, "derived_from_descriptor", False)),
         supersedes=list(getattr(view, "supersedes", ())),
+        namespace=getattr(view, "namespace", "default"),
     )
 
 
@@ -227,7 +233,7 @@ def list_edits_input(req: pb.ListEditsRequest) -> t.ListEditsInput:
         if state is None:
             raise InvalidArgument(f"unknown edit state {req.state}", field="state")
     return t.ListEditsInput(page_size=req.page_size, page_token=req.page_token, state=state,
-                            subject=req.subject, text=req.text, actor=req.actor)
+                            subject=req.subject, text=req.text, actor=req.actor, namespace=req.namespace)
 
 
 def list_edits_response(views: list[Any], next_page_token: str) -> pb.ListEditsResponse:
@@ -243,7 +249,7 @@ def rollback_response(res: t.RollbackResult) -> pb.RollbackResponse:
 
 
 def rollback_to_input(req: pb.RollbackToRequest) -> t.RollbackToInput:
-    return t.RollbackToInput(version=req.version, reason=req.reason, actor=req.actor)
+    return t.RollbackToInput(version=req.version, reason=req.reason, actor=req.actor, namespace=req.namespace)
 
 
 def rollback_to_response(res: t.RollbackToResult) -> pb.RollbackToResponse:

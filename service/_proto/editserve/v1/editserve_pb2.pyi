@@ -58,7 +58,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "use_edits", "min_version", "edit_paths", "min_new_tokens")
+    __slots__ = ("prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "use_edits", "min_version", "edit_paths", "min_new_tokens", "namespaces")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class GenerateRequest(_message.Message):
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     EDIT_PATHS_FIELD_NUMBER: _ClassVar[int]
     MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     max_new_tokens: int
@@ -83,17 +84,20 @@ class GenerateRequest(_message.Message):
     min_version: int
     edit_paths: _containers.RepeatedScalarFieldContainer[EditPath]
     min_new_tokens: int
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., use_edits: _Optional[bool] = ..., min_version: _Optional[int] = ..., edit_paths: _Optional[_Iterable[_Union[EditPath, str]]] = ..., min_new_tokens: _Optional[int] = ...) -> None: ...
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., use_edits: _Optional[bool] = ..., min_version: _Optional[int] = ..., edit_paths: _Optional[_Iterable[_Union[EditPath, str]]] = ..., min_new_tokens: _Optional[int] = ..., namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AppliedEdit(_message.Message):
-    __slots__ = ("edit_id", "path", "score")
+    __slots__ = ("edit_id", "path", "score", "namespace")
     EDIT_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     edit_id: str
     path: EditPath
     score: float
-    def __init__(self, edit_id: _Optional[str] = ..., path: _Optional[_Union[EditPath, str]] = ..., score: _Optional[float] = ...) -> None: ...
+    namespace: str
+    def __init__(self, edit_id: _Optional[str] = ..., path: _Optional[_Union[EditPath, str]] = ..., score: _Optional[float] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "prompt_tokens", "completion_tokens", "finish_reason", "edit_version", "applied_edits")
@@ -130,18 +134,20 @@ class GenerateStreamResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., edit_version: _Optional[int] = ..., applied_edits: _Optional[_Iterable[_Union[AppliedEdit, _Mapping]]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("prompt", "continuation", "use_edits", "min_version", "edit_paths")
+    __slots__ = ("prompt", "continuation", "use_edits", "min_version", "edit_paths", "namespaces")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     CONTINUATION_FIELD_NUMBER: _ClassVar[int]
     USE_EDITS_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     EDIT_PATHS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     continuation: str
     use_edits: bool
     min_version: int
     edit_paths: _containers.RepeatedScalarFieldContainer[EditPath]
-    def __init__(self, prompt: _Optional[str] = ..., continuation: _Optional[str] = ..., use_edits: _Optional[bool] = ..., min_version: _Optional[int] = ..., edit_paths: _Optional[_Iterable[_Union[EditPath, str]]] = ...) -> None: ...
+    namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., continuation: _Optional[str] = ..., use_edits: _Optional[bool] = ..., min_version: _Optional[int] = ..., edit_paths: _Optional[_Iterable[_Union[EditPath, str]]] = ..., namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob", "is_greedy", "argmax_token_id")
@@ -172,7 +178,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., total_logprob: _Optional[float] = ..., edit_version: _Optional[int] = ..., applied_edits: _Optional[_Iterable[_Union[AppliedEdit, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("subject", "prompt", "target_new", "paraphrases", "descriptor", "idempotency_key", "force", "actor", "compile_descriptor")
+    __slots__ = ("subject", "prompt", "target_new", "paraphrases", "descriptor", "idempotency_key", "force", "actor", "compile_descriptor", "namespace")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_NEW_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +188,7 @@ class EditRequest(_message.Message):
     FORCE_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     COMPILE_DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     subject: str
     prompt: str
     target_new: str
@@ -191,7 +198,8 @@ class EditRequest(_message.Message):
     force: bool
     actor: str
     compile_descriptor: bool
-    def __init__(self, subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ..., compile_descriptor: _Optional[bool] = ...) -> None: ...
+    namespace: str
+    def __init__(self, subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ..., compile_descriptor: _Optional[bool] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ParaphraseResult(_message.Message):
     __slots__ = ("prompt", "success")
@@ -238,16 +246,18 @@ class EditResponse(_message.Message):
     def __init__(self, edit_id: _Optional[str] = ..., version: _Optional[int] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ...) -> None: ...
 
 class BatchEditRequest(_message.Message):
-    __slots__ = ("edits", "idempotency_key", "force", "actor")
+    __slots__ = ("edits", "idempotency_key", "force", "actor", "namespace")
     EDITS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     edits: _containers.RepeatedCompositeFieldContainer[EditRequest]
     idempotency_key: str
     force: bool
     actor: str
-    def __init__(self, edits: _Optional[_Iterable[_Union[EditRequest, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ...) -> None: ...
+    namespace: str
+    def __init__(self, edits: _Optional[_Iterable[_Union[EditRequest, _Mapping]]] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class BatchEditResponse(_message.Message):
     __slots__ = ("version", "edits")
@@ -258,7 +268,7 @@ class BatchEditResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., edits: _Optional[_Iterable[_Union[EditResponse, _Mapping]]] = ...) -> None: ...
 
 class EditRecord(_message.Message):
-    __slots__ = ("edit_id", "version", "state", "kind", "subject", "prompt", "target_new", "paraphrases", "descriptor", "actor", "created_at", "report", "rolled_back_version", "rolled_back_by", "rolled_back_at", "rollback_reason", "superseded_by", "hook_layers", "derived_from_descriptor", "supersedes")
+    __slots__ = ("edit_id", "version", "state", "kind", "subject", "prompt", "target_new", "paraphrases", "descriptor", "actor", "created_at", "report", "rolled_back_version", "rolled_back_by", "rolled_back_at", "rollback_reason", "superseded_by", "hook_layers", "derived_from_descriptor", "supersedes", "namespace")
     EDIT_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -279,6 +289,7 @@ class EditRecord(_message.Message):
     HOOK_LAYERS_FIELD_NUMBER: _ClassVar[int]
     DERIVED_FROM_DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDES_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     edit_id: str
     version: int
     state: EditState
@@ -299,7 +310,8 @@ class EditRecord(_message.Message):
     hook_layers: _containers.RepeatedScalarFieldContainer[int]
     derived_from_descriptor: bool
     supersedes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, edit_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[EditState, str]] = ..., kind: _Optional[_Union[EditKind, str]] = ..., subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[str] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ..., rolled_back_version: _Optional[int] = ..., rolled_back_by: _Optional[str] = ..., rolled_back_at: _Optional[str] = ..., rollback_reason: _Optional[str] = ..., superseded_by: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., derived_from_descriptor: _Optional[bool] = ..., supersedes: _Optional[_Iterable[str]] = ...) -> None: ...
+    namespace: str
+    def __init__(self, edit_id: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[_Union[EditState, str]] = ..., kind: _Optional[_Union[EditKind, str]] = ..., subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., actor: _Optional[str] = ..., created_at: _Optional[str] = ..., report: _Optional[_Union[QualityReport, _Mapping]] = ..., rolled_back_version: _Optional[int] = ..., rolled_back_by: _Optional[str] = ..., rolled_back_at: _Optional[str] = ..., rollback_reason: _Optional[str] = ..., superseded_by: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., derived_from_descriptor: _Optional[bool] = ..., supersedes: _Optional[_Iterable[str]] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class GetEditRequest(_message.Message):
     __slots__ = ("edit_id",)
@@ -314,20 +326,22 @@ class GetEditResponse(_message.Message):
     def __init__(self, edit: _Optional[_Union[EditRecord, _Mapping]] = ...) -> None: ...
 
 class ListEditsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "state", "subject", "text", "actor")
+    __slots__ = ("page_size", "page_token", "state", "subject", "text", "actor", "namespace")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     state: EditState
     subject: str
     text: str
     actor: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[EditState, str]] = ..., subject: _Optional[str] = ..., text: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+    namespace: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., state: _Optional[_Union[EditState, str]] = ..., subject: _Optional[str] = ..., text: _Optional[str] = ..., actor: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class ListEditsResponse(_message.Message):
     __slots__ = ("edits", "next_page_token")
@@ -356,14 +370,16 @@ class RollbackResponse(_message.Message):
     def __init__(self, version: _Optional[int] = ..., edit_id: _Optional[str] = ...) -> None: ...
 
 class RollbackToRequest(_message.Message):
-    __slots__ = ("version", "reason", "actor")
+    __slots__ = ("version", "reason", "actor", "namespace")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     version: int
     reason: str
     actor: str
-    def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+    namespace: str
+    def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ..., actor: _Optional[str] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class RollbackToResponse(_message.Message):
     __slots__ = ("version", "rolled_back_edit_ids")
