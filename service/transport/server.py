@@ -77,6 +77,8 @@ class EditServeServer:
         self._watcher: asyncio.Task[None] | None = None
         self.port = 0  # the bound gRPC port (settings.port, or the one picked for port 0)
         self.metrics_port = 0  # the bound metrics port; 0 = disabled
+        self.http_port = 0  # the bound OpenAI-compatible HTTP port; 0 = disabled
+        self._http: Any = None
 
     @property
     def address(self) -> str:
@@ -108,6 +110,18 @@ class EditServeServer:
         await server.start()
         self._server = server
         log.info("gRPC listening on %s (health NOT_SERVING while loading)", self.address)
+        if self.settings.http_port:
+            await self._start_openai_http()
+
+    async def _start_openai_http(self) -> None:
+        """The OpenAI-compatible front end: same process, same event loop, same data plane (the slot)."""
+        from .http import HttpFrontEnd, OpenAIFrontEnd
+
+        front = OpenAIFrontEnd(self._slot)
+        http = HttpFrontEnd(front.app(), self.settings.host, self.settings.http_port,
+                            self.settings.grace_period_s)
+        await http.start()
+        self._http, self.http_port = http, http.port
 
     def _start_metrics_http(self) -> None:
         from prometheus_client import start_http_server
@@ -171,9 +185,13 @@ class EditServeServer:
         deadline = time.monotonic() + grace
         try:
             await self._health.enter_graceful_shutdown()
-            if self._server is not None:
+            if self._server is not None or self._http is not None:
                 log.info("draining in-flight calls (grace %.1f s)", grace)
-                await self._server.stop(grace)
+            # Both front ends drain together, within the one grace period.
+            drains = [] if self._server is None else [self._server.stop(grace)]
+            if self._http is not None:
+                drains.append(self._http.stop())
+            await asyncio.gather(*drains)
             plane = self._slot.plane
             if plane is not None:
                 await plane.shutdown(max(0.0, deadline - time.monotonic()))
