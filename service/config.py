@@ -113,6 +113,8 @@ class Settings:
 
     # auth
     admin_token: str = ""
+    # YAML/JSON file mapping sha256-hashed tokens to the namespaces they may edit and read (service/auth.py)
+    tokens_file: str = ""
     insecure_edits: bool = False
 
     log_level: str = "INFO"
@@ -181,7 +183,15 @@ class Settings:
             raise SettingsError("--name-scope-threshold is a cosine similarity: 0..1 (0 = off)")
         if not 0.0 <= self.locality_max_top1_changed <= 1.0:
             raise SettingsError("--locality-max-top1-changed is a share: 0..1")
-        if not self.admin_token and not self.insecure_edits and not is_loopback(self.host):
+        if self.tokens_file:
+            from service.auth import TokenFileError, load_token_file
+
+            try:
+                load_token_file(Path(self.tokens_file))
+            except TokenFileError as exc:
+                raise SettingsError(f"--tokens-file: {exc}") from None
+        if (not self.admin_token and not self.tokens_file and not self.insecure_edits
+                and not is_loopback(self.host)):
             raise SettingsError(
                 f"refusing to listen on non-loopback host {self.host!r} without an admin token: anyone who "
                 "can reach the port could edit the model. Set --admin-token (or EDITSERVE_ADMIN_TOKEN), "

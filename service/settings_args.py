@@ -70,6 +70,8 @@ _HELP: dict[str, str] = {
     "alignment_adapter": "LoRA adapter applied only to requests with injected descriptors: auto (the one "
     "shipped for the embedded model), none, or a PEFT LoRA folder",
     "admin_token": "bearer token every EditService call must present (metadata authorization: Bearer ...)",
+    "tokens_file": "YAML/JSON file of sha256-hashed tokens and the namespaces each may edit and read "
+    "(docs/namespaces.md); reloaded on SIGHUP and when it changes",
     "insecure_edits": "allow a non-loopback --host without an admin token (anyone reaching it can edit)",
     "log_level": " | ".join(LOG_LEVELS),
 }

@@ -203,6 +203,7 @@ class FakeDataPlane:
             descriptor=request.descriptor,
             hooks=hooks,
             report=report,
+            namespace=request.namespace or "default",
         )
 
     def _commit(self, edits: list[StoredEdit], actor: str, kind: str) -> int:
@@ -273,7 +274,7 @@ class FakeDataPlane:
 
     async def rollback_to(self, request: RollbackToInput) -> RollbackToResult:
         self._enter("rollback_to", request)
-        ids = self.registry.check_rollback_to(request.version)
+        ids = self.registry.check_rollback_to(request.version, request.namespace)
         entry = LogEntry(
             version=self.registry.version + 1, kind="rollback_to", actor=request.actor,
             target_edit_ids=ids, target_version=request.version, reason=request.reason,

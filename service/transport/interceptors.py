@@ -8,10 +8,10 @@ sits inside the exception interceptor; metrics sits outside both and sees the fi
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from typing import Any, NoReturn
 
 import grpc
@@ -23,7 +23,8 @@ from grpc_interceptor.server import AsyncServerInterceptor
 from grpc_status import rpc_status
 
 from service import metrics
-from service.errors import EditServeError, PermissionDenied, Unauthenticated
+from service.auth import Authorizer, Principal
+from service.errors import EditServeError
 from service.types import QualityReportView
 
 from .convert import quality_report
@@ -77,32 +78,40 @@ class ErrorToStatusInterceptor(AsyncExceptionToStatusInterceptor):
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method_name} (see server log)")
 
 
-class AuthInterceptor(AsyncServerInterceptor):
-    """With an admin token configured, every EditService call needs `authorization: Bearer <token>`."""
+# The caller of the call being served (None: no token), for the servicers' namespace checks.
+CURRENT_PRINCIPAL: ContextVar[Principal | None] = ContextVar("editserve_principal", default=None)
 
-    def __init__(self, admin_token: str) -> None:
-        self._token = admin_token.encode()
+
+class AuthInterceptor(AsyncServerInterceptor):
+    """With credentials configured (admin token, token file), every EditService call needs
+    `authorization: Bearer <token>`; any API call's token is resolved to the principal the servicers check
+    namespaces against (service/auth.py)."""
+
+    def __init__(self, authorizer: Authorizer) -> None:
+        self._authz = authorizer
 
     async def intercept(
         self, method: Callable, request_or_iterator: Any, context: aio.ServicerContext, method_name: str
     ) -> Any:
-        if self._token and method_name.startswith(EDIT_SERVICE_PREFIX):
-            self._check(context)
-        response = method(request_or_iterator, context)
-        return response if hasattr(response, "__aiter__") else await response
+        if method_name.startswith(API_PREFIX):
+            principal = self._authz.principal(_authorization(context))
+            if method_name.startswith(EDIT_SERVICE_PREFIX):
+                self._authz.require_editor(principal)
+        else:
+            principal = None
+        token = CURRENT_PRINCIPAL.set(principal)
+        try:
+            response = method(request_or_iterator, context)
+            return response if hasattr(response, "__aiter__") else await response
+        finally:
+            CURRENT_PRINCIPAL.reset(token)
 
-    def _check(self, context: aio.ServicerContext) -> None:
-        header = ""
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                header = value if isinstance(value, str) else value.decode(errors="replace")
-                break
-        scheme, _, presented = header.strip().partition(" ")
-        if not header or scheme.lower() != "bearer" or not presented.strip():
-            raise Unauthenticated("EditService needs metadata 'authorization: Bearer <admin token>'")
-        # Constant-time: the comparison must not tell an attacker how many leading bytes matched.
-        if not hmac.compare_digest(presented.strip().encode(), self._token):
-            raise PermissionDenied("the admin token is not valid")
+
+def _authorization(context: aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode(errors="replace")
+    return ""
 
 
 class MetricsInterceptor(AsyncServerInterceptor):

@@ -24,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
+from service.auth import Authorizer
 from service.config import Settings
 from service.errors import EditLogCorrupted, EditServeError, ModelNotServable
 from service.types import DataPlaneProtocol
@@ -79,6 +80,8 @@ class EditServeServer:
         self.metrics_port = 0  # the bound metrics port; 0 = disabled
         self.http_port = 0  # the bound OpenAI-compatible HTTP port; 0 = disabled
         self._http: Any = None
+        # Credentials of both front ends; the token file is read here (a bad one stops the start).
+        self.authz = Authorizer(settings.admin_token, settings.tokens_file)
 
     @property
     def address(self) -> str:
@@ -91,12 +94,13 @@ class EditServeServer:
     async def start(self) -> None:
         """Bind both ports and start answering; health stays NOT_SERVING until `load_plane`."""
         interceptors: list[aio.ServerInterceptor] = [MetricsInterceptor(), ErrorToStatusInterceptor()]
-        if self.settings.admin_token:
-            interceptors.append(AuthInterceptor(self.settings.admin_token))
+        if self.authz.enabled:
+            interceptors.append(AuthInterceptor(self.authz))
         # so_reuseport off: a second server on a taken port must fail, not silently share it.
         server = aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        add_api_service(server, "GenerateService", GenerateServicer(self._slot))
-        add_api_service(server, "EditService", EditServicer(self._slot))
+        authz = self.authz if self.authz.enabled else None
+        add_api_service(server, "GenerateService", GenerateServicer(self._slot, authz))
+        add_api_service(server, "EditService", EditServicer(self._slot, authz))
         add_api_service(server, "InfoService", InfoServicer(self._slot))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(REFLECTED_SERVICES, server)
@@ -117,7 +121,13 @@ class EditServeServer:
         """The OpenAI-compatible front end: same process, same event loop, same data plane (the slot)."""
         from .http import HttpFrontEnd, OpenAIFrontEnd
 
-        front = OpenAIFrontEnd(self._slot)
+        authz = self.authz if self.authz.enabled else None
+
+        def authorize(request: Any, namespaces: frozenset[str]) -> None:
+            if authz is not None:
+                authz.check_read(authz.principal(request.headers.get("authorization")), namespaces)
+
+        front = OpenAIFrontEnd(self._slot, authorize)
         http = HttpFrontEnd(front.app(), self.settings.host, self.settings.http_port,
                             self.settings.grace_period_s)
         await http.start()
@@ -245,10 +255,12 @@ async def serve(settings: Settings, plane_factory: PlaneFactory, stop: asyncio.E
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / platform
             loop.add_signal_handler(sig, _on_signal, sig, stop)
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, server.authz.reload)  # rotate tokens without a restart
     try:
         return await _run(server, stop, settings)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", signal.SIGTERM)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
 
