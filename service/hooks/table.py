@@ -114,7 +114,12 @@ class LayerTable:
 
     @property
     def namespace_set(self) -> frozenset[str]:
-        return frozenset(self.namespaces) if self.namespaces is not None else frozenset({DEFAULT_NAMESPACE})
+        """The namespaces of this layer's entries (made once: every request of a version asks)."""
+        found = self._masks.get("namespace_set")
+        if found is None:
+            found = frozenset(self.namespaces or (DEFAULT_NAMESPACE,))
+            self._masks["namespace_set"] = found  # type: ignore[assignment]
+        return found  # type: ignore[return-value]
 
     def entry_mask(self, allowed: frozenset[str] | None) -> torch.Tensor | None:
         """[N] bool: the entries a request naming `allowed` may fire; None when that is every entry."""
@@ -141,7 +146,7 @@ class LayerTable:
                 full = torch.ones(len(self.ids), dtype=torch.bool, device=self.keys.device)
                 out = torch.stack([full if m is None else m for m in masks])
             if len(self._masks) > 64:  # batch compositions come and go; keep the cache small
-                self._masks.clear()
+                self._masks = {k: v for k, v in self._masks.items() if not isinstance(k, tuple)}
             self._masks[key] = out
         return self._masks[key]
 
@@ -257,14 +262,17 @@ class HookTable:
         self.base: HookTable = self
         self.scope: frozenset[str] | None = None
         self._views: dict[frozenset[str], HookTable] = {}
+        self._namespaces: frozenset[str] | None = None
 
     @property
     def namespaces(self) -> frozenset[str]:
         """The namespaces that have entries in this table."""
-        out: set[str] = set()
-        for t in self._layers.values():
-            out |= t.namespace_set
-        return frozenset(out)
+        if self._namespaces is None:
+            out: set[str] = set()
+            for t in self._layers.values():
+                out |= t.namespace_set
+            self._namespaces = frozenset(out)
+        return self._namespaces
 
     def scoped(self, namespaces: frozenset[str] | None) -> HookTable:
         """This table as a request naming `namespaces` sees it: the same tensors, with the gate masking

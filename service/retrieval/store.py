@@ -71,13 +71,17 @@ class StoreSnapshot:
     allowed: frozenset[int] | None = None
     _selector: tuple[object, ...] = field(default=(), repr=False, compare=False)
     _views: dict[frozenset[str], StoreSnapshot] = field(default_factory=dict, repr=False, compare=False)
+    _namespaces: list[frozenset[str]] = field(default_factory=list, repr=False, compare=False)  # made once
 
     def __len__(self) -> int:
         return len(self.entries) if self.allowed is None else len(self.allowed)
 
     @property
     def namespaces(self) -> frozenset[str]:
-        return frozenset(e.namespace for e in self.entries.values())
+        """The namespaces with a descriptor here (made once per snapshot: every request asks)."""
+        if not self._namespaces:
+            self._namespaces.append(frozenset(e.namespace for e in self.entries.values()))
+        return self._namespaces[0]
 
     def scoped(self, namespaces: frozenset[str] | None) -> StoreSnapshot:
         """This snapshot as a request naming `namespaces` sees it (itself when that is every entry); one
