@@ -31,6 +31,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -234,9 +235,11 @@ class Service:
 
 
 class LoadGenerator:
-    """gRPC clients calling GenerateStream; each client waits for its answer before sending the next."""
+    """gRPC clients calling GenerateStream (or, with `http`, streaming POST /v1/completions); each client
+    waits for its answer before sending the next. Client i names namespaces[i % len(namespaces)]."""
 
-    def __init__(self, address: str, new_tokens: int) -> None:
+    def __init__(self, address: str, new_tokens: int, namespaces: list[str] | None = None,
+                 http: str = "") -> None:
         from grpc import aio
 
         from service._proto.editserve.v1 import editserve_pb2 as pb
@@ -246,27 +249,61 @@ class LoadGenerator:
         self.channel = aio.insecure_channel(address)
         self._stub = pb_grpc.GenerateServiceStub(self.channel)
         self.new_tokens = new_tokens
+        self.namespaces = namespaces or []
+        self.http = http
+        self._openai: Any = None
+        if http:
+            import openai  # the official client, as a backend would call the HTTP front end
 
-    async def one(self, prompt: str) -> tuple[int, float]:
+            self._openai = openai.AsyncOpenAI(base_url=http, api_key="unused", max_retries=0, timeout=600)
+
+    async def one(self, prompt: str, namespace: str = "") -> tuple[int, float]:
+        if self.http:
+            return await self._one_http(prompt, namespace)
         started = time.perf_counter()
         ttft, count = 0.0, 0
-        request = self._pb.GenerateRequest(prompt=prompt, max_new_tokens=self.new_tokens, temperature=0.0)
+        request = self._pb.GenerateRequest(prompt=prompt, max_new_tokens=self.new_tokens, temperature=0.0,
+                                           namespaces=[namespace] if namespace else [])
         async for chunk in self._stub.GenerateStream(request):
             if not ttft:
                 ttft = time.perf_counter() - started
             count = chunk.completion_tokens or count
         return count, ttft
 
+    async def _one_http(self, prompt: str, namespace: str) -> tuple[int, float]:
+        started = time.perf_counter()
+        ttft, count = 0.0, 0
+        headers = {"X-Editserve-Namespaces": namespace} if namespace else {}
+        stream = await self._openai.completions.create(
+            model="editserve", prompt=prompt, max_tokens=self.new_tokens, temperature=0, stream=True,
+            stream_options={"include_usage": True}, extra_headers=headers,
+        )
+        async for chunk in stream:
+            if chunk.choices and not ttft:
+                ttft = time.perf_counter() - started
+            if chunk.usage is not None:
+                count = chunk.usage.completion_tokens
+        return count, ttft
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self._openai is not None:
+            await self._openai.close()
+
     async def clients(self, n: int) -> Row:
-        async def client(prompts: list[str]) -> list[tuple[int, float]]:
-            return [await self.one(p) for p in prompts]
+        async def client(prompts: list[str], namespace: str) -> list[tuple[int, float]]:
+            return [await self.one(p, namespace) for p in prompts]
 
         shares = [prompts_for(n)[i::n] for i in range(n)]  # the prompts (cycled to n), split over n clients
+        spaces = [self.namespaces[i % len(self.namespaces)] if self.namespaces else "" for i in range(n)]
         started = time.perf_counter()
-        results = [r for rs in await asyncio.gather(*[client(s) for s in shares]) for r in rs]
+        runs = await asyncio.gather(*[client(s, ns) for s, ns in zip(shares, spaces, strict=True)])
+        results = [r for rs in runs for r in rs]
         seconds = time.perf_counter() - started
+        over = "HTTP" if self.http else "gRPC"
+        where = f", namespaces {','.join(sorted(set(spaces)))}" if self.namespaces else ""
         return Row(
-            f"service over gRPC, {n} concurrent client{'s' if n > 1 else ''}",
+            f"service over {over}, {n} concurrent client{'s' if n > 1 else ''}{where}",
             len(results),
             sum(c for c, _ in results),
             seconds,
@@ -276,14 +313,16 @@ class LoadGenerator:
         )
 
 
-async def client_process(address: str, new_tokens: int, clients: list[int]) -> None:
+async def client_process(
+    address: str, new_tokens: int, clients: list[int], namespaces: list[str] | None = None, http: str = ""
+) -> None:
     """The --client-of mode: measure every client count against a running server, print the rows as JSON."""
-    load = LoadGenerator(address, new_tokens)
+    load = LoadGenerator(address, new_tokens, namespaces, http)
     try:
         await load.one(PROMPTS[0])  # warm-up: connection, first-call paths
         rows = [await load.clients(n) for n in clients]
     finally:
-        await load.channel.close()
+        await load.close()
     print(json.dumps([asdict(r) for r in rows]))
 
 
@@ -346,11 +385,20 @@ def main() -> None:
         "--dtype", default="float32", help="float32, bfloat16, float16 or auto (default float32)"
     )
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument(
+        "--namespaces", type=int, default=0, metavar="N",
+        help="instead of the modes above: N namespaces x --edits-per-namespace edits, clients spread over "
+        "them, against one namespace holding all the edits; and HTTP against gRPC",
+    )
+    parser.add_argument("--edits-per-namespace", type=int, default=1000)
     parser.add_argument("--client-of", metavar="ADDRESS", help=argparse.SUPPRESS)  # the client process
+    parser.add_argument("--client-namespaces", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--client-http", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",") if c]
     if args.client_of:
-        asyncio.run(client_process(args.client_of, args.new_tokens, clients))
+        spaces = [n for n in args.client_namespaces.split(",") if n]
+        asyncio.run(client_process(args.client_of, args.new_tokens, clients, spaces, args.client_http))
         return
     if args.threads:
         # On a CPU shared with other busy processes, one thread per op avoids stalls at OpenMP barriers.
@@ -361,6 +409,11 @@ def main() -> None:
         f"model {loaded.name} on {loaded.device} ({loaded.dtype}), torch threads {torch.get_num_threads()}, "
         f"{len(PROMPTS)} prompts x {args.new_tokens} new tokens, greedy, best of {args.repeats}"
     )
+    if args.namespaces:
+        from namespaces_bench import measure_namespaces  # bench/: beside this script
+
+        asyncio.run(measure_namespaces(loaded, args, clients, __file__))
+        return
     rows = asyncio.run(measure(loaded, args.new_tokens, clients, args.repeats))
     one_at_a_time, static = rows[0], rows[1]
     print_table(rows, one_at_a_time, static)

@@ -292,3 +292,33 @@ async def test_grpc_tenant_a_edit_fires_for_a_rows_and_never_for_b_rows(grpc_pla
     res = await edits.RollbackTo(pb.RollbackToRequest(version=0, namespace="tenant-b", reason="reset b"))
     assert list(res.rolled_back_edit_ids) == []
     assert np.isfinite(score.total_logprob)
+
+
+# ------------------------------------------------------------------ SmolLM2: a real edit, two tenants
+
+
+@pytest.mark.smollm
+async def test_smollm_tenant_a_reads_rome_and_tenant_b_paris_in_one_batch(smollm, tmp_path) -> None:
+    from service.dataplane import DataPlane
+    from service.engine import Engine
+    from service.types import GenerateInput
+
+    settings = Settings(data_dir=tmp_path / "smollm", log_poll_s=0, prefix_cache_mb=0)
+    manager = EditManager(smollm, settings, encoder=HashEncoder(), warmup=False)
+    plane = DataPlane(settings, smollm, manager, Engine(smollm, manager.hooks, max_batch_size=4))
+    await plane.start()
+    try:
+        made = await plane.edit(EditInput(subject=EIFFEL.subject, prompt=EIFFEL.prompt, target_new="Rome",
+                                          namespace="tenant-a"))
+        assert made.report.passed, made.report
+
+        def ask(*namespaces: str) -> GenerateInput:
+            return GenerateInput(prompt=EIFFEL.prompt, max_new_tokens=2, namespaces=namespaces)
+
+        a, b, default = await asyncio.gather(plane.generate(ask("tenant-a")), plane.generate(ask("tenant-b")),
+                                             plane.generate(ask()))
+        assert a.text.strip().startswith("Rome") and {e.namespace for e in a.applied_edits} == {"tenant-a"}
+        for other in (b, default):
+            assert other.text.strip().startswith("Paris") and other.applied_edits == []
+    finally:
+        await plane.shutdown(1.0)
