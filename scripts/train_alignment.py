@@ -14,6 +14,13 @@ Examples, from the KnowEdit train splits (never the benchmark sets), each in cha
                instead (harder negatives; 0.5 made the adapter ignore in-scope blocks, see the notes).
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_alignment.py --out alignment-adapter
+
+The served adapter (service/assets/alignment-smollm2-135m-instruct, used by --alignment-adapter auto) is
+trained on in-scope and reasoning examples only, as measured in docs/free-text-edits.md:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_alignment.py --kinds in_scope,portability --fp32 \
+        --steps 60 --max-minutes 60 --out /tmp/alignment \
+        --ship-to service/assets/alignment-smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -284,7 +291,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="share of out-of-scope blocks holding the asked subject's own fact (other relation)")
     ap.add_argument("--kinds", default="in_scope,portability,out_scope",
                     help="example kinds to train on (an ablation: in_scope,portability without out_scope)")
-    ap.add_argument("--fp32", action="store_true", help="train without bf16 autocast (about 1.6x slower)")
+    ap.add_argument("--fp32", action="store_true",
+                    help="train without bf16 autocast (faster on CPUs without AVX-512 bf16 support)")
+    ap.add_argument("--ship-to", type=Path, default=None,
+                    help="also write the adapter in float16 there (the served copy: service/assets/...)")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # a shared 2-core machine
@@ -411,6 +421,24 @@ def main(argv: list[str] | None = None) -> None:
     }
     (args.out / "train_stats.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))
+    if args.ship_to is not None:
+        ship(args.out, args.ship_to)
+
+
+def ship(trained: Path, folder: Path) -> None:
+    """The served copy: the PEFT config, the factors in float16 (half the bytes; the engine casts them to
+    the model's dtype) and the training figures."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(str(trained / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()},
+              str(folder / "adapter_model.safetensors"))
+    for name in ("adapter_config.json", "train_stats.json"):
+        shutil.copy(trained / name, folder / name)
+    print(f"shipped to {folder}")
 
 
 if __name__ == "__main__":

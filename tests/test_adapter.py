@@ -168,3 +168,20 @@ def test_the_setting_names_a_folder_or_auto_or_none(tmp_path):
     with pytest.raises(SettingsError, match="--alignment-adapter"):
         Settings(alignment_adapter=str(tmp_path / "nope")).validate()
     Settings(alignment_adapter="none").validate()
+
+
+@pytest.mark.smollm
+def test_the_shipped_adapter_fits_the_embedded_model(smollm):
+    assert EMBEDDED_ADAPTER.is_dir(), "the embedded model's alignment adapter is missing from service/assets"
+    config = json.loads((EMBEDDED_ADAPTER / "adapter_config.json").read_text())
+    adapter = RowAdapter(smollm.model, EMBEDDED_ADAPTER)
+    try:
+        assert adapter.modules == smollm.model.config.num_hidden_layers * len(config["target_modules"])
+        runner = ModelRunner(smollm, None, adapter=adapter)
+        ids = prompts(smollm)
+        out = runner.prefill(ids, [False] * 3, adapted=[True, False, False])[0].logits
+        base = ModelRunner(smollm, None).prefill(ids, [False] * 3)[0].logits
+    finally:
+        adapter.remove()
+    assert torch.equal(out[1:], base[1:])
+    assert not torch.allclose(out[0], base[0], atol=1e-3)

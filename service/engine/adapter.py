@@ -50,8 +50,10 @@ def read_lora(path: Path) -> tuple[dict[str, LoraFactors], float, dict[str, Any]
     config = json.loads(config_file.read_text())
     if config.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: only LoRA adapters are supported, not {config.get('peft_type')}")
-    if config.get("use_dora") or config.get("use_rslora"):
-        raise AdapterError(f"{path}: DoRA and rsLoRA adapters are not supported")
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "modules_to_save",
+                               "lora_bias", "fan_in_fan_out") if config.get(k)]
+    if unsupported:
+        raise AdapterError(f"{path}: adapters with {', '.join(unsupported)} are not supported")
     rank, alpha = int(config["r"]), float(config["lora_alpha"])
     tensors = load_file(str(weights_file))
     factors: dict[str, LoraFactors] = {}
