@@ -24,7 +24,7 @@ from service._proto.editserve.v1 import editserve_pb2 as pb
 from .client import EditServeClient
 from .errors import AlreadyExistsError, InvalidArgumentError, QualityGateError
 
-STRING_FIELDS = ("subject", "prompt", "target_new", "descriptor", "actor")
+STRING_FIELDS = ("subject", "prompt", "target_new", "descriptor", "actor", "namespace")
 BOOL_FIELDS = ("force", "compile_descriptor")
 # What `editserve edits export` writes beside the request fields: read back, never sent.
 EXPORT_FIELDS = frozenset(
@@ -268,6 +268,8 @@ def export_line(record: pb.EditRecord) -> dict[str, Any]:
         "created_at": record.created_at,
         "actor": record.actor,
     }
+    if record.namespace and record.namespace != "default":  # absent: the default namespace
+        line["namespace"] = record.namespace
     if record.derived_from_descriptor:
         # the target server compiles the descriptor itself, under its own settings
         line.update(
