@@ -174,6 +174,15 @@ class Authorizer:
             raise PermissionDenied("the token is not valid")
         return found
 
+    def reader(self, authorization: str | None) -> Principal | None:
+        """The caller of a read (Generate, Score, the HTTP API): like `principal`, but a token that is not
+        valid is a principal without rights rather than an error, so a client that always sends some key
+        (the openai client does) reads public namespaces as before; a private one is PERMISSION_DENIED."""
+        try:
+            return self.principal(authorization)
+        except EditServeError:
+            return Principal(name="(a token that is not valid)")
+
     # ---- the questions --------------------------------------------------------------------------
 
     def require_editor(self, principal: Principal | None) -> None:

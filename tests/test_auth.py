@@ -104,6 +104,10 @@ async def test_tokens_may_edit_their_namespaces_only(running) -> None:
     score = pb.ScoreRequest(prompt="a", continuation="b", namespaces=["team-b"])
     assert await code_of(gen.Score(score)) == ok
     assert await code_of(gen.Generate(pb.GenerateRequest(prompt="hi"))) == ok
+    # a key that is not valid (clients often send a placeholder) reads public namespaces, not private ones
+    assert await code_of(gen.Generate(pb.GenerateRequest(prompt="hi"), metadata=md("placeholder"))) == ok
+    assert await code_of(gen.Generate(pb.GenerateRequest(prompt="hi", namespaces=["team-a"]),
+                                      metadata=md("placeholder"))) == denied
 
 
 async def test_http_answers_403_and_401_for_a_private_namespace(running) -> None:
@@ -130,6 +134,9 @@ async def test_http_answers_403_and_401_for_a_private_namespace(running) -> None
 
     status, body = await asyncio.to_thread(anonymous)
     assert status == 401 and body["error"]["type"] == "authentication_error"
+    client = openai.AsyncOpenAI(base_url=base, api_key="placeholder", max_retries=0)
+    assert (await client.completions.create(model="editserve", prompt="hi", max_tokens=2)).choices
+    await client.close()
     client = openai.AsyncOpenAI(base_url=base, api_key=TEAM_A, max_retries=0)
     done = await client.completions.create(model="editserve", prompt="hi", max_tokens=2,
                                            extra_body={"editserve": {"namespaces": ["team-a"]}})

@@ -93,12 +93,12 @@ class AuthInterceptor(AsyncServerInterceptor):
     async def intercept(
         self, method: Callable, request_or_iterator: Any, context: aio.ServicerContext, method_name: str
     ) -> Any:
-        if method_name.startswith(API_PREFIX):
+        principal = None
+        if method_name.startswith(EDIT_SERVICE_PREFIX):
             principal = self._authz.principal(_authorization(context))
-            if method_name.startswith(EDIT_SERVICE_PREFIX):
-                self._authz.require_editor(principal)
-        else:
-            principal = None
+            self._authz.require_editor(principal)
+        elif method_name.startswith(API_PREFIX):
+            principal = self._authz.reader(_authorization(context))
         token = CURRENT_PRINCIPAL.set(principal)
         try:
             response = method(request_or_iterator, context)

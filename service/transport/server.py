@@ -125,7 +125,7 @@ class EditServeServer:
 
         def authorize(request: Any, namespaces: frozenset[str]) -> None:
             if authz is not None:
-                authz.check_read(authz.principal(request.headers.get("authorization")), namespaces)
+                authz.check_read(authz.reader(request.headers.get("authorization")), namespaces)
 
         front = OpenAIFrontEnd(self._slot, authorize)
         http = HttpFrontEnd(front.app(), self.settings.host, self.settings.http_port,
