@@ -172,3 +172,22 @@ def test_token_files_are_validated(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="tokens-file"):
         Settings(tokens_file=str(path)).validate()
     assert not Authorizer().enabled and Authorizer(admin_token="x").enabled
+
+
+def test_the_cli_sends_namespaces(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.client.cli import main
+    from testkit.server_thread import ServerThread
+
+    plane = FakeDataPlane()
+    with ServerThread(Settings(port=0, metrics_port=0, admin_token=ADMIN), lambda: plane) as server:
+        env = {"EDITSERVE_ADDRESS": server.address, "EDITSERVE_ADMIN_TOKEN": ADMIN}
+        assert main(["edit", "--descriptor", "Acme is red.", "--namespace", "team-a", "--json"], env) == 0
+        assert main(["edits", "list", "--namespace", "team-a", "--json"], env) == 0
+        assert main(["generate", "hi", "--namespaces", "team-a, default", "--json"], env) == 0
+        rollback = ["edits", "rollback-to", "0", "--namespace", "team-a", "--reason", "r", "--yes"]
+        assert main(rollback, env) == 0
+    assert '"namespace": "team-a"' in capsys.readouterr().out  # the listed record
+    calls = {m: r for m, r in plane.calls}
+    assert calls["edit"].namespace == "team-a" and calls["list_edits"].namespace == "team-a"
+    assert set(calls["generate_stream"].namespaces) == {"team-a", "default"}
+    assert calls["rollback_to"].namespace == "team-a"
