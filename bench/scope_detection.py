@@ -3,6 +3,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --calibrate   # the default threshold
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py               # quality + latency
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --json out.json
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --mention-rules  # subject / name thresholds
 
 CounterFact is read from ../shared/data (never copied into the repository).
 """
@@ -144,6 +145,57 @@ def latency(
     return out
 
 
+FREETEXT = Path(__file__).resolve().parent / "data" / "freetext-edits.jsonl"
+
+
+def mention_rules(encoder: DescriptorEncoder, first: int, last: int) -> list[dict]:
+    """The subject and name rules (router/scope.py) swept on free-text records [first, last) (the
+    evaluation reports on the first 60, so the default sweep leaves them out) and on the calibration set:
+    in-scope retrieval recall, out-of-scope questions that got any descriptor, calibration decisions."""
+    from service.edits.compile import compile_descriptor
+    from service.router.scope import query_views
+
+    records = [json.loads(line) for line in FREETEXT.read_text().splitlines()][first:last]
+    inside, outside = calibration_pairs()
+    questions = sorted({q["question"] for r in records for q in r["in_scope"] + r["out_of_scope"]}
+                       | {q for _, q in inside + outside})
+    views = [query_views(q) for q in questions]
+    flat = encoder.encode([v for vs in views for v in vs])
+    embedded, row = {}, 0
+    for q, vs in zip(questions, views, strict=True):
+        embedded[q], row = flat[row : row + len(vs)], row + len(vs)
+
+    def subject(descriptor: str) -> str:  # what the server derives (--compile-descriptors)
+        facts = compile_descriptor(descriptor)
+        return facts[0].subject if facts else ""
+
+    free = RetrievalStore(encoder)
+    free.add_many([(r["id"], r["descriptor"], None, subject(r["descriptor"])) for r in records])
+    cal = RetrievalStore(encoder)
+    cal.add_many([(f"c-{n}", f.descriptor, None, subject(f.descriptor)) for n, f in enumerate(FACTS)])
+    owner = {f.descriptor: f"c-{n}" for n, f in enumerate(FACTS)}
+    rows = []
+    for subject_t, name_t in [(0, 0), (0.5, 0), (0.5, 0.5), (0.5, 0.55), (0.5, 0.6), (0.5, 0.65)]:
+        det = ScopeDetector(free, None, 4, subject_t, name_t)
+        cdet = ScopeDetector(cal, None, 4, subject_t, name_t)
+        hits = {q: det.detect_embedding(embedded[q], q) for q in embedded}
+        chits = {q: cdet.detect_embedding(embedded[q], q) for q in embedded}
+        recall = np.mean([any(h.edit_id == r["id"] for h in hits[q["question"]])
+                          for r in records for q in r["in_scope"]])
+        oos = [bool(hits[q["question"]]) for r in records for q in r["out_of_scope"]]
+        row = {
+            "subject_threshold": subject_t, "name_threshold": name_t,
+            "freetext_in_scope_recall": round(float(recall), 3),
+            "freetext_out_of_scope_with_a_hit": f"{sum(oos)}/{len(oos)}",
+            "calibration_fired": round(float(np.mean([owner[d] in {h.edit_id for h in chits[q]}
+                                                      for d, q in inside])), 3),
+            "calibration_false_fires": round(float(np.mean([bool(chits[q]) for _, q in outside])), 3),
+        }
+        print(row)
+        rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calibrate", action="store_true", help="only compute the default threshold")
@@ -154,13 +206,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, help="also write every figure here")
+    ap.add_argument("--mention-rules", action="store_true",
+                    help="only sweep the subject and name thresholds")
+    ap.add_argument("--records", type=int, nargs=2, default=[60, 240], metavar=("FIRST", "END"))
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     encoder = DescriptorEncoder(device=args.device)
     print(f"encoder loaded in {time.perf_counter() - t0:.1f} s (dim {encoder.dim}, {encoder.device})")
-    report: dict = {"calibration": calibrate(encoder)}
-    if not args.calibrate:
+    if args.mention_rules:
+        report: dict = {"mention_rules": mention_rules(encoder, *args.records)}
+    else:
+        report = {"calibration": calibrate(encoder)}
+    if not args.calibrate and not args.mention_rules:
         if not args.data.is_file():
             print(f"{args.data} not found: CounterFact figures skipped")
         else:
