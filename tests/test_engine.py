@@ -646,9 +646,9 @@ async def test_a_request_keeps_its_edit_set_while_a_new_one_is_published(tiny_ll
             mixed: list[int] = []
             original = eng._runner.decode
 
-            def spy(state, last_tokens, enabled, tables):
+            def spy(state, last_tokens, enabled, tables, *rest):
                 mixed.append(len({id(t) for t in tables}))
-                return original(state, last_tokens, enabled, tables)
+                return original(state, last_tokens, enabled, tables, *rest)
 
             eng._runner.decode = spy
             stream = eng.stream(EngineRequest(prompt, params)).__aiter__()
