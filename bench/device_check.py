@@ -136,7 +136,9 @@ def render(meta: dict[str, Any], steps: list[dict[str, str]], figures: dict[str,
     lines = [
         "# editserve device check",
         "",
-        f"Configuration **{meta['config']}** on **{meta['device']}**, dtypes {', '.join(dtypes)}; "
+        f"Configuration **{meta['config']}** on **{meta['device']}**, "
+        f"model `{meta.get('model', 'embedded')}`, "
+        f"dtypes {', '.join(dtypes)}; "
         f"wall time {meta['wall_s']} s. Environment (GPU, torch, git revision): `env.txt`.",
     ]
     if meta.get("note"):
@@ -273,6 +275,7 @@ def summarize(args: argparse.Namespace) -> None:
     meta = {
         "config": args.config,
         "device": args.device,
+        "model": args.model,
         "dtypes": dtypes,
         "wall_s": args.wall,
         "note": args.note,
@@ -291,6 +294,7 @@ def main() -> None:
     s.add_argument("out", type=Path)
     s.add_argument("--config", default="?")
     s.add_argument("--device", default="?")
+    s.add_argument("--model", default="embedded")
     s.add_argument("--wall", type=int, default=0, help="the whole check's seconds")
     s.add_argument("--note", default="")
     args = ap.parse_args()

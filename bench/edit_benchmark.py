@@ -219,10 +219,12 @@ def write_synthetic_log(lm: LoadedModel, data_dir: Path, n: int, dim: int) -> No
             log.append(LogEntry(kind="edit", actor="bench", edits=[edit]))
 
 
-def startup_child(data_dir: str, device: str = "cpu", dtype: str = "float32") -> None:
+def startup_child(
+    data_dir: str, device: str = "cpu", dtype: str = "float32", model: str = "embedded"
+) -> None:
     """One whole server start in a fresh process; prints its timings as JSON."""
     t0 = time.perf_counter()
-    lm = load_model("embedded", device=device, dtype=dtype)
+    lm = load_model(model, device=device, dtype=dtype)
     t1 = time.perf_counter()
     encoder = DescriptorEncoder()
     t2 = time.perf_counter()
@@ -232,7 +234,9 @@ def startup_child(data_dir: str, device: str = "cpu", dtype: str = "float32") ->
     print(json.dumps({"model": t1 - t0, "encoder": t2 - t1, "manager": t3 - t2, "total": t3 - t0}))
 
 
-def bench_startup(lm: LoadedModel, encoder: DescriptorEncoder, root: Path, n: int, rounds: int) -> None:
+def bench_startup(
+    lm: LoadedModel, encoder: DescriptorEncoder, root: Path, n: int, rounds: int, model: str = "embedded"
+) -> None:
     dirs = {"none": root / "empty", f"{n:,}": root / "logged"}
     write_synthetic_log(lm, dirs[f"{n:,}"], n, encoder.dim)
     EditLog.open(None, dirs["none"]).close()
@@ -260,6 +264,8 @@ def bench_startup(lm: LoadedModel, encoder: DescriptorEncoder, root: Path, n: in
                     lm.device.type,
                     "--dtype",
                     str(lm.dtype).removeprefix("torch."),
+                    "--model",
+                    model,
                 ],
                 capture_output=True,
                 text=True,
@@ -291,6 +297,7 @@ def main() -> None:
         default="0,1000,10000",
         help="generate: active (synthetic) edit counts, comma-separated; 0 is always measured",
     )
+    ap.add_argument("--model", default="embedded", help="'embedded' (SmolLM2) or a Hugging Face model folder")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     ap.add_argument("--dtype", default="float32", help="float32, bfloat16, float16 or auto (default float32)")
     ap.add_argument(
@@ -305,9 +312,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.startup_child:
-        startup_child(args.startup_child, args.device, args.dtype)
+        startup_child(args.startup_child, args.device, args.dtype, args.model)
         return
-    lm = load_model("embedded", device=args.device, dtype=args.dtype)
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
     print(
         f"torch threads {torch.get_num_threads()}, cpu cores {os.cpu_count()}, "
         f"model on {lm.device} ({lm.dtype})",
@@ -323,7 +330,7 @@ def main() -> None:
             sizes = tuple(int(n) for n in args.table_sizes.split(",") if n.strip())
             bench_generate(lm, encoder, root / "generate", args.rounds, args.tokens, sizes)
         if args.only in (None, "startup"):
-            bench_startup(lm, encoder, root / "startup", args.logged, 3)
+            bench_startup(lm, encoder, root / "startup", args.logged, 3, args.model)
     if args.json:
         args.json.write_text(json.dumps(FIGURES, indent=2))
 

@@ -380,6 +380,9 @@ def main() -> None:
         default=int(os.environ.get("EDITSERVE_TORCH_THREADS") or 0),
         help="torch intra-op threads (default: $EDITSERVE_TORCH_THREADS, else 0: torch's default)",
     )
+    parser.add_argument(
+        "--model", default="embedded", help="'embedded' (SmolLM2) or a Hugging Face model folder"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     parser.add_argument(
         "--dtype", default="float32", help="float32, bfloat16, float16 or auto (default float32)"
@@ -404,7 +407,7 @@ def main() -> None:
         # On a CPU shared with other busy processes, one thread per op avoids stalls at OpenMP barriers.
         torch.set_num_threads(args.threads)
 
-    loaded = load_model("embedded", device=args.device, dtype=args.dtype)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
     print(
         f"model {loaded.name} on {loaded.device} ({loaded.dtype}), torch threads {torch.get_num_threads()}, "
         f"{len(PROMPTS)} prompts x {args.new_tokens} new tokens, greedy, best of {args.repeats}"

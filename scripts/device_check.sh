@@ -2,7 +2,7 @@
 # A prepared device check: throughput, edit time, Generate latency with many active edits and a CounterFact
 # evaluation, in bfloat16 and float32 on a CUDA GPU, all written to one folder with a summary.md.
 #
-#   scripts/device_check.sh [--small] [--require-cuda] [--steps LIST] [--dtypes LIST] [OUT]
+#   scripts/device_check.sh [--small] [--require-cuda] [--model DIR] [--steps LIST] [--dtypes LIST] [OUT]
 #
 # OUT (argument, else $OUT, else device-check-out/) receives: env.txt, one <step>-<dtype>.log per step
 # (its stdout and stderr), the steps' JSON figures, eval-<dtype>/ (the evaluation's own report), steps.tsv
@@ -22,7 +22,9 @@
 # so a hung step cannot eat the rest. A failed, timed-out or budget-skipped step is marked in summary.md
 # and makes the script exit 1 at the end.
 #
-# Environment: OUT, DATA_DIR (../shared/data, relative to the repository root), PYTHON (.venv/bin/python),
+# --model DIR (or $MODEL) measures a Hugging Face model folder instead of the embedded SmolLM2 ("embedded").
+#
+# Environment: OUT, MODEL, DATA_DIR (../shared/data, relative to the repository root), PYTHON (.venv/bin/python),
 # BUDGET_S, EVAL_METHODS ("unedited hook retrieval both"; add rome for the ROME baseline),
 # EDITSERVE_TORCH_THREADS (torch CPU threads of every step).
 set -euo pipefail
@@ -35,10 +37,13 @@ require_cuda=0
 steps="throughput,edits,generate,eval"
 dtypes=""
 out_arg=""
+model_arg=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --small) small=1 ;;
     --require-cuda) require_cuda=1 ;;
+    --model) model_arg=$2; shift ;;
+    --model=*) model_arg=${1#*=} ;;
     --steps) steps=$2; shift ;;
     --steps=*) steps=${1#*=} ;;
     --dtypes) dtypes=$2; shift ;;
@@ -51,6 +56,11 @@ while [ $# -gt 0 ]; do
 done
 
 OUT_DIR=${out_arg:-${OUT:-device-check-out}}
+MODEL=${model_arg:-${MODEL:-embedded}}
+if [ "$MODEL" != embedded ]; then
+  [ -d "$MODEL" ] || { echo "device_check.sh: --model $MODEL is not a folder (or 'embedded')" >&2; exit 2; }
+  MODEL=$(cd "$MODEL" && pwd)  # the steps run from the repository root
+fi
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
 cd "$ROOT"
@@ -118,6 +128,7 @@ printf 'step\tdtype\tstatus\tseconds\tlog\tnote\n' >"$steps_tsv"
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo "config: $config (device $device, dtypes $dtypes, steps $steps, budget ${BUDGET_S}s)"
+  echo "model: $MODEL"
   if [ -n "$note" ]; then echo "note: $note"; fi
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (with local changes)')"
   echo "host: $(uname -srm), $(nproc) CPUs"
@@ -132,7 +143,7 @@ printf 'step\tdtype\tstatus\tseconds\tlog\tnote\n' >"$steps_tsv"
   fi
 } >"$OUT_DIR/env.txt" 2>&1
 
-echo "device check: $config configuration on $device, dtypes $dtypes, output $OUT_DIR"
+echo "device check: $config configuration on $device, model $MODEL, dtypes $dtypes, output $OUT_DIR"
 if [ -n "$note" ]; then echo "note: $note"; fi
 
 # run_step NAME DTYPE CAP_S COMMAND...: stdout and stderr to NAME-DTYPE.log, a row in steps.tsv.
@@ -167,21 +178,21 @@ run_step() {
 if wanted throughput; then
   for dtype in "${dtype_list[@]}"; do
     run_step throughput "$dtype" "$cap_throughput" \
-      "$PYTHON" bench/serve_throughput.py --device "$device" --dtype "$dtype" --threads "$THREADS" \
+      "$PYTHON" bench/serve_throughput.py --model "$MODEL" --device "$device" --dtype "$dtype" --threads "$THREADS" \
       "${tp_args[@]}" --json "$OUT_DIR/throughput-$dtype.json"
   done
 fi
 if wanted edits; then
   for dtype in "${dtype_list[@]}"; do
     run_step edits "$dtype" "$cap_edits" \
-      "$PYTHON" bench/edit_benchmark.py --device "$device" --dtype "$dtype" --threads "$THREADS" \
+      "$PYTHON" bench/edit_benchmark.py --model "$MODEL" --device "$device" --dtype "$dtype" --threads "$THREADS" \
       --only compute --edits "$edit_n" --json "$OUT_DIR/edits-$dtype.json"
   done
 fi
 if wanted generate; then
   for dtype in "${dtype_list[@]}"; do
     run_step generate "$dtype" "$cap_generate" \
-      "$PYTHON" bench/edit_benchmark.py --device "$device" --dtype "$dtype" --threads "$THREADS" \
+      "$PYTHON" bench/edit_benchmark.py --model "$MODEL" --device "$device" --dtype "$dtype" --threads "$THREADS" \
       --only generate "${gen_args[@]}" --json "$OUT_DIR/generate-$dtype.json"
   done
 fi
@@ -198,14 +209,14 @@ if wanted eval; then
       # shellcheck disable=SC2086  # EVAL_METHODS is a word list
       run_step eval "$dtype" "$cap_eval" \
         "$PYTHON" -m service eval --data "$data" --format counterfact --n "$eval_n" \
-        --sequential "$eval_t" --methods $EVAL_METHODS --device "$device" --dtype "$dtype" \
+        --sequential "$eval_t" --methods $EVAL_METHODS --model "$MODEL" --device "$device" --dtype "$dtype" \
         --out "$OUT_DIR/eval-$dtype"
     done
   fi
 fi
 
 wall=$(($(date +%s) - started))
-"$PYTHON" bench/device_check.py summarize "$OUT_DIR" --config "$config" --device "$device" \
+"$PYTHON" bench/device_check.py summarize "$OUT_DIR" --config "$config" --device "$device" --model "$MODEL" \
   --wall "$wall" --note "$note"
 echo "wrote $OUT_DIR/summary.md (${wall}s)"
 if awk -F'\t' 'NR > 1 && ($3 == "failed" || $3 == "timeout" || ($3 == "skipped" && $6 ~ /^budget/)) \

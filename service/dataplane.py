@@ -74,8 +74,11 @@ def load_adapter(loaded: LoadedModel, settings: Settings) -> RowAdapter | None:
     """The alignment adapter for rows with injected descriptors, or None; one that does not fit the
     model stops the start (exit 2) rather than serving without what the operator asked for."""
     from service.engine.adapter import AdapterError, RowAdapter, adapter_path
+    from service.engine.loader import EMBEDDED_MODEL, EMBEDDED_NAME
 
-    path = adapter_path(settings.alignment_adapter, settings.model)
+    # "auto" asks what is served, not what --model said: a caller may hand in another loaded model.
+    served = EMBEDDED_MODEL if loaded.name == EMBEDDED_NAME else loaded.name
+    path = adapter_path(settings.alignment_adapter, served)
     if path is None or not settings.retrieval_enabled:
         return None
     try:
