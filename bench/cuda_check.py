@@ -78,6 +78,9 @@ EDIT = {
     "target_new": " lighthouse keeper",
 }
 ALL_ARCHS = "llama,qwen2,qwen3,mistral,gemma2,phi3,gpt2,gpt_neox,opt,falcon"
+# Settings(encoder=...) when --encoder-tokenizer builds a random encoder: with retrieval off the service still
+# encodes each edit's descriptor (the log keeps it for a start with retrieval on), so an Edit needs one.
+ENCODER: dict[str, str] = {}
 
 
 def log(msg: str) -> None:
@@ -172,6 +175,7 @@ def settings_for(folder: Path, data_dir: Path, device: str, dtype: str, **extra:
         log_poll_s=0,
         grace_period_s=5.0,
         retrieval_enabled=False,
+        **ENCODER,
         **extra,
     )
 
@@ -182,7 +186,11 @@ async def serve(settings: Any, loaded: Any = None) -> Any:
 
     server = EditServeServer(settings, lambda: DataPlane.load(settings, loaded))
     await server.start()
-    await server.load_plane()
+    try:
+        await server.load_plane()
+    except BaseException:
+        await server.stop(0)
+        raise
     return server
 
 
@@ -465,6 +473,56 @@ async def service_rows(
     return rows, extra
 
 
+def random_encoder(tokenizer_folder: str, dest: Path) -> Path:
+    """A sentence-transformers folder (random 1-layer BERT, width 32, mean pooling, normalized) with the
+    embedded encoder's tokenizer: what the edit log's descriptor embeddings need when the real encoder's
+    weights are not at hand and retrieval is off."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_folder, local_files_only=True)
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(dest / "bert")
+    tok.save_pretrained(dest / "bert")
+    modules = [
+        models.Transformer(str(dest / "bert"), max_seq_length=256),
+        models.Pooling(32, "mean"),
+        models.Normalize(),
+    ]
+    SentenceTransformer(modules=modules, device="cpu").save(str(dest / "encoder"))
+    return dest / "encoder"
+
+
+async def profile(loaded: Any, size: int, new_tokens: int) -> str:
+    """torch.profiler tables (self CPU time, then device time) of the engine at `size` streams and of
+    transformers generate at batch 1, `new_tokens` each: where a decode step's time goes."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loaded.device.type == "cuda" else [])
+    parts = []
+    for name in (f"engine in-process, {size} streams", "transformers generate, batch 1"):
+        with torch_profile(activities=activities) as prof:
+            if name.startswith("engine"):
+                row = await engine_batch(loaded, size, new_tokens)
+            else:
+                row = hf_batch(loaded, 1, new_tokens)
+        parts.append(f"== {name} x {new_tokens} tokens: {json.dumps(row)}")
+        avg = prof.key_averages()
+        parts.append(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
+        if loaded.device.type == "cuda":
+            parts.append(avg.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+    return "\n".join(parts)
+
+
 # ------------------------------------------------------------------------------------ report
 
 
@@ -593,6 +651,9 @@ async def main_async(args: argparse.Namespace) -> int:
                     tp["rows"].append(row)
                     log(json.dumps(row))
                 write_report(out, report)
+            if "profile" in args.parts:
+                (out / "profile.txt").write_text(await profile(loaded, max(sizes), 16))
+                log(f"wrote {out}/profile.txt")
             if "service" in args.parts:
                 rows, extra = await service_rows(loaded, sizes, args.new_tokens)
                 tp["rows"] += rows
@@ -623,7 +684,14 @@ def main() -> None:
     parser.add_argument(
         "--tokenizer", default="", help="a saved tokenizer folder (default: the embedded GGUF's)"
     )
-    parser.add_argument("--parts", default="archs,throughput,service", help="archs, throughput, service")
+    parser.add_argument(
+        "--parts", default="archs,throughput,service,profile", help="archs, throughput, service, profile"
+    )
+    parser.add_argument(
+        "--encoder-tokenizer",
+        default="",
+        help="build a random encoder with this tokenizer folder (default: the embedded encoder)",
+    )
     parser.add_argument("--archs", default=ALL_ARCHS)
     parser.add_argument("--arch-tokens", type=int, default=12, help="new tokens per greedy call in part 1")
     parser.add_argument("--arch-timeout-s", type=float, default=90)
@@ -646,6 +714,10 @@ def main() -> None:
         args.bench_config, args.sizes, args.new_tokens = "128x2", "1,4", 8
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.encoder_tokenizer:
+        ENCODER["encoder"] = str(
+            random_encoder(args.encoder_tokenizer, Path(tempfile.mkdtemp(prefix="enc-")))
+        )
     sys.exit(asyncio.run(main_async(args)))
 
 

@@ -10,8 +10,9 @@
 #
 # --prepare downloads the CPython 3.12 manylinux x86_64 wheels of the pinned packages a stock
 # PyTorch/transformers image lacks (about 44 MiB) into .whl/, and saves the embedded model's tokenizer as a
-# folder (3.4 MiB) into .devassets/tokenizer: the SmolLM2 GGUF (94 MiB) and the retrieval encoder (88 MiB)
-# are too big to send, so the check uses random weights and runs with retrieval off. Both folders are
+# folder (3.4 MiB) into .devassets/tokenizer and the encoder's tokenizer into .devassets/encoder-tokenizer:
+# the SmolLM2 GGUF (94 MiB) and the retrieval encoder (88 MiB) are too big to send, so the check uses random
+# weights (a random tiny encoder too) and runs with retrieval off. Both folders are
 # added to .git/info/exclude; send them along with the working tree (the device tool's `carry`).
 # On the GPU machine the wheels are installed into /tmp/site (PYTHONPATH), over the image's versions.
 set -uo pipefail
@@ -36,6 +37,11 @@ if [ "${1:-}" = "--prepare" ]; then
 import sys; sys.path[:0] = [".", "tests"]
 from tiny_checkpoints import embedded_tokenizer
 embedded_tokenizer().save_pretrained(".devassets/tokenizer")' || exit 1
+  # the encoder's tokenizer without its weights: the check builds a random encoder with it (retrieval is off)
+  enc=$("$PY" -c 'from service.retrieval.encoder import embedded_encoder_path as p; print(p())') || exit 1
+  mkdir -p .devassets/encoder-tokenizer
+  cp "$enc"/tokenizer.json "$enc"/tokenizer_config.json "$enc"/vocab.txt "$enc"/special_tokens_map.json \
+    .devassets/encoder-tokenizer/
   du -sh .whl .devassets
   exit 0
 fi
@@ -52,6 +58,7 @@ if [ "${CUDA_CHECK_WHEELS:-1}" != 0 ] && compgen -G ".whl/*.whl" >/dev/null; the
 fi
 tok=()
 [ -d .devassets/tokenizer ] && tok=(--tokenizer .devassets/tokenizer)
+[ -d .devassets/encoder-tokenizer ] && tok+=(--encoder-tokenizer .devassets/encoder-tokenizer)
 {
   date -u +%Y-%m-%dT%H:%M:%SZ
   git rev-parse HEAD 2>/dev/null || true
