@@ -30,7 +30,9 @@ from torch import nn
 __all__ = [
     "HookSite",
     "UnsupportedArchitecture",
+    "attention_modules",
     "decoder_layers",
+    "final_norm",
     "final_logits",
     "find_hook_sites",
     "hookable_layers",
@@ -45,6 +47,11 @@ DOWN_PROJECTION_PATHS = (
     "mlp.fc_out",
     "fc2",
 )
+
+# The self-attention module of a block (its output's first element is what the block adds to the residual
+# stream), and the final norm of the headless model, for causal tracing (service/locate/trace.py).
+ATTENTION_PATHS = ("self_attn", "attn", "attention", "self_attention")
+FINAL_NORM_PATHS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "decoder.final_layer_norm")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -145,6 +152,32 @@ def find_hook_sites(model: nn.Module, layers: Sequence[int]) -> dict[int, HookSi
             raise UnsupportedArchitecture(f"{architecture_name(model)} cannot be hooked: {site}")
         sites[i] = site
     return sites
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Each decoder block's self-attention module; UnsupportedArchitecture where a block has none."""
+    found = []
+    for i, block in enumerate(decoder_layers(model)):
+        module = next((m for p in ATTENTION_PATHS if isinstance(m := _get(block, p), nn.Module)), None)
+        if module is None:
+            raise UnsupportedArchitecture(
+                f"{architecture_name(model)}: layer {i} has no attention module "
+                f"(looked for {', '.join(ATTENTION_PATHS)})"
+            )
+        found.append(module)
+    return found
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm between the last decoder block and the LM head (model.norm, transformer.ln_f, ...)."""
+    base = base_model(model)
+    for path in FINAL_NORM_PATHS:
+        module = _get(base, path)
+        if isinstance(module, nn.Module):
+            return module
+    raise UnsupportedArchitecture(
+        f"{architecture_name(model)}: no final norm found (looked for {', '.join(FINAL_NORM_PATHS)})"
+    )
 
 
 def output_embeddings(model: nn.Module) -> nn.Module:

@@ -1,0 +1,1 @@
+"""Locating knowledge in the served model: causal tracing (service/locate/trace.py)."""

@@ -1,0 +1,428 @@
+"""Causal tracing (ROME, Meng et al. 2022, section 2.1): where in the network a fact is carried.
+
+Three runs of the prompt. The *clean* run gives p(answer). The *corrupted* run adds Gaussian noise
+(`noise_factor` x the std of the subject tokens' embeddings, `samples` draws, one batch row each) to the
+embeddings of the subject tokens, and p(answer) drops. A *corrupted-with-restoration* run then puts back
+one clean state, and the indirect effect of that state is p(restored) - p(corrupted):
+
+    residual   the hidden state after block L at token t (ROME's `trace_important_states`)
+    mlp        the MLP outputs of blocks L - window/2 .. L + window/2 at token t (`trace_important_window`)
+    attention  the attention outputs of the same window of blocks at token t
+
+Speed. Every restoration of one (kind, layer) is one batched forward whose rows are (token, noise sample),
+and it starts at the lowest block it changes: the blocks below are the corrupted run's, so they are not
+computed again. The blocks are replayed with the arguments the model's own forward passed them (captured
+from the clean run, batch 1, broadcast over the rows); `_Tracer.check_replay` verifies once per trace that
+the replay reproduces the model's forward, so an architecture whose blocks need more fails loudly. Tokens
+before the subject are the same in the clean and corrupted runs (the model is causal), so their effect is
+exactly 0 and is not computed. Only the last token's logits are computed.
+
+Safety. The trace runs on the serving model in the calling thread. Its forward hooks act only in the thread
+that installed them (a serving thread passing through them sees them do nothing), write no parameter, and
+are removed when the trace ends, on error too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from service.errors import InvalidArgument
+from service.hooks.arch import (
+    UnsupportedArchitecture,
+    architecture_name,
+    attention_modules,
+    base_model,
+    decoder_layers,
+    final_logits,
+    final_norm,
+    find_hook_sites,
+)
+from service.hooks.rows import encode_row
+
+__all__ = [
+    "DEFAULT_SAMPLES",
+    "DEFAULT_WINDOW",
+    "KINDS",
+    "MAX_SAMPLES",
+    "MAX_TRACE_TOKENS",
+    "CausalTrace",
+    "Patch",
+    "TracePrompt",
+    "calculate_hidden_flow",
+    "circuit_summary",
+    "collect_embedding_std",
+    "prepare_trace",
+    "trace_important_states",
+    "trace_important_window",
+    "trace_with_patch",
+]
+
+KINDS = ("residual", "mlp", "attention")
+DEFAULT_SAMPLES = 10  # ROME's
+DEFAULT_WINDOW = 10  # ROME's
+MAX_SAMPLES = 64
+MAX_TRACE_TOKENS = 64
+NOISE_FACTOR = 3.0  # ROME: noise std = 3 x the std of the subject embeddings
+MAX_ROWS = 512  # rows of one restoration forward; more are split by token
+
+
+@dataclass(frozen=True)
+class TracePrompt:
+    """A validated trace input: token ids, the subject's tokens [start, end), the traced answer token."""
+
+    ids: list[int]
+    subject: tuple[int, int]
+    answer_id: int | None  # None: the model's greedy next token
+
+
+@dataclass
+class CausalTrace:
+    ids: list[int]
+    subject: tuple[int, int]  # token span [start, end)
+    answer_id: int
+    clean_p: float
+    corrupted_p: float
+    noise: float  # std of the noise added to the subject embeddings
+    samples: int
+    window: int
+    seed: int
+    # [layers, tokens] indirect effect: mean p(answer | corrupted, state restored) - corrupted_p
+    residual: torch.Tensor
+    mlp: torch.Tensor
+    attention: torch.Tensor
+    seconds: float
+
+    def grid(self, kind: str) -> torch.Tensor:
+        return {"residual": self.residual, "mlp": self.mlp, "attention": self.attention}[kind]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Restore the clean `kind` state of `layer` at (rows[i], positions[i]) in a corrupted forward."""
+
+    kind: str
+    layer: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+
+def prepare_trace(
+    tokenizer: Any, prompt: str, subject: str, answer: str = "", *, max_tokens: int = MAX_TRACE_TOKENS
+) -> TracePrompt:
+    """Tokenise and validate; every caller mistake is InvalidArgument."""
+    if not prompt.strip():
+        raise InvalidArgument("must not be empty", field="prompt")
+    if not subject.strip():
+        raise InvalidArgument("must not be empty", field="subject")
+    if subject not in prompt:
+        raise InvalidArgument(f"{subject!r} does not occur in the prompt", field="subject")
+    row = encode_row(tokenizer, prompt, subject)
+    if len(row.ids) > max_tokens:
+        raise InvalidArgument(f"{len(row.ids)} tokens, at most {max_tokens} can be traced", field="prompt")
+    if row.subject is None:
+        raise InvalidArgument(f"{subject!r} covers no token of the prompt", field="subject")
+    answer_id = None
+    if answer:
+        answer_ids = list(tokenizer(answer, add_special_tokens=False)["input_ids"])
+        if not answer_ids:
+            raise InvalidArgument("encodes to no tokens", field="answer")
+        answer_id = int(answer_ids[0])
+    return TracePrompt(row.ids, (row.subject[0], row.subject[1] + 1), answer_id)
+
+
+def collect_embedding_std(embeddings: torch.Tensor) -> float:
+    """The std of the given token embeddings' entries ([tokens, width]); ROME's noise unit."""
+    return float(embeddings.float().std(unbiased=False)) if embeddings.numel() > 1 else 1.0
+
+
+def _hidden_of(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _Tracer:
+    """The forward hooks of one trace (thread-bound), the captured clean and corrupted states, and the
+    block replay."""
+
+    def __init__(self, model: nn.Module, seq_len: int) -> None:
+        self.model = model
+        self.blocks = decoder_layers(model)
+        self.n_layers = len(self.blocks)
+        sites = find_hook_sites(model, range(self.n_layers))
+        self.modules: dict[str, list[nn.Module]] = {
+            "residual": list(self.blocks),
+            "mlp": [sites[i].module for i in range(self.n_layers)],
+            "attention": attention_modules(model),
+        }
+        self.norm = final_norm(model)
+        self.seq_len = seq_len
+        self.owner = threading.get_ident()
+        self.capturing: dict[str, list[torch.Tensor | None]] | None = None
+        self.block_calls: list[tuple[tuple[Any, ...], dict[str, Any]] | None] = [None] * self.n_layers
+        self.first_input: torch.Tensor | None = None
+        self.noise: tuple[torch.Tensor, int, int] | None = None  # (noise [rows, n, d], start, end)
+        self.patches: dict[tuple[str, int], list[tuple[Patch, torch.Tensor]]] = {}
+        self._handles: list[Any] = []
+
+    # ---- hooks (no-ops outside the owner thread) ---------------------------------------------------
+    @contextmanager
+    def installed(self) -> Iterator[_Tracer]:
+        try:
+            embed = self.model.get_input_embeddings()
+            self._handles.append(embed.register_forward_hook(self._on_embedding))
+            for i, block in enumerate(self.blocks):
+                self._handles.append(block.register_forward_pre_hook(self._pre_block(i), with_kwargs=True))
+            for kind, modules in self.modules.items():
+                for i, module in enumerate(modules):
+                    self._handles.append(module.register_forward_hook(self._on_output(kind, i)))
+            yield self
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+
+    def _mine(self) -> bool:
+        return threading.get_ident() == self.owner
+
+    def _on_embedding(self, _module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor | None:
+        if not self._mine() or self.noise is None:
+            return None
+        noise, start, end = self.noise
+        out = out.clone()
+        out[:, start:end] += noise.to(out.dtype)
+        return out
+
+    def _pre_block(self, layer: int):  # noqa: ANN202 - torch hook signature
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if not self._mine() or self.capturing is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if layer == 0:
+                self.first_input = hidden.detach()
+            if self.block_calls[layer] is None:  # the clean run's (batch 1): the replay broadcasts them
+                self.block_calls[layer] = (tuple(args[1:]), {k: v for k, v in kwargs.items()
+                                                             if k != "hidden_states"})
+
+        return hook
+
+    def _on_output(self, kind: str, layer: int):  # noqa: ANN202 - torch hook signature
+        def hook(_module: nn.Module, _args: Any, out: Any) -> Any:
+            if not self._mine():
+                return None
+            hidden = _hidden_of(out)
+            flat = hidden.dim() == 2  # OPT's MLP sees [batch * tokens, width]
+            grid = hidden.view(-1, self.seq_len, hidden.shape[-1]) if flat else hidden
+            if self.capturing is not None:
+                self.capturing[kind][layer] = grid.detach()
+            patches = self.patches.get((kind, layer))
+            if not patches:
+                return None
+            grid = grid.clone()
+            for patch, values in patches:
+                grid[patch.rows, patch.positions] = values.to(grid.dtype)
+            patched = grid.view(hidden.shape) if flat else grid
+            return (patched, *out[1:]) if isinstance(out, tuple) else patched
+
+        return hook
+
+    # ---- runs ----------------------------------------------------------------------------------------
+    def capture(self, ids: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """A full forward of `ids` ([rows, T]); every kind's state at every layer, block 0's input, and
+        the last token's probabilities."""
+        self.capturing = {kind: [None] * self.n_layers for kind in KINDS}
+        try:
+            hidden = base_model(self.model)(input_ids=ids, use_cache=False).last_hidden_state
+        finally:
+            states, self.capturing = self.capturing, None
+        missing = [f"{k} {i}" for k, v in states.items() for i, s in enumerate(v) if s is None]
+        if missing or self.first_input is None or any(c is None for c in self.block_calls):
+            raise UnsupportedArchitecture(
+                f"{architecture_name(self.model)}: causal tracing saw no output of {', '.join(missing[:4])}"
+            )
+        probs = torch.softmax(final_logits(self.model, hidden[:, -1]).float(), dim=-1)
+        return states, self.first_input, probs  # type: ignore[return-value]
+
+    def replay(self, start: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Blocks `start`.. on `hidden` (the input of block `start`, [rows, T, d]), then the final norm
+        and the LM head at the last token: probabilities [rows, vocab]."""
+        for i in range(start, self.n_layers):
+            call = self.block_calls[i]
+            assert call is not None
+            args, kwargs = call
+            hidden = _hidden_of(self.blocks[i](hidden, *args, **kwargs))
+        return torch.softmax(final_logits(self.model, self.norm(hidden[:, -1])).float(), dim=-1)
+
+    def check_replay(self, clean_input: torch.Tensor, clean_probs: torch.Tensor) -> None:
+        """Replaying every block on two copies of the clean input gives the model's own probabilities."""
+        probs = self.replay(0, clean_input.expand(2, -1, -1))
+        err = float((probs - clean_probs).abs().max())
+        if err > 1e-3:
+            raise UnsupportedArchitecture(
+                f"{architecture_name(self.model)}: replaying its blocks does not reproduce its forward "
+                f"(max probability error {err:.2g}); causal tracing cannot run on it"
+            )
+
+
+def trace_with_patch(
+    tracer: _Tracer,
+    start: int,
+    inputs: torch.Tensor,
+    patches: Sequence[Patch],
+    clean: dict[str, list[torch.Tensor]],
+    answer_id: int,
+) -> torch.Tensor:
+    """p(answer) per row of a corrupted forward from block `start` (its input `inputs`, [rows, T, d]) with
+    the clean states of `patches` restored (each must be at block `start` or above)."""
+    tracer.patches = {}
+    for p in patches:
+        if p.layer < start:
+            raise ValueError(f"a patch at layer {p.layer} lies below the replay's first block {start}")
+        values = clean[p.kind][p.layer][0, p.positions]
+        tracer.patches.setdefault((p.kind, p.layer), []).append((p, values))
+    try:
+        return tracer.replay(start, inputs)[:, answer_id]
+    finally:
+        tracer.patches = {}
+
+
+def _corrupted_input(
+    corrupted: dict[str, list[torch.Tensor]], first: torch.Tensor, layer: int
+) -> torch.Tensor:
+    """The corrupted run's input of block `layer` ([samples, T, d])."""
+    return first if layer == 0 else corrupted["residual"][layer - 1]
+
+
+def _restorations(
+    tracer: _Tracer,
+    kind: str,
+    start: int,
+    layers: Sequence[int],
+    tokens: Sequence[int],
+    clean: dict[str, list[torch.Tensor]],
+    corrupted: dict[str, list[torch.Tensor]],
+    first: torch.Tensor,
+    answer_id: int,
+) -> torch.Tensor:
+    """Mean p(answer) over the noise samples with `kind` of `layers` restored at each of `tokens`, one
+    batched forward (rows token-major, then sample) per chunk of MAX_ROWS rows: [len(tokens)]."""
+    base = _corrupted_input(corrupted, first, start)
+    samples = base.shape[0]
+    per_chunk = max(1, MAX_ROWS // samples)
+    out = []
+    device = base.device
+    for c in range(0, len(tokens), per_chunk):
+        chunk = torch.tensor(list(tokens[c : c + per_chunk]), dtype=torch.long, device=device)
+        rows = torch.arange(len(chunk) * samples, device=device)
+        positions = chunk.repeat_interleave(samples)
+        inputs = base.repeat(len(chunk), 1, 1)
+        patches = [Patch(kind, i, rows, positions) for i in layers]
+        p = trace_with_patch(tracer, start, inputs, patches, clean, answer_id)
+        out.append(p.view(len(chunk), samples).mean(dim=1))
+    return torch.cat(out)
+
+
+def trace_important_states(
+    tracer: _Tracer, tokens: Sequence[int], clean: dict[str, list[torch.Tensor]],
+    corrupted: dict[str, list[torch.Tensor]], first: torch.Tensor, answer_id: int,
+) -> torch.Tensor:
+    """[layers, len(tokens)]: p(answer) with the hidden state after block L restored at token t."""
+    return torch.stack([
+        _restorations(tracer, "residual", layer, [layer], tokens, clean, corrupted, first, answer_id)
+        for layer in range(tracer.n_layers)
+    ])
+
+
+def trace_important_window(
+    tracer: _Tracer, kind: str, window: int, tokens: Sequence[int], clean: dict[str, list[torch.Tensor]],
+    corrupted: dict[str, list[torch.Tensor]], first: torch.Tensor, answer_id: int,
+) -> torch.Tensor:
+    """[layers, len(tokens)]: p(answer) with `kind` restored at token t in the blocks of a `window` centred
+    on L (clipped at both ends, as ROME: L - window // 2 .. L + ceil(window / 2) - 1)."""
+    rows = []
+    for layer in range(tracer.n_layers):
+        lo, hi = max(0, layer - window // 2), min(tracer.n_layers, layer - (-window // 2))
+        rows.append(_restorations(tracer, kind, lo, range(lo, hi), tokens, clean, corrupted, first,
+                                  answer_id))
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def calculate_hidden_flow(
+    model: nn.Module,
+    prompt: TracePrompt,
+    *,
+    samples: int = DEFAULT_SAMPLES,
+    window: int = DEFAULT_WINDOW,
+    seed: int = 0,
+    noise_factor: float = NOISE_FACTOR,
+    kinds: Sequence[str] = KINDS,
+) -> CausalTrace:
+    """The whole trace of one prompt: clean and corrupted p(answer) and the three grids of indirect effect
+    (kinds not asked for are zeros). Deterministic for a given seed."""
+    started = time.perf_counter()
+    n_layers = len(decoder_layers(model))
+    if not 1 <= samples <= MAX_SAMPLES:
+        raise InvalidArgument(f"{samples} is outside 1..{MAX_SAMPLES}", field="samples")
+    if not 1 <= window <= n_layers:
+        raise InvalidArgument(f"{window} is outside 1..{n_layers} (the model's layers)", field="window")
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt.ids], dtype=torch.long, device=device)
+    start, end = prompt.subject
+    seq_len = len(prompt.ids)
+    tracer = _Tracer(model, seq_len)
+    with tracer.installed():
+        clean, clean_first, clean_probs = tracer.capture(ids)
+        answer_id = int(clean_probs[0].argmax()) if prompt.answer_id is None else prompt.answer_id
+        embeddings = model.get_input_embeddings()(ids)[0, start:end]
+        noise_std = noise_factor * collect_embedding_std(embeddings)
+        gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        noise = torch.randn((samples, end - start, embeddings.shape[-1]), generator=gen) * noise_std
+        tracer.noise = (noise.to(device), start, end)
+        try:
+            corrupted, first, corrupted_probs = tracer.capture(ids.expand(samples, -1))
+        finally:
+            tracer.noise = None
+        tracer.check_replay(clean_first, clean_probs)
+        clean_p = float(clean_probs[0, answer_id])
+        corrupted_p = float(corrupted_probs[:, answer_id].mean())
+        tokens = list(range(start, seq_len))  # tokens before the subject: effect exactly 0
+        grids = {}
+        for kind in KINDS:
+            grid = torch.zeros(n_layers, seq_len)
+            if kind in kinds:
+                if kind == "residual":
+                    p = trace_important_states(tracer, tokens, clean, corrupted, first, answer_id)
+                else:
+                    p = trace_important_window(tracer, kind, window, tokens, clean, corrupted, first,
+                                               answer_id)
+                grid[:, start:] = p.cpu() - corrupted_p
+            grids[kind] = grid
+    return CausalTrace(
+        ids=list(prompt.ids), subject=(start, end), answer_id=answer_id, clean_p=clean_p,
+        corrupted_p=corrupted_p, noise=noise_std, samples=samples, window=window, seed=int(seed),
+        residual=grids["residual"], mlp=grids["mlp"], attention=grids["attention"],
+        seconds=time.perf_counter() - started,
+    )
+
+
+Ranked = list[tuple[int, float]]
+
+
+def circuit_summary(trace: CausalTrace, top: int = 3) -> tuple[Ranked, Ranked]:
+    """Where a reader looks first: the `top` layers of largest MLP effect at the subject's last token, and
+    the `top` attention layers of largest effect at the prompt's last token, (layer, effect) best first."""
+    subject_last = trace.subject[1] - 1
+    last = len(trace.ids) - 1
+
+    def ranked(column: torch.Tensor) -> Ranked:
+        order = torch.argsort(column, descending=True, stable=True)[:top]
+        return [(int(i), float(column[i])) for i in order]
+
+    return ranked(trace.mlp[:, subject_last]), ranked(trace.attention[:, last])
