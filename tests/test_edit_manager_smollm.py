@@ -1,5 +1,6 @@
 """The edit manager on the real SmolLM2-135M-Instruct (issue 3, item 11): Eiffel Tower -> Rome end to end
-(paraphrases, neighbour, restart, exact rollback), 20 hand-written facts, 200 sequential edits.
+(paraphrases, neighbour, restart, exact rollback), 20 hand-written facts, 40 sequential edits (200 with
+`-m slow`).
 
 Greedy decoding runs through the hooked model with the published table, as serving does. Every manager is
 closed in a finally: the `smollm` model is shared by the whole test session.
@@ -153,9 +154,14 @@ def test_twenty_more_facts(smollm, opener):
 
 
 @pytest.mark.timeout(3600)  # ~1.3 s per edit on an idle 2-core CPU; several times that when shared
-def test_two_hundred_sequential_edits(smollm, opener):
+@pytest.mark.parametrize(
+    "n_edits",
+    # 200 runs with `-m slow` (about 5 minutes idle, far more on a shared CPU); the suite runs 40
+    [40, pytest.param(200, marks=pytest.mark.slow)],
+)
+def test_sequential_edits(smollm, opener, n_edits):
     start_hash = param_checksum(smollm.model)
-    edits = synthetic_inputs(smollm.tokenizer, 200, force=True)
+    edits = synthetic_inputs(smollm.tokenizer, n_edits, force=True)
     probes_before = {p: greedy(smollm, p) for p in PROBES}
     logits_before = next_token_logits(smollm, PROBES)
     first = edits[:10]
@@ -163,14 +169,14 @@ def test_two_hundred_sequential_edits(smollm, opener):
     with opener() as manager:
         ids = [manager.edit(e).edit_id for e in edits]
         elapsed = time.perf_counter() - t0
-        assert manager.counts().active_hook == 200 and len(manager.hooks.current) == 200
+        assert manager.counts().active_hook == n_edits and len(manager.hooks.current) == n_edits
         still = 0
         for edit_id, e in zip(ids[:10], first, strict=True):
             with manager.hooks.recording() as rec:
                 text = greedy(smollm, e.prompt, answer_tokens(smollm, e.target_new))
             still += starts_with(text, e.target_new) and edit_id in {f.edit_id for f in rec.fires}
         kept = {p: greedy(smollm, p) for p in PROBES}
-        print(f"\n200 sequential edits in {elapsed:.0f} s; first 10 still answer: {still}/10")
+        print(f"\n{n_edits} sequential edits in {elapsed:.0f} s; first 10 still answer: {still}/10")
         assert still >= 9
         assert kept == probes_before, {
             p: (probes_before[p], a) for p, a in kept.items() if a != probes_before[p]
