@@ -19,7 +19,13 @@ from typing import TYPE_CHECKING
 from service import __version__, metrics
 from service.config import Settings
 from service.engine.cpu_threads import released_after
-from service.errors import DeadlineExceeded, FailedPrecondition, ModelNotServable, Unavailable
+from service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    ModelNotServable,
+    ResourceExhausted,
+    Unavailable,
+)
 from service.namespaces import validate_namespaces
 from service.router.prompt import PromptStyle
 from service.router.routing import Route, Router
@@ -31,6 +37,7 @@ from service.types import (
     BatchEditResult,
     EditInput,
     EditResult,
+    EffectGrid,
     GenerateChunk,
     GenerateInput,
     GenerateResult,
@@ -43,6 +50,8 @@ from service.types import (
     ScoreResult,
     ServerInfo,
     TokenLogprob,
+    TraceInput,
+    TraceResult,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +62,9 @@ if TYPE_CHECKING:
     from service.engine.loader import LoadedModel
 
 log = logging.getLogger(__name__)
+
+# Traces run at once at most (each is hundreds of batched forwards); one more is RESOURCE_EXHAUSTED.
+MAX_CONCURRENT_TRACES = 1
 
 
 def check_servable(loaded: LoadedModel) -> None:
@@ -108,6 +120,7 @@ class DataPlane:
         self.router = Router(loaded.tokenizer, scope, limits, style)
         self._ready = False
         self._tailer: asyncio.Task[None] | None = None
+        self._traces = 0  # traces running (event-loop state: read and written on the loop only)
         metrics.MODEL_INFO.info({
             "model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
             "device": str(loaded.device), "hook_layers": ",".join(map(str, manager.hooks.layers)),
@@ -349,6 +362,64 @@ class DataPlane:
             max_batch_size=self.settings.max_batch_size,
         )
 
+    # ------------------------------------------------------------------------------------ locating
+
+    async def trace(self, request: TraceInput) -> TraceResult:
+        """Causal tracing on the base model (service/locate/trace.py), in a thread beside serving: its
+        forward hooks act in that thread only, and the edit tables are off there (hooks.disabled)."""
+        self._require_ready()
+        if self._traces >= MAX_CONCURRENT_TRACES:
+            raise ResourceExhausted(
+                f"{self._traces} trace(s) running, at most {MAX_CONCURRENT_TRACES} at a time; retry later")
+        if request.deadline is not None and time.monotonic() >= request.deadline:
+            raise DeadlineExceeded("the deadline passed before the trace started")
+        self._traces += 1
+        try:
+            return await asyncio.to_thread(released_after(self._trace), request)
+        finally:
+            self._traces -= 1
+
+    def _trace(self, request: TraceInput) -> TraceResult:
+        from service.hooks.arch import UnsupportedArchitecture, decoder_layers
+        from service.locate.trace import (
+            DEFAULT_SAMPLES,
+            DEFAULT_WINDOW,
+            MAX_TRACE_TOKENS,
+            calculate_hidden_flow,
+            circuit_summary,
+            prepare_trace,
+        )
+
+        tokenizer = self.loaded.tokenizer
+        prompt = prepare_trace(tokenizer, request.prompt, request.subject, request.answer,
+                               max_tokens=min(self.settings.max_prompt_tokens, MAX_TRACE_TOKENS))
+        samples = DEFAULT_SAMPLES if request.samples is None else request.samples
+        window = request.window
+        if window is None:
+            window = min(DEFAULT_WINDOW, len(decoder_layers(self.loaded.model)))
+        try:
+            with self.manager.hooks.disabled():
+                trace = calculate_hidden_flow(self.loaded.model, prompt, samples=samples, window=window,
+                                              seed=request.seed)
+        except UnsupportedArchitecture as exc:
+            raise FailedPrecondition(f"this model cannot be traced: {exc}") from exc
+        mlp_top, attn_top = circuit_summary(trace)
+
+        def grid(kind: str) -> EffectGrid:
+            values = trace.grid(kind)
+            return EffectGrid(layers=values.shape[0], tokens=values.shape[1],
+                              values=[float(v) for v in values.flatten().tolist()])
+
+        return TraceResult(
+            tokens=[tokenizer.decode([i]) for i in trace.ids],
+            subject_start=trace.subject[0], subject_end=trace.subject[1],
+            answer=tokenizer.decode([trace.answer_id]), answer_token_id=trace.answer_id,
+            clean_probability=trace.clean_p, corrupted_probability=trace.corrupted_p,
+            residual=grid("residual"), mlp=grid("mlp"), attention=grid("attention"),
+            mlp_at_subject=mlp_top, attention_at_last=attn_top,
+            samples=trace.samples, window=trace.window, seed=trace.seed, noise=trace.noise,
+            seconds=trace.seconds,
+        )
 
     def _applied(self, route: Route, hook_fires: dict[str, float]) -> list[AppliedEdit]:
         return _applied(route, hook_fires, self.manager.registry.namespace_of)

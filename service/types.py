@@ -225,6 +225,55 @@ class ServerInfo:
     architecture: str = ""  # e.g. LlamaForCausalLM
 
 
+# ------------------------------------------------------------------------------------------ locating
+
+
+@dataclass
+class TraceInput:
+    """One Trace call (causal tracing, service/locate/trace.py). None means the server default."""
+
+    prompt: str
+    subject: str
+    answer: str = ""  # "" = the model's greedy next token
+    seed: int = 0
+    samples: int | None = None
+    window: int | None = None
+    deadline: float | None = None
+
+
+@dataclass
+class EffectGrid:
+    """Indirect effects [layers][tokens], row-major in `values`."""
+
+    layers: int
+    tokens: int
+    values: list[float]
+
+    def row(self, layer: int) -> list[float]:
+        return self.values[layer * self.tokens : (layer + 1) * self.tokens]
+
+
+@dataclass
+class TraceResult:
+    tokens: list[str]
+    subject_start: int
+    subject_end: int  # exclusive
+    answer: str
+    answer_token_id: int
+    clean_probability: float
+    corrupted_probability: float
+    residual: EffectGrid
+    mlp: EffectGrid
+    attention: EffectGrid
+    mlp_at_subject: list[tuple[int, float]]  # (layer, effect), best first
+    attention_at_last: list[tuple[int, float]]
+    samples: int
+    window: int
+    seed: int
+    noise: float
+    seconds: float
+
+
 # ------------------------------------------------------------------------------------------ data plane
 
 
@@ -259,5 +308,7 @@ class DataPlaneProtocol(Protocol):
     async def rollback_to(self, request: RollbackToInput) -> RollbackToResult: ...
 
     async def server_info(self) -> ServerInfo: ...
+
+    async def trace(self, request: TraceInput) -> TraceResult: ...
 
     async def shutdown(self, grace_s: float) -> None: ...

@@ -30,6 +30,7 @@ from service.types import (
     BatchEditResult,
     EditInput,
     EditResult,
+    EffectGrid,
     GenerateChunk,
     GenerateInput,
     GenerateResult,
@@ -43,6 +44,8 @@ from service.types import (
     ScoreResult,
     ServerInfo,
     TokenLogprob,
+    TraceInput,
+    TraceResult,
 )
 
 FAKE_HOOK_LAYER = 3
@@ -297,4 +300,25 @@ class FakeDataPlane:
             total_edits=counts.total,
             server_version=__version__,
             max_batch_size=16,
+        )
+
+    async def trace(self, request: TraceInput) -> TraceResult:
+        """Whitespace tokens, a two-layer model, zero effects except restoring the last layer at the end."""
+        self._enter("trace", request)
+        if not request.prompt.strip():
+            raise errors.InvalidArgument("must not be empty", field="prompt")
+        if not request.subject or request.subject not in request.prompt:
+            raise errors.InvalidArgument(f"{request.subject!r} does not occur in the prompt", field="subject")
+        tokens = request.prompt.split(" ")
+        start = request.prompt[: request.prompt.index(request.subject)].count(" ")
+        end = start + len(request.subject.split(" "))
+        values = [0.0] * (2 * len(tokens))
+        values[-1] = 0.5
+        grid = EffectGrid(layers=2, tokens=len(tokens), values=values)
+        return TraceResult(
+            tokens=tokens, subject_start=start, subject_end=end, answer=" echo", answer_token_id=1,
+            clean_probability=0.6, corrupted_probability=0.1, residual=grid, mlp=grid, attention=grid,
+            mlp_at_subject=[(1, 0.0), (0, 0.0)], attention_at_last=[(1, 0.5), (0, 0.0)],
+            samples=request.samples or 3, window=request.window or 2, seed=request.seed, noise=0.3,
+            seconds=0.0,
         )

@@ -36,6 +36,7 @@ def test_api_names_clients_rely_on() -> None:
         "GenerateService": ["Generate", "GenerateStream", "Score"],
         "EditService": ["Edit", "BatchEdit", "GetEdit", "ListEdits", "Rollback", "RollbackTo"],
         "InfoService": ["GetServerInfo"],
+        "LocateService": ["Trace"],
     }
     assert pb.DESCRIPTOR.package == "editserve.v1"
     use_edits = pb.GenerateRequest.DESCRIPTOR.fields_by_name["use_edits"]

@@ -399,7 +399,7 @@ async def test_no_admin_token_means_open_edits() -> None:
 async def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_stop() -> None:
     r = await start_server(FakeDataPlane(), load=False, grace_period_s=0.5)
     try:
-        for name in ("", *REFLECTED_SERVICES[:3]):
+        for name in ("", *REFLECTED_SERVICES[:4]):
             assert (await r.health.Check(health_pb2.HealthCheckRequest(service=name))).status == NOT_SERVING
         loading = await rpc_error(r.generate.Generate(pb.GenerateRequest(prompt="hi")))
         assert (loading.code(), loading.details()) == (grpc.StatusCode.UNAVAILABLE, "model loading")
@@ -407,7 +407,7 @@ async def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_
             grpc.StatusCode.UNAVAILABLE
 
         await r.server.load_plane()
-        for name in ("", *REFLECTED_SERVICES[:3]):
+        for name in ("", *REFLECTED_SERVICES[:4]):
             assert (await r.health.Check(health_pb2.HealthCheckRequest(service=name))).status == SERVING
         assert (await r.generate.Generate(pb.GenerateRequest(prompt="hi"))).text == "echo: hi"
 
@@ -448,7 +448,7 @@ async def test_reflection_lists_every_service(running: Running) -> None:
     names = {s.name for s in responses[0].list_services_response.service}
     assert names == {
         "editserve.v1.GenerateService", "editserve.v1.EditService", "editserve.v1.InfoService",
-        "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+        "editserve.v1.LocateService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
     }
 
 

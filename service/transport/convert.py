@@ -275,3 +275,41 @@ def server_info_response(info: t.ServerInfo) -> pb.GetServerInfoResponse:
         hook_layer_rule=info.hook_layer_rule,
         architecture=info.architecture,
     )
+
+
+def trace_input(req: pb.TraceRequest, deadline: float | None) -> t.TraceInput:
+    return t.TraceInput(
+        prompt=req.prompt,
+        subject=req.subject,
+        answer=req.answer,
+        seed=req.seed,
+        samples=req.samples if req.HasField("samples") else None,
+        window=req.window if req.HasField("window") else None,
+        deadline=deadline,
+    )
+
+
+def _grid(grid: t.EffectGrid) -> pb.EffectGrid:
+    return pb.EffectGrid(layers=grid.layers, tokens=grid.tokens, values=grid.values)
+
+
+def trace_response(res: t.TraceResult) -> pb.TraceResponse:
+    return pb.TraceResponse(
+        tokens=res.tokens,
+        subject_start=res.subject_start,
+        subject_end=res.subject_end,
+        answer=res.answer,
+        answer_token_id=res.answer_token_id,
+        clean_probability=res.clean_probability,
+        corrupted_probability=res.corrupted_probability,
+        residual=_grid(res.residual),
+        mlp=_grid(res.mlp),
+        attention=_grid(res.attention),
+        mlp_at_subject=[pb.LayerEffect(layer=la, effect=e) for la, e in res.mlp_at_subject],
+        attention_at_last=[pb.LayerEffect(layer=la, effect=e) for la, e in res.attention_at_last],
+        samples=res.samples,
+        window=res.window,
+        seed=res.seed,
+        noise=res.noise,
+        seconds=res.seconds,
+    )

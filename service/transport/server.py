@@ -31,13 +31,13 @@ from service.types import DataPlaneProtocol
 
 from .interceptors import AuthInterceptor, ErrorToStatusInterceptor, MetricsInterceptor
 from .registration import add_api_service
-from .servicers import EditServicer, GenerateServicer, InfoServicer, PlaneSlot
+from .servicers import EditServicer, GenerateServicer, InfoServicer, LocateServicer, PlaneSlot
 
 log = logging.getLogger(__name__)
 
 API_SERVICES: tuple[str, ...] = tuple(
     pb.DESCRIPTOR.services_by_name[name].full_name
-    for name in ("GenerateService", "EditService", "InfoService")
+    for name in ("GenerateService", "EditService", "InfoService", "LocateService")
 )
 REFLECTED_SERVICES: tuple[str, ...] = (*API_SERVICES, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME)
 _HEALTH_NAMES = ("", *API_SERVICES)  # "" is the whole server, as grpc-health-probe asks by default
@@ -102,6 +102,7 @@ class EditServeServer:
         add_api_service(server, "GenerateService", GenerateServicer(self._slot, authz))
         add_api_service(server, "EditService", EditServicer(self._slot, authz))
         add_api_service(server, "InfoService", InfoServicer(self._slot))
+        add_api_service(server, "LocateService", LocateServicer(self._slot))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(REFLECTED_SERVICES, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -156,3 +156,16 @@ class InfoServicer(pb_grpc.InfoServiceServicer):
         self, request: pb.GetServerInfoRequest, context: aio.ServicerContext
     ) -> pb.GetServerInfoResponse:
         return convert.server_info_response(await self._slot.get().server_info())
+
+
+class LocateServicer(pb_grpc.LocateServiceServicer):
+    """Causal tracing; open to the callers of Generate (the auth interceptor resolves their token, and the
+    trace reads no namespace: it runs on the base model)."""
+
+    def __init__(self, slot: PlaneSlot) -> None:
+        self._slot = slot
+
+    async def Trace(self, request: pb.TraceRequest, context: aio.ServicerContext) -> pb.TraceResponse:
+        plane = self._slot.get()
+        result = await plane.trace(convert.trace_input(request, grpc_deadline(context)))
+        return convert.trace_response(result)

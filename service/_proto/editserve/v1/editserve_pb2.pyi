@@ -422,3 +422,75 @@ class GetServerInfoResponse(_message.Message):
     hook_layer_rule: str
     architecture: str
     def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., edit_version: _Optional[int] = ..., active_edits: _Optional[int] = ..., active_hook_edits: _Optional[int] = ..., active_descriptor_edits: _Optional[int] = ..., total_edits: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., hook_layer_rule: _Optional[str] = ..., architecture: _Optional[str] = ...) -> None: ...
+
+class TraceRequest(_message.Message):
+    __slots__ = ("prompt", "subject", "answer", "seed", "samples", "window")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    subject: str
+    answer: str
+    seed: int
+    samples: int
+    window: int
+    def __init__(self, prompt: _Optional[str] = ..., subject: _Optional[str] = ..., answer: _Optional[str] = ..., seed: _Optional[int] = ..., samples: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
+
+class EffectGrid(_message.Message):
+    __slots__ = ("layers", "tokens", "values")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    layers: int
+    tokens: int
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layers: _Optional[int] = ..., tokens: _Optional[int] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class LayerEffect(_message.Message):
+    __slots__ = ("layer", "effect")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EFFECT_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    effect: float
+    def __init__(self, layer: _Optional[int] = ..., effect: _Optional[float] = ...) -> None: ...
+
+class TraceResponse(_message.Message):
+    __slots__ = ("tokens", "subject_start", "subject_end", "answer", "answer_token_id", "clean_probability", "corrupted_probability", "residual", "mlp", "attention", "mlp_at_subject", "attention_at_last", "samples", "window", "seed", "noise", "seconds")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_START_FIELD_NUMBER: _ClassVar[int]
+    SUBJECT_END_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CLEAN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    CORRUPTED_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_FIELD_NUMBER: _ClassVar[int]
+    MLP_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    MLP_AT_SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_AT_LAST_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    NOISE_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[str]
+    subject_start: int
+    subject_end: int
+    answer: str
+    answer_token_id: int
+    clean_probability: float
+    corrupted_probability: float
+    residual: EffectGrid
+    mlp: EffectGrid
+    attention: EffectGrid
+    mlp_at_subject: _containers.RepeatedCompositeFieldContainer[LayerEffect]
+    attention_at_last: _containers.RepeatedCompositeFieldContainer[LayerEffect]
+    samples: int
+    window: int
+    seed: int
+    noise: float
+    seconds: float
+    def __init__(self, tokens: _Optional[_Iterable[str]] = ..., subject_start: _Optional[int] = ..., subject_end: _Optional[int] = ..., answer: _Optional[str] = ..., answer_token_id: _Optional[int] = ..., clean_probability: _Optional[float] = ..., corrupted_probability: _Optional[float] = ..., residual: _Optional[_Union[EffectGrid, _Mapping]] = ..., mlp: _Optional[_Union[EffectGrid, _Mapping]] = ..., attention: _Optional[_Union[EffectGrid, _Mapping]] = ..., mlp_at_subject: _Optional[_Iterable[_Union[LayerEffect, _Mapping]]] = ..., attention_at_last: _Optional[_Iterable[_Union[LayerEffect, _Mapping]]] = ..., samples: _Optional[int] = ..., window: _Optional[int] = ..., seed: _Optional[int] = ..., noise: _Optional[float] = ..., seconds: _Optional[float] = ...) -> None: ...

@@ -561,3 +561,85 @@ class InfoService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class LocateServiceStub:
+    """---------------------------------------------------------------- locating knowledge
+
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Trace = channel.unary_unary(
+                '/editserve.v1.LocateService/Trace',
+                request_serializer=editserve_dot_v1_dot_editserve__pb2.TraceRequest.SerializeToString,
+                response_deserializer=editserve_dot_v1_dot_editserve__pb2.TraceResponse.FromString,
+                _registered_method=True)
+
+
+class LocateServiceServicer:
+    """---------------------------------------------------------------- locating knowledge
+
+    """
+
+    def Trace(self, request, context):
+        """Causal tracing (ROME): corrupt the subject's token embeddings with noise, then restore one clean state at
+        a time (the residual stream after a layer, or a window of MLP / attention outputs) at one token, and
+        measure how much of the answer's probability comes back. Runs on the base model (no edits); open to
+        the callers of Generate; a few at a time (more: RESOURCE_EXHAUSTED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_LocateServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Trace': grpc.unary_unary_rpc_method_handler(
+                    servicer.Trace,
+                    request_deserializer=editserve_dot_v1_dot_editserve__pb2.TraceRequest.FromString,
+                    response_serializer=editserve_dot_v1_dot_editserve__pb2.TraceResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'editserve.v1.LocateService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('editserve.v1.LocateService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class LocateService:
+    """---------------------------------------------------------------- locating knowledge
+
+    """
+
+    @staticmethod
+    def Trace(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/editserve.v1.LocateService/Trace',
+            editserve_dot_v1_dot_editserve__pb2.TraceRequest.SerializeToString,
+            editserve_dot_v1_dot_editserve__pb2.TraceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
