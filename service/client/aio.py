@@ -53,6 +53,7 @@ class AsyncEditServeClient(_Base):
             self._generate = pb_grpc.GenerateServiceStub(self._channel)
             self._edits = pb_grpc.EditServiceStub(self._channel)
             self._info = pb_grpc.InfoServiceStub(self._channel)
+            self._locate = pb_grpc.LocateServiceStub(self._channel)
             self._health = health_pb2_grpc.HealthStub(self._channel)
         return self._channel
 
@@ -310,6 +311,21 @@ class AsyncEditServeClient(_Base):
         return response
 
     # ------------------------------------------------------------------ InfoService, health, versions
+
+    async def trace(
+        self,
+        prompt: str,
+        subject: str,
+        *,
+        answer: str = "",
+        seed: int = 0,
+        samples: int | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.TraceResponse:
+        """Causal tracing; arguments as `EditServeClient.trace`."""
+        request = rq.trace_request(prompt, subject, answer=answer, seed=seed, samples=samples, window=window)
+        return await self._call(lambda: self._locate.Trace, request, self._timeout(timeout, "edit"))
 
     async def server_info(self, *, timeout: float | None = None) -> pb.GetServerInfoResponse:
         return await self._call(

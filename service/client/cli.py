@@ -12,6 +12,7 @@
     editserve edits export > edits.jsonl                   the active edits, as JSONL
     editserve edits import edits.jsonl                     recreate them on this server and model
     editserve info                                         model, device, edit version, counts
+    editserve trace --prompt P --subject S --out trace.png causal tracing: where the model keeps a fact
 
 Every command takes --address (default $EDITSERVE_ADDRESS, else 127.0.0.1:$EDITSERVE_PORT or 50051),
 the admin token from --token-file or $EDITSERVE_ADMIN_TOKEN, and --json for scripts. A failure prints one
@@ -162,6 +163,19 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
 
     info = commands.add_parser("info", parents=[common], help="what a running server serves")
     info.set_defaults(handler=_guarded(cmd_info))
+
+    trace = commands.add_parser(
+        "trace", parents=[common],
+        help="causal tracing (ROME): which layers and tokens carry the answer; heatmaps with --out",
+    )
+    trace.add_argument("--prompt", required=True, help='e.g. "The Eiffel Tower is located in the city of"')
+    trace.add_argument("--subject", required=True, help="as in the prompt; its tokens are corrupted")
+    trace.add_argument("--answer", default="", help="the expected answer (default: the model's next token)")
+    trace.add_argument("--seed", type=int, default=0, help="seed of the noise (default 0)")
+    trace.add_argument("--samples", type=int, default=None, help="noise samples (server default: 3)")
+    trace.add_argument("--window", type=int, default=None, help="layers restored together (default 10)")
+    trace.add_argument("--out", type=Path, default=None, help="write the three heatmaps to this PNG")
+    trace.set_defaults(handler=_guarded(cmd_trace))
 
     edits = commands.add_parser("edits", help="list, show, roll back, export and import edits")
     sub = edits.add_subparsers(dest="edits_command", required=True, metavar="COMMAND")
@@ -748,6 +762,37 @@ def cmd_info(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         ],
         sys.stdout,
     )
+    return EXIT_OK
+
+
+def cmd_trace(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .format import print_json, table
+    from .trace_plot import token_labels, trace_dict, write_heatmaps
+
+    with make_client(args, env) as client:
+        reply = client.trace(args.prompt, args.subject, answer=args.answer, seed=args.seed,
+                             samples=args.samples, window=args.window)
+    if args.out is not None:
+        try:
+            write_heatmaps(reply, args.out)
+        except OSError as exc:
+            raise CommandError(f"cannot write {args.out}: {exc.strerror or exc}") from None
+    if args.json:
+        print_json(trace_dict(reply), sys.stdout)
+        return EXIT_OK
+    labels = token_labels(reply)
+    print(f"answer {reply.answer!r}: clean p = {reply.clean_probability:.4f}, corrupted p = "
+          f"{reply.corrupted_probability:.4f} (noise std {reply.noise:.3f}, {reply.samples} samples, "
+          f"seed {reply.seed}, window {reply.window}, {reply.seconds:.1f} s)")
+    last_subject = labels[reply.subject_end - 1]
+    table(
+        ["where", "layer", "indirect effect"],
+        [[f"MLP at {last_subject}", str(e.layer), f"{e.effect:+.4f}"] for e in reply.mlp_at_subject]
+        + [[f"attention at {labels[-1]}", str(e.layer), f"{e.effect:+.4f}"] for e in reply.attention_at_last],
+        sys.stdout,
+    )
+    if args.out is not None:
+        print(f"heatmaps written to {args.out}")
     return EXIT_OK
 
 

@@ -122,6 +122,7 @@ class EditServeClient(_Base):
         self._generate = pb_grpc.GenerateServiceStub(self.channel)
         self._edits = pb_grpc.EditServiceStub(self.channel)
         self._info = pb_grpc.InfoServiceStub(self.channel)
+        self._locate = pb_grpc.LocateServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def close(self) -> None:
@@ -385,6 +386,25 @@ class EditServeClient(_Base):
         response = self._call(self._edits.RollbackTo, request, self._timeout(timeout, "default"))
         self._wrote(response.version)
         return response
+
+    # ------------------------------------------------------------------ LocateService
+
+    def trace(
+        self,
+        prompt: str,
+        subject: str,
+        *,
+        answer: str = "",
+        seed: int = 0,
+        samples: int | None = None,
+        window: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.TraceResponse:
+        """Causal tracing of `prompt` with `subject`'s tokens corrupted: clean and corrupted p(answer), the
+        residual / MLP / attention grids of indirect effect (layers x tokens) and the circuit summary.
+        Computes on the model for seconds to minutes: the deadline is the edit one unless `timeout`."""
+        request = rq.trace_request(prompt, subject, answer=answer, seed=seed, samples=samples, window=window)
+        return self._call(self._locate.Trace, request, self._timeout(timeout, "edit"))
 
     # ------------------------------------------------------------------ InfoService, health, versions
 

@@ -159,3 +159,20 @@ def edit_request(edit: EditLike | None = None, **fields: Any) -> pb.EditRequest:
     if compile_descriptor is not None:
         request.compile_descriptor = bool(compile_descriptor)
     return request
+
+
+def trace_request(
+    prompt: str,
+    subject: str,
+    *,
+    answer: str = "",
+    seed: int = 0,
+    samples: int | None = None,
+    window: int | None = None,
+) -> pb.TraceRequest:
+    request = pb.TraceRequest(prompt=prompt, subject=subject, answer=answer, seed=seed)
+    if samples is not None:
+        request.samples = samples
+    if window is not None:
+        request.window = window
+    return request

@@ -1,0 +1,217 @@
+"""Causal tracing (service/locate/trace.py): the math on tiny random Llama and GPT-2 layouts and on the
+embedded SmolLM2, the Trace RPC through the real transport, and `editserve trace`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+
+from service.errors import InvalidArgument
+from service.hooks.arch import decoder_layers
+from service.hooks.layer import param_checksum
+from service.locate.trace import (
+    KINDS,
+    Patch,
+    calculate_hidden_flow,
+    circuit_summary,
+    prepare_trace,
+    traced_runs,
+)
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "The Eiffel Tower"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from tiny_checkpoints import save_tiny_checkpoint
+
+    from service.engine.loader import load_model
+
+    folder = save_tiny_checkpoint("gpt2", tmp_path_factory.mktemp("gpt2") / "gpt2", chat_template=False)
+    return load_model(str(folder), device="cpu", dtype="float32")
+
+
+def _restore_everything(model: Any, prompt: Any, samples: int = 2) -> tuple[float, float, float]:
+    """(clean p, corrupted p, p with every layer's residual restored at every token)."""
+    layers = len(decoder_layers(model))
+    with traced_runs(model, prompt, samples=samples, seed=0) as run:
+        rows = torch.arange(samples).repeat_interleave(len(prompt.ids))
+        positions = torch.arange(len(prompt.ids)).repeat(samples)
+        patches = [Patch("residual", i, rows, positions) for i in range(layers)]
+        restored = run.restored(0, patches)
+        return run.clean_p, run.corrupted_p, float(restored.mean())
+
+
+def _check_tiny(loaded: Any) -> None:
+    model, tok = loaded.model, loaded.tokenizer
+    before = param_checksum(model)
+    hooks_before = {id(m): len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()}
+    prompt = prepare_trace(tok, PROMPT, SUBJECT)
+    layers = len(decoder_layers(model))
+    a = calculate_hidden_flow(model, prompt, samples=2, window=3, seed=7)
+    b = calculate_hidden_flow(model, prompt, samples=2, window=3, seed=7)
+    c = calculate_hidden_flow(model, prompt, samples=2, window=3, seed=8)
+    for kind in KINDS:
+        assert a.grid(kind).shape == (layers, len(prompt.ids))
+        assert torch.equal(a.grid(kind), b.grid(kind)), f"{kind}: not deterministic under a seed"
+        assert torch.isfinite(a.grid(kind)).all()
+        # tokens before the subject are the same clean and corrupted: no effect at all
+        assert not a.grid(kind)[:, : prompt.subject[0]].any()
+    assert not torch.equal(a.residual, c.residual), "another seed, another noise"
+    # the residual after the last layer at the last token is the whole clean state there
+    assert a.residual[-1, -1] == pytest.approx(a.clean_p - a.corrupted_p, abs=1e-5)
+    clean, corrupted, restored = _restore_everything(model, prompt)
+    assert restored == pytest.approx(clean, abs=1e-5) and clean == pytest.approx(a.clean_p, abs=1e-6)
+    mlp_top, attn_top = circuit_summary(a)
+    assert len(mlp_top) == len(attn_top) == min(3, layers)
+    assert all(0 <= layer < layers for layer, _ in mlp_top + attn_top)
+    assert param_checksum(model) == before, "a trace wrote a parameter"
+    after = {id(m): len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()}
+    assert after == hooks_before, "a trace left a forward hook behind"
+
+
+def test_trace_on_a_tiny_llama(tiny_llama: Any) -> None:
+    _check_tiny(tiny_llama)
+
+
+def test_trace_on_a_tiny_gpt2(tiny_gpt2: Any) -> None:
+    _check_tiny(tiny_gpt2)
+
+
+def test_hooks_are_removed_on_error_and_act_only_in_their_thread(tiny_llama: Any) -> None:
+    import threading
+
+    model, tok = tiny_llama.model, tiny_llama.tokenizer
+    prompt = prepare_trace(tok, PROMPT, SUBJECT)
+    ids = torch.tensor([prompt.ids])
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+    seen: list[torch.Tensor] = []
+    with pytest.raises(RuntimeError, match="boom"), traced_runs(model, prompt, samples=2, seed=0) as run:
+        run.tracer.noise = (torch.ones(2, prompt.subject[1] - prompt.subject[0], 64) * 100, *prompt.subject)
+
+        def other() -> None:  # a serving thread passes through the installed hooks untouched
+            with torch.no_grad():
+                seen.append(model(input_ids=ids).logits)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        raise RuntimeError("boom")
+    assert torch.equal(seen[0], reference)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize(("prompt", "subject", "answer", "field"), [
+    ("", "x", "", "prompt"),
+    ("   ", "x", "", "prompt"),
+    (PROMPT, "", "", "subject"),
+    (PROMPT, "the Louvre", "", "subject"),
+    (PROMPT + " Paris" * 80, SUBJECT, "", "prompt"),
+])
+def test_bad_input_is_invalid_argument(tiny_llama: Any, prompt: str, subject: str, answer: str,
+                                       field: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        prepare_trace(tiny_llama.tokenizer, prompt, subject, answer)
+    assert exc.value.field == field
+
+
+def test_samples_and_window_out_of_range(tiny_llama: Any) -> None:
+    prompt = prepare_trace(tiny_llama.tokenizer, PROMPT, SUBJECT)
+    cases = (({"samples": 0}, "samples"), ({"samples": 65}, "samples"), ({"window": 0}, "window"),
+             ({"window": 5}, "window"))
+    for kwargs, field in cases:
+        with pytest.raises(InvalidArgument) as exc:
+            calculate_hidden_flow(tiny_llama.model, prompt, **kwargs)
+        assert exc.value.field == field
+
+
+def test_answer_is_traced_by_its_first_token(tiny_llama: Any) -> None:
+    tok = tiny_llama.tokenizer
+    prompt = prepare_trace(tok, PROMPT, SUBJECT, " Paris")
+    assert prompt.answer_id == tok(" Paris", add_special_tokens=False)["input_ids"][0]
+    trace = calculate_hidden_flow(tiny_llama.model, prompt, samples=1, window=2, kinds=("residual",))
+    assert trace.answer_id == prompt.answer_id
+    assert not trace.mlp.any() and not trace.attention.any()  # kinds not asked for
+
+
+# ------------------------------------------------------------------------------------------ RPC and CLI
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tiny_llama: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from service.config import Settings
+    from service.dataplane import DataPlane
+    from testkit.server_thread import ServerThread
+
+    settings = Settings(port=0, metrics_port=0, data_dir=tmp_path_factory.mktemp("trace-data"), device="cpu",
+                        dtype="float32", log_poll_s=0.0, health_poll_s=0.0, retrieval_enabled=False)
+    with ServerThread(settings, lambda: DataPlane.load(settings, loaded=tiny_llama)) as server:
+        yield server
+
+
+def test_trace_rpc_and_typed_client(served_tiny: Any) -> None:
+    from service.client import EditServeClient
+
+    with EditServeClient(served_tiny.address) as client:
+        result = client.trace(PROMPT, SUBJECT, samples=2, window=2, seed=3)
+        again = client.trace(PROMPT, SUBJECT, samples=2, window=2, seed=3)
+    layers = 4
+    assert result.residual.layers == layers and result.residual.tokens == len(result.tokens)
+    assert len(result.mlp.values) == layers * len(result.tokens)
+    assert "".join(result.tokens[result.subject_start : result.subject_end]).strip() == SUBJECT
+    assert result.residual.values == again.residual.values
+    assert 0 <= result.corrupted_probability <= 1 and 0 <= result.clean_probability <= 1
+    assert len(result.mlp_at_subject) == 3 and len(result.attention_at_last) == 3
+    assert result.samples == 2 and result.window == 2 and result.seed == 3 and result.seconds > 0
+
+
+@pytest.mark.parametrize(("request_kwargs", "field"), [
+    ({"prompt": PROMPT, "subject": "the Louvre"}, "subject"),
+    ({"prompt": "", "subject": SUBJECT}, "prompt"),
+    ({"prompt": PROMPT + " Paris" * 80, "subject": SUBJECT}, "prompt"),
+    ({"prompt": PROMPT, "subject": SUBJECT, "samples": 0}, "samples"),
+    ({"prompt": PROMPT, "subject": SUBJECT, "window": 99}, "window"),
+])
+def test_bad_trace_input_is_invalid_argument_over_grpc(served_tiny: Any, request_kwargs: dict,
+                                                       field: str) -> None:
+    from service._proto.editserve.v1 import editserve_pb2 as pb
+    from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(served_tiny.address) as channel:
+        with pytest.raises(grpc.RpcError) as exc:
+            pb_grpc.LocateServiceStub(channel).Trace(pb.TraceRequest(**request_kwargs), timeout=60)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in exc.value.details()
+
+
+def test_cli_trace_draws_a_png_and_prints_json(served_tiny: Any, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import run
+
+    env = {"EDITSERVE_ADDRESS": served_tiny.address}
+    out = tmp_path / "trace.png"
+    code = run(["trace", "--prompt", PROMPT, "--subject", SUBJECT, "--samples", "2", "--window", "2",
+                "--out", str(out)], env)
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "clean" in text and str(out) in text
+    code = run(["trace", "--prompt", PROMPT, "--subject", SUBJECT, "--samples", "2", "--window", "2",
+                "--json"], env)
+    text, err = capsys.readouterr()
+    assert code == 0, err
+    data = json.loads(text)
+    assert set(data) >= {"tokens", "residual", "mlp", "attention", "clean_probability",
+                         "corrupted_probability", "mlp_at_subject", "attention_at_last"}
+    assert len(data["residual"]) == 4 and len(data["residual"][0]) == len(data["tokens"])
+    code = run(["trace", "--prompt", PROMPT, "--subject", "the Louvre", "--json"], env)
+    _text, err = capsys.readouterr()
+    assert code != 0 and "subject" in err and "Traceback" not in err
