@@ -501,25 +501,67 @@ def random_encoder(tokenizer_folder: str, dest: Path) -> Path:
     return dest / "encoder"
 
 
-async def profile(loaded: Any, size: int, new_tokens: int) -> str:
-    """torch.profiler tables (self CPU time, then device time) of the engine at `size` streams and of
-    transformers generate at batch 1, `new_tokens` each: where a decode step's time goes."""
+async def profile(loaded: Any, sizes: list[int], new_tokens: int) -> str:
+    """Where a decode step's time goes, `new_tokens` per row: Python's cProfile of the engine's worker thread
+    at each size (its forwards run there, not in the event loop) and of transformers generate, top functions
+    by own time; then torch.profiler's device-time table of the engine at the largest size (the GPU's
+    busy time against the wall time)."""
+    import cProfile
+    import io
+    import pstats
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if loaded.device.type == "cuda" else [])
+    from service.engine import Engine
+
+    def table(prof: cProfile.Profile, sort: str, limit: int = 25) -> str:
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(sort).print_stats(limit)
+        return buf.getvalue()
+
     parts = []
-    for name in (f"engine in-process, {size} streams", "transformers generate, batch 1"):
-        with torch_profile(activities=activities) as prof:
-            if name.startswith("engine"):
-                row = await engine_batch(loaded, size, new_tokens)
-            else:
-                row = hf_batch(loaded, 1, new_tokens)
-        parts.append(f"== {name} x {new_tokens} tokens: {json.dumps(row)}")
-        avg = prof.key_averages()
-        parts.append(avg.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70))
-        if loaded.device.type == "cuda":
-            parts.append(avg.table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=70))
+    original = Engine._run
+    for size in sizes:
+        prof = cProfile.Profile()
+
+        def run(self: Any, prof: cProfile.Profile = prof) -> None:
+            prof.enable()
+            try:
+                original(self)
+            finally:
+                prof.disable()
+
+        Engine._run = run  # type: ignore[method-assign]
+        try:
+            row = await engine_batch(loaded, size, new_tokens)
+        finally:
+            Engine._run = original  # type: ignore[method-assign]
+        parts += [
+            f"== engine worker thread, {size} streams: {json.dumps(row)}",
+            table(prof, "tottime"),
+            table(prof, "cumulative", 30),
+        ]
+        prof = cProfile.Profile()
+        prof.enable()
+        row = hf_batch(loaded, size, new_tokens)
+        prof.disable()
+        parts += [f"== transformers generate, batch {size}: {json.dumps(row)}", table(prof, "tottime")]
+    interval = sys.getswitchinterval()
+    for size in sizes:  # the interpreter lock handed between the event loop and the worker 10x as often
+        sys.setswitchinterval(0.0005)
+        try:
+            row = await engine_batch(loaded, size, new_tokens)
+        finally:
+            sys.setswitchinterval(interval)
+        parts.append(f"== engine, {size} streams, sys.setswitchinterval(0.0005): {json.dumps(row)}")
+    if loaded.device.type == "cuda":
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tp:
+            row = await engine_batch(loaded, max(sizes), new_tokens)
+        parts.append(f"== torch.profiler, engine {max(sizes)} streams: {json.dumps(row)}")
+        parts.append(
+            tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=70)
+        )
     return "\n".join(parts)
 
 
@@ -631,7 +673,7 @@ async def main_async(args: argparse.Namespace) -> int:
             report["wall_s"] = round(time.perf_counter() - started, 1)
             write_report(out, report)
 
-    if "throughput" in args.parts:
+    if {"throughput", "profile", "service"} & set(args.parts.split(",")):
         dev = torch.device(args.device)
         dtype = getattr(torch, args.dtype)
         sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -643,7 +685,7 @@ async def main_async(args: argparse.Namespace) -> int:
             tp["model"], tp["parameters"] = loaded.name, n
             log(f"{n / 1e6:.0f}M parameters; warm-up ...")
             hf_batch(loaded, 2, 4)
-            for size in sizes:
+            for size in sizes if "throughput" in args.parts else []:
                 for row in (
                     hf_batch(loaded, size, args.new_tokens),
                     await engine_batch(loaded, size, args.new_tokens),
@@ -652,7 +694,7 @@ async def main_async(args: argparse.Namespace) -> int:
                     log(json.dumps(row))
                 write_report(out, report)
             if "profile" in args.parts:
-                (out / "profile.txt").write_text(await profile(loaded, max(sizes), 16))
+                (out / "profile.txt").write_text(await profile(loaded, sizes, args.profile_tokens))
                 log(f"wrote {out}/profile.txt")
             if "service" in args.parts:
                 rows, extra = await service_rows(loaded, sizes, args.new_tokens)
@@ -698,6 +740,9 @@ def main() -> None:
     parser.add_argument("--bench-config", default="2048x16", help="HIDDENxLAYERS of the random Llama")
     parser.add_argument("--sizes", default="1,16,64")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--profile-tokens", type=int, default=16, help="new tokens per row in the profile part"
+    )
     parser.add_argument(
         "--budget-s",
         type=float,
