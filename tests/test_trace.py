@@ -215,3 +215,78 @@ def test_cli_trace_draws_a_png_and_prints_json(served_tiny: Any, tmp_path: Path,
     code = run(["trace", "--prompt", PROMPT, "--subject", "the Louvre", "--json"], env)
     _text, err = capsys.readouterr()
     assert code != 0 and "subject" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------ SmolLM2
+
+
+@pytest.fixture(scope="module")
+def eiffel(smollm: Any) -> Any:
+    """One full trace of the embedded model (server defaults: 3 noise samples, window 10, seed 0)."""
+    prompt = prepare_trace(smollm.tokenizer, PROMPT, SUBJECT)
+    return prompt, calculate_hidden_flow(smollm.model, prompt, samples=3, window=10, seed=0)
+
+
+@pytest.mark.smollm
+def test_smollm_trace_shape(smollm: Any, eiffel: Any) -> None:
+    prompt, trace = eiffel
+    layers = len(decoder_layers(smollm.model))
+    tokens = [smollm.tokenizer.decode([i]) for i in prompt.ids]
+    assert "".join(tokens[slice(*trace.subject)]) == SUBJECT
+    for kind in KINDS:
+        assert trace.grid(kind).shape == (layers, len(prompt.ids))
+    assert smollm.tokenizer.decode([trace.answer_id]) == " Paris"
+    assert trace.clean_p > 0.3 and trace.corrupted_p < trace.clean_p / 5  # the noise hides the subject
+    # restoring the last layer's residual at the last token gives the whole clean probability back
+    assert trace.residual[-1, -1] == pytest.approx(trace.clean_p - trace.corrupted_p, abs=1e-4)
+    print(f"\nSmolLM2 trace of {len(prompt.ids)} tokens, 3 samples: {trace.seconds:.1f} s")
+
+
+@pytest.mark.smollm
+def test_smollm_restoring_every_residual_gives_back_the_clean_probability(smollm: Any) -> None:
+    prompt = prepare_trace(smollm.tokenizer, PROMPT, SUBJECT)
+    clean, corrupted, restored = _restore_everything(smollm.model, prompt, samples=2)
+    assert corrupted < clean / 5
+    assert restored == pytest.approx(clean, abs=1e-4)
+
+
+@pytest.mark.smollm
+def test_smollm_attention_carries_the_fact_to_the_last_token_in_later_layers(eiffel: Any) -> None:
+    _prompt, trace = eiffel
+    layers = trace.attention.shape[0]
+    best = int(trace.attention[:, -1].argmax())
+    assert best >= layers // 2, f"largest attention effect at the last token at layer {best} of {layers}"
+    _mlp_top, attn_top = circuit_summary(trace)
+    assert attn_top[0][0] == best
+
+
+@pytest.mark.smollm
+def test_smollm_mlp_effect_on_the_subject_lies_in_lower_layers(smollm: Any, eiffel: Any) -> None:
+    """The subject token whose MLP restoration matters most is " iffel" here, not the last one (" Tower"):
+    its largest MLP effect lies in the lower half of the layers."""
+    _prompt, trace = eiffel
+    start, end = trace.subject
+    layers = trace.mlp.shape[0]
+    sub = trace.mlp[:, start:end]
+    layer, _token = divmod(int(sub.argmax()), end - start)
+    assert layer < layers // 2, f"largest MLP effect over the subject at layer {layer} of {layers}"
+
+
+@pytest.mark.smollm
+@pytest.mark.xfail(strict=False, reason="SmolLM2 disagrees with ROME here: at the subject's last token "
+                   "(' Tower') no MLP window restores more than ~0.01 of p(' Paris'); the fact is read "
+                   "at ' iffel'")
+def test_smollm_mlp_effect_at_the_subject_last_token_lies_in_lower_to_middle_layers(eiffel: Any) -> None:
+    _prompt, trace = eiffel
+    mlp_top, _attn_top = circuit_summary(trace)
+    layers = trace.mlp.shape[0]
+    assert mlp_top[0][1] > 0.05 and mlp_top[0][0] < layers // 2
+
+
+@pytest.mark.smollm
+def test_smollm_trace_is_deterministic_under_a_seed(smollm: Any) -> None:
+    prompt = prepare_trace(smollm.tokenizer, PROMPT, SUBJECT)
+    runs = [calculate_hidden_flow(smollm.model, prompt, samples=1, seed=s, kinds=("residual",))
+            for s in (5, 5, 6)]
+    assert torch.equal(runs[0].residual, runs[1].residual)
+    assert runs[0].corrupted_p == runs[1].corrupted_p != runs[2].corrupted_p
