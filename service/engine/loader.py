@@ -78,8 +78,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
+def configure_cuda_attention(device: torch.device) -> None:
+    """On CUDA, switch off PyTorch's cuDNN attention backend for this process (flash and memory-efficient
+    attention stay). cuDNN builds an execution plan for every new (batch, key length) shape and decode meets
+    a new key length at every step: on an H200 (torch 2.11, bf16) each attention call then spent 3-5 ms of
+    host time, so a 0.9B Llama decoded at ~65-95 ms a step where its GPU work took ~5 ms
+    (bench/cuda_check.py, docs/benchmarks.md "CUDA check"). Idempotent; nothing changes on a CPU."""
+    if device.type == "cuda" and torch.backends.cuda.cudnn_sdp_enabled():
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("cuDNN attention off (it re-plans every decode step's new key length)")
+
+
 def load_model(model: str = EMBEDDED_MODEL, device: str = "auto", dtype: str = "auto") -> LoadedModel:
     dev = resolve_device(device)
+    configure_cuda_attention(dev)
     torch_dtype = resolve_dtype(dtype, dev)
     if model == EMBEDDED_MODEL:
         gguf = embedded_gguf_path()

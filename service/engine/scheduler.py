@@ -29,7 +29,7 @@ from service.engine.adapter import RowAdapter
 from service.engine.batch import ForwardOutput, KVState, ModelRunner, ScoreOutput, plan_prefill_groups
 from service.engine.cpu_threads import release_cpu_threads
 from service.engine.gate import HookGate
-from service.engine.loader import LoadedModel
+from service.engine.loader import LoadedModel, configure_cuda_attention
 from service.engine.prefix_cache import PrefixCache, PrefixEntry
 from service.engine.sampling import mask_tokens, sample_row
 from service.engine.sequence import EngineError, EngineRequest, SequenceState, TokenEvent, TokenStream
@@ -138,6 +138,7 @@ class Engine:
             raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
         self.loaded = loaded
         self.hooks = hooks
+        configure_cuda_attention(loaded.device)  # also for a model loaded without load_model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.adapter = adapter
         self._runner = ModelRunner(loaded, hooks, self.prefix_cache, adapter)
