@@ -4,6 +4,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py               # quality + latency
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --json out.json
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --mention-rules  # subject / name thresholds
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --concurrency 1 16  # detect() under load
 
 CounterFact is read from ../shared/data (never copied into the repository).
 """
@@ -26,7 +27,13 @@ import numpy as np  # noqa: E402
 from service.retrieval.encoder import DescriptorEncoder  # noqa: E402
 from service.retrieval.store import RetrievalStore  # noqa: E402
 from service.router.calibration import FACTS, calibration_pairs  # noqa: E402
-from service.router.scope import DEFAULT_SCOPE_THRESHOLD, ScopeDetector, best_threshold, pair_scores  # noqa: E402
+from service.router.scope import (  # noqa: E402
+    DEFAULT_SCOPE_THRESHOLD,
+    ScopeDetector,
+    best_threshold,
+    pair_scores,
+    query_views,
+)
 from testkit.scope_eval import (  # noqa: E402
     best_counterfact_threshold,
     default_data_dir,
@@ -145,6 +152,70 @@ def latency(
     return out
 
 
+class _OneAtATime(ScopeDetector):
+    """The detector without the query cache and micro-batching: every request runs its own encoder forward,
+    one after another under the encoder's lock (the side-by-side baseline of `concurrent_latency`)."""
+
+    def embed(self, query: str) -> np.ndarray:
+        views = query_views(query)
+        return self.store.encoder.encode(views) if views else np.zeros((0, self.store.dim), np.float32)
+
+
+def concurrent_latency(
+    encoder: DescriptorEncoder, records: list[dict], size: int, top_k: int, clients: list[int], n_queries: int
+) -> dict:
+    """detect() latency, the time scope detection adds before a request's prompt can be queued, with
+    `clients` threads calling it at once over a store of `size` descriptors: one forward per request
+    against micro-batched forwards, and the cache on a repeated prompt."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(0)
+    real = encoder.encode([f"{r['prompt']} {r['target_new']}." for r in records[:size]])
+    synth = rng.standard_normal((max(0, size - len(real)), encoder.dim)).astype(np.float32)
+    synth /= np.linalg.norm(synth, axis=1, keepdims=True)
+    store = RetrievalStore(encoder)
+    store.rebuild([(f"e-{n:09d}", f"descriptor {n}", v) for n, v in enumerate(np.concatenate([real, synth]))])
+    questions = [r["rephrase_prompt"] for r in records]
+    out: dict = {"descriptors": len(store)}
+    print(f"scope detection under concurrency: {len(store)} descriptors, {n_queries} distinct queries")
+    for n_clients in clients:
+        for label, detector_class in (("one forward per request", _OneAtATime),
+                                      ("micro-batched", ScopeDetector)):
+            det = detector_class(store, top_k=top_k, query_cache_entries=0)
+            for q in questions[-20:]:  # warm-up, on queries the runs do not use
+                det.detect(q)
+            queries = questions[:n_queries]
+            times: list[float] = []
+
+            def one(q: str, det: ScopeDetector = det, times: list[float] = times) -> None:
+                t0 = time.perf_counter()
+                det.detect(q)
+                times.append(time.perf_counter() - t0)
+
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(n_clients) as pool:
+                list(pool.map(one, queries))
+            wall = time.perf_counter() - t0
+            p50, p99 = _pct(times)
+            rate = len(queries) / wall
+            out[f"{n_clients} clients, {label}"] = {"p50_ms": p50, "p99_ms": p99, "queries_per_s": rate}
+            print(f"  {n_clients:>2} clients, {label:<24}: detect() p50 {p50:6.2f} ms, p99 {p99:6.2f} ms, "
+                  f"{rate:6.1f} queries/s")
+    det = ScopeDetector(store, top_k=top_k)
+    queries = questions[:200]
+    for q in queries:
+        det.detect(q)
+    hits: list[float] = []
+    for q in queries:
+        t0 = time.perf_counter()
+        det.detect(q)
+        hits.append(time.perf_counter() - t0)
+    p50, p99 = _pct(hits)
+    out["repeated prompt (cached embedding)"] = {"p50_ms": p50, "p99_ms": p99}
+    print(f"   1 client,  repeated prompt (cached)  : detect() p50 {p50:6.2f} ms, p99 {p99:6.2f} ms")
+    return out
+
+
 FREETEXT = Path(__file__).resolve().parent / "data" / "freetext-edits.jsonl"
 
 
@@ -209,11 +280,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mention-rules", action="store_true",
                     help="only sweep the subject and name thresholds")
     ap.add_argument("--records", type=int, nargs=2, default=[60, 240], metavar=("FIRST", "END"))
+    ap.add_argument("--concurrency", type=int, nargs="+", metavar="CLIENTS",
+                    help="only scope-detection latency with this many concurrent callers (e.g. 1 16), "
+                    "at the largest --sizes")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     encoder = DescriptorEncoder(device=args.device)
     print(f"encoder loaded in {time.perf_counter() - t0:.1f} s (dim {encoder.dim}, {encoder.device})")
+    if args.concurrency:
+        records = load_counterfact(args.data)
+        report = {"concurrency": concurrent_latency(encoder, records, max(args.sizes), args.top_k,
+                                                    args.concurrency, args.queries)}
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     if args.mention_rules:
         report: dict = {"mention_rules": mention_rules(encoder, *args.records)}
     else:

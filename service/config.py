@@ -86,6 +86,8 @@ class Settings:
     # 0 = no name rule.
     name_scope_threshold: float = 0.55
     retrieval_enabled: bool = True
+    # Query embeddings kept for repeated prompts (service/retrieval/query_encoder.py); 0 = no cache.
+    query_cache_entries: int = 4096
     # Fit each edit's value (v*) also in the prompt the retrieval path serves it in (its descriptor block
     # before the prompt), so hook and descriptor agree when both fire. Off by default: measured side by
     # side (docs/design.md), it lifts zsRE's "both" Rel/Gen .957/.882 -> .981/.935 but lowers CounterFact's PS
@@ -163,6 +165,8 @@ class Settings:
                      "max_batch_edits"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.query_cache_entries < 0:
+            raise SettingsError(f"--query-cache-entries must be >= 0, got {self.query_cache_entries}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise SettingsError(
                 f"--default-max-new-tokens ({self.default_max_new_tokens}) exceeds "

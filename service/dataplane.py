@@ -110,7 +110,8 @@ class DataPlane:
         self.engine = engine
         scope = (
             ScopeDetector(manager.store, settings.scope_threshold, settings.retrieval_top_k,
-                          settings.subject_scope_threshold, settings.name_scope_threshold)
+                          settings.subject_scope_threshold, settings.name_scope_threshold,
+                          settings.query_cache_entries)
             if settings.retrieval_enabled
             else None
         )

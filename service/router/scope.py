@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.retrieval.query_encoder import DEFAULT_QUERY_CACHE_ENTRIES, QueryEncoder
 from service.retrieval.store import Encoder, RetrievalStore, StoreSnapshot
 
 __all__ = [
@@ -139,6 +140,7 @@ class ScopeDetector:
         top_k: int = 4,
         subject_threshold: float | None = DEFAULT_SUBJECT_THRESHOLD,
         name_threshold: float | None = DEFAULT_NAME_THRESHOLD,
+        query_cache_entries: int = DEFAULT_QUERY_CACHE_ENTRIES,
     ) -> None:
         # None or 0 (Settings.scope_threshold's "unset") mean the calibrated default.
         self.store = store
@@ -150,13 +152,23 @@ class ScopeDetector:
         if top_k < 1:
             raise ValueError("top_k must be at least 1")
         self.top_k = top_k
+        self.query_cache_entries = query_cache_entries
+        self._queries: QueryEncoder | None = None
+
+    @property
+    def queries(self) -> QueryEncoder:
+        """The store's encoder behind the query cache and micro-batching (rebuilt if the store's changes)."""
+        queries = self._queries
+        if queries is None or queries.encoder is not self.store.encoder:
+            queries = self._queries = QueryEncoder(self.store.encoder, self.query_cache_entries)
+        return queries
 
     def embed(self, query: str) -> np.ndarray:
         """[views, dim] embeddings of the query (see query_views); [0, dim] for an empty query."""
         views = query_views(query)
         if not views:
             return np.zeros((0, self.store.dim), np.float32)
-        return self.store.encoder.encode(views)
+        return self.queries.encode(views)
 
     def detect(self, query: str, snapshot: StoreSnapshot | None = None) -> list[ScopeHit]:
         """In-scope descriptors for this query, best first; [] for an empty query or an empty store.

@@ -1,0 +1,114 @@
+"""QueryEncoder: cached and micro-batched query embeddings give exactly the wrapped encoder's rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.retrieval.query_encoder import QueryEncoder
+from service.router.scope import ScopeDetector
+from testkit.editing import HashEncoder
+
+
+class SlowEncoder:
+    """HashEncoder's rows after a fixed delay per forward, counting forwards and the texts in each."""
+
+    def __init__(self, delay_s: float = 0.05, fail_on: str | None = None) -> None:
+        self.inner = HashEncoder()
+        self.dim = self.inner.dim
+        self.delay_s, self.fail_on = delay_s, fail_on
+        self.calls: list[list[str]] = []
+        self._lock = threading.Lock()
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        with self._lock:  # as DescriptorEncoder: one forward at a time
+            self.calls.append(list(texts))
+            time.sleep(self.delay_s)
+            if self.fail_on is not None and self.fail_on in texts:
+                raise RuntimeError("encoder failed")
+            return self.inner.encode(texts)
+
+
+def test_rows_equal_the_encoders_and_repeats_come_from_the_cache() -> None:
+    slow = SlowEncoder(delay_s=0.0)
+    queries = QueryEncoder(slow, cache_entries=8)
+    texts = ["Where is the Eiffel Tower?", "Who runs Acme?", "Where is the Eiffel Tower?"]
+    rows = queries.encode(texts)
+    np.testing.assert_array_equal(rows, slow.inner.encode(texts))
+    assert slow.calls == [["Where is the Eiffel Tower?", "Who runs Acme?"]]  # duplicates encoded once
+    again = queries.encode(["Who runs Acme?"])
+    np.testing.assert_array_equal(again[0], rows[1])
+    assert len(slow.calls) == 1 and queries.hits >= 1
+
+
+def test_the_cache_is_bounded_least_recently_used_first() -> None:
+    slow = SlowEncoder(delay_s=0.0)
+    queries = QueryEncoder(slow, cache_entries=2)
+    for text in ("a", "b", "a", "c"):  # "b" is the least recently used when "c" arrives
+        queries.encode([text])
+    calls = len(slow.calls)
+    queries.encode(["a"])
+    queries.encode(["c"])
+    assert len(slow.calls) == calls
+    queries.encode(["b"])
+    assert len(slow.calls) == calls + 1
+
+
+def test_no_cache_still_encodes_correctly() -> None:
+    slow = SlowEncoder(delay_s=0.0)
+    queries = QueryEncoder(slow, cache_entries=0)
+    queries.encode(["x"])
+    queries.encode(["x"])
+    assert len(slow.calls) == 2
+    with pytest.raises(ValueError):
+        QueryEncoder(slow, cache_entries=-1)
+
+
+def test_concurrent_queries_share_forwards() -> None:
+    slow = SlowEncoder(delay_s=0.05)
+    queries = QueryEncoder(slow, cache_entries=0)
+    texts = [f"question number {i}?" for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        rows = list(pool.map(lambda t: queries.encode([t])[0], texts))
+    for text, row in zip(texts, rows, strict=True):
+        np.testing.assert_array_equal(row, slow.inner.encode([text])[0])
+    # one forward per query would be 16; the first runs alone, the rest queue behind it and combine
+    assert len(slow.calls) < 8, [len(c) for c in slow.calls]
+    assert sum(len(c) for c in slow.calls) == 16
+
+
+def test_an_encoder_error_reaches_every_caller_of_that_forward_and_no_later_one() -> None:
+    slow = SlowEncoder(delay_s=0.05, fail_on="bad")
+    queries = QueryEncoder(slow, cache_entries=0)
+    barrier = threading.Barrier(2)
+
+    def call(text: str) -> str:
+        barrier.wait()
+        try:
+            queries.encode([text])
+            return "ok"
+        except RuntimeError:
+            return "error"
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = sorted(pool.map(call, ["bad", "good"]))
+    assert "error" in outcomes
+    assert queries.encode(["good"]).shape == (1, slow.dim)  # the combiner is free again
+
+
+def test_the_scope_detector_embeds_through_the_cache() -> None:
+    from service.retrieval.store import RetrievalStore
+
+    slow = SlowEncoder(delay_s=0.0)
+    store = RetrievalStore(slow)
+    store.add("e1", "The mascot of the Zorbian Space Agency is a purple llama named Quimby.")
+    scope = ScopeDetector(store, query_cache_entries=16)
+    query = "What is the mascot of the Zorbian Space Agency?"
+    first = scope.detect(query)
+    calls = len(slow.calls)
+    assert scope.detect(query) == first
+    assert len(slow.calls) == calls
