@@ -23,7 +23,7 @@ from service.router.scope import query_views
 
 def default_data_dir() -> Path:
     """../shared/data next to the repository root, where the evaluation sets live (never copied in)."""
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def load_counterfact(path: Path | None = None) -> list[dict]:
