@@ -65,6 +65,9 @@ def _check_tiny(loaded: Any) -> None:
         # tokens before the subject are the same clean and corrupted: no effect at all
         assert not a.grid(kind)[:, : prompt.subject[0]].any()
     assert not torch.equal(a.residual, c.residual), "another seed, another noise"
+    full = calculate_hidden_flow(model, prompt, samples=2, window=3, seed=7, use_suffix=False)
+    for kind in KINDS:  # replaying only the tokens from the restored one on changes nothing
+        assert torch.allclose(a.grid(kind), full.grid(kind), atol=1e-5), kind
     # the residual after the last layer at the last token is the whole clean state there
     assert a.residual[-1, -1] == pytest.approx(a.clean_p - a.corrupted_p, abs=1e-5)
     clean, corrupted, restored = _restore_everything(model, prompt)
@@ -83,6 +86,27 @@ def test_trace_on_a_tiny_llama(tiny_llama: Any) -> None:
 
 def test_trace_on_a_tiny_gpt2(tiny_gpt2: Any) -> None:
     _check_tiny(tiny_gpt2)
+
+
+@pytest.mark.parametrize("arch", ["opt", "mistral"])
+def test_trace_on_other_layouts(arch: str, tmp_path: Path) -> None:
+    """OPT flattens its MLP rows; Mistral's sliding window (8 tokens, shorter than the prompt) makes the
+    suffix replay refuse, so every restoration replays all tokens."""
+    from tiny_checkpoints import save_tiny_checkpoint
+
+    from service.engine.loader import load_model
+
+    loaded = load_model(str(save_tiny_checkpoint(arch, tmp_path / arch, chat_template=False)), device="cpu",
+                        dtype="float32")
+    prompt = prepare_trace(loaded.tokenizer, PROMPT, SUBJECT)
+    with traced_runs(loaded.model, prompt, samples=2, seed=0) as run:
+        assert (run.suffix is None) == (arch == "mistral")
+    fast = calculate_hidden_flow(loaded.model, prompt, samples=2, window=2, seed=1)
+    full = calculate_hidden_flow(loaded.model, prompt, samples=2, window=2, seed=1, use_suffix=False)
+    for kind in KINDS:
+        assert torch.allclose(fast.grid(kind), full.grid(kind), atol=1e-5), kind
+    clean, _corrupted, restored = _restore_everything(loaded.model, prompt)
+    assert restored == pytest.approx(clean, abs=1e-5)
 
 
 def test_hooks_are_removed_on_error_and_act_only_in_their_thread(tiny_llama: Any) -> None:

@@ -24,6 +24,7 @@ are removed when the trace ends, on error too.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,8 @@ from service.hooks.arch import (
     find_hook_sites,
 )
 from service.hooks.rows import encode_row
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_SAMPLES",
@@ -74,6 +77,7 @@ MAX_SAMPLES = 64
 MAX_TRACE_TOKENS = 64
 NOISE_FACTOR = 3.0  # ROME: noise std = 3 x the std of the subject embeddings
 MAX_ROWS = 512  # rows of one restoration forward; more are split by token
+MAX_SWEEP_ROWS = 1024  # rows of one suffix sweep (restorations x samples); more are split
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Patch:
     layer: int
     rows: torch.Tensor
     positions: torch.Tensor
+    source: torch.Tensor | None = None  # the clean run's positions of the values (default: `positions`)
 
 
 def prepare_trace(
@@ -171,6 +176,7 @@ class _Tracer:
         self.first_input: torch.Tensor | None = None
         self.noise: tuple[torch.Tensor, int, int] | None = None  # (noise [rows, n, d], start, end)
         self.patches: dict[tuple[str, int], list[tuple[Patch, torch.Tensor]]] = {}
+        self.cache: Any = None
         self._handles: list[Any] = []
 
     # ---- hooks (no-ops outside the owner thread) ---------------------------------------------------
@@ -235,12 +241,16 @@ class _Tracer:
         return hook
 
     # ---- runs ----------------------------------------------------------------------------------------
-    def capture(self, ids: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    def capture(
+        self, ids: torch.Tensor, *, keep_cache: bool = False
+    ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor]:
         """A full forward of `ids` ([rows, T]); every kind's state at every layer, block 0's input, and
-        the last token's probabilities."""
+        the last token's probabilities. With `keep_cache`, `self.cache` holds the run's KV cache."""
         self.capturing = {kind: [None] * self.n_layers for kind in KINDS}
         try:
-            hidden = base_model(self.model)(input_ids=ids, use_cache=False).last_hidden_state
+            out = base_model(self.model)(input_ids=ids, use_cache=keep_cache)
+            hidden = out.last_hidden_state
+            self.cache = out.past_key_values if keep_cache else None
         finally:
             states, self.capturing = self.capturing, None
         missing = [f"{k} {i}" for k, v in states.items() for i, s in enumerate(v) if s is None]
@@ -272,6 +282,144 @@ class _Tracer:
             )
 
 
+class _NoSuffixReplay(Exception):
+    """The blocks cannot be replayed on a suffix of the tokens (the full replay is used instead)."""
+
+
+_CACHE_NAMES = ("past_key_values", "past_key_value", "layer_past")
+
+
+class _SuffixReplay:
+    """Blocks replayed on the tokens from `t` on only, the tokens before `t` read from a KV cache.
+
+    A restoration at token t changes no state of an earlier token (the model is causal), so those are the
+    corrupted run's at every layer: their keys and values come from that run's KV cache and only the
+    suffix is computed. The block's own arguments are reused: rotary embeddings and position ids are cut to
+    the suffix, the mask is an explicit causal one over the whole sequence, and the cache holds the prefix.
+    An argument this does not know how to cut raises _NoSuffixReplay; `check` compares with the model."""
+
+    def __init__(self, tracer: _Tracer) -> None:
+        import inspect
+
+        self.tracer = tracer
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        for i, block in enumerate(tracer.blocks):
+            call = tracer.block_calls[i]
+            assert call is not None
+            args, kwargs = call
+            sig = inspect.signature(block.forward)
+            hidden_name = next(iter(sig.parameters))
+            try:
+                bound = sig.bind(None, *args, **kwargs)
+            except TypeError as exc:
+                raise _NoSuffixReplay(str(exc)) from None
+            named: dict[str, Any] = {}
+            for name, value in bound.arguments.items():
+                kind = sig.parameters[name].kind
+                if kind is inspect.Parameter.VAR_KEYWORD:
+                    named.update(value)
+                elif kind is inspect.Parameter.VAR_POSITIONAL:
+                    if value:
+                        raise _NoSuffixReplay(f"block {i} takes positional extras")
+                elif name != hidden_name:
+                    named[name] = value
+            params = set(sig.parameters) | set(named)
+            if "attention_mask" not in params or not any(n in params for n in _CACHE_NAMES):
+                raise _NoSuffixReplay(f"block {i} takes no attention mask or no cache")
+            for name, value in named.items():
+                known = name in ("position_embeddings", "position_ids", "cache_position", "attention_mask")
+                if not known and isinstance(value, torch.Tensor | tuple) and value is not None:
+                    raise _NoSuffixReplay(f"block {i}: unknown tensor argument {name}")
+            self.calls.append((next(n for n in _CACHE_NAMES if n in params), named))
+
+    @staticmethod
+    def layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layers = getattr(cache, "layers", None)
+        if layers is None or layer >= len(layers) or getattr(layers[layer], "keys", None) is None:
+            raise _NoSuffixReplay("the KV cache has no per-layer keys")
+        return layers[layer].keys, layers[layer].values
+
+    def block(self, i: int, hidden: torch.Tensor, t: int, kv: tuple[torch.Tensor, torch.Tensor] | None,
+              seq_len: int) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        cache_name, named = self.calls[i]
+        kwargs = dict(named)
+        for name, value in named.items():
+            if name == "position_embeddings" and isinstance(value, tuple):
+                kwargs[name] = tuple(v[:, t:] for v in value)
+            elif name == "position_ids" and isinstance(value, torch.Tensor):
+                kwargs[name] = value[..., t:]
+            elif name == "cache_position" and isinstance(value, torch.Tensor):
+                kwargs[name] = value[t:]
+        q = seq_len - t
+        allowed = torch.arange(seq_len)[None, :] <= torch.arange(t, seq_len)[:, None]
+        mask = torch.zeros(q, seq_len, dtype=hidden.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(hidden.dtype).min)
+        kwargs["attention_mask"] = mask[None, None].to(hidden.device)
+        cache = None
+        if kv is not None and t > 0:
+            cache = DynamicCache()
+            cache.update(kv[0], kv[1], i)
+        kwargs[cache_name] = cache
+        return _hidden_of(self.tracer.blocks[i](hidden, **kwargs))
+
+
+def _sweep(
+    tracer: _Tracer,
+    suffix: _SuffixReplay,
+    t: int,
+    configs: Sequence[tuple[str, int, int, Sequence[int]]],
+    inputs: Any,
+    cache: Any,
+    clean: dict[str, list[torch.Tensor]],
+    answer_id: int | None,
+) -> torch.Tensor:
+    """One pass over the blocks for restorations at token `t`: each config (kind, layer, start, restored
+    layers) joins with its rows (one per base row: the noise samples) at block `start`, its input the base
+    run's input of that block from token t on (`inputs(i)`); the prefix comes from `cache`. Returns p(answer)
+    per row ([configs * base rows]), or every probability where `answer_id` is None."""
+    order = sorted(range(len(configs)), key=lambda c: configs[c][2])
+    seq_len = tracer.seq_len
+    hidden: torch.Tensor | None = None
+    rows_of: dict[int, torch.Tensor] = {}
+    sample_of: list[torch.Tensor] = []
+    first = min(configs[c][2] for c in order)
+    saved = tracer.seq_len
+    tracer.seq_len = seq_len - t
+    try:
+        for i in range(first, tracer.n_layers):
+            joining = [c for c in order if configs[c][2] == i]
+            if joining:
+                base = inputs(i)[:, t:]
+                n = 0 if hidden is None else hidden.shape[0]
+                for j, c in enumerate(joining):
+                    rows_of[c] = torch.arange(n + j * base.shape[0], n + (j + 1) * base.shape[0])
+                    sample_of.append(torch.arange(base.shape[0]))
+                new = base.repeat(len(joining), 1, 1)
+                hidden = new if hidden is None else torch.cat([hidden, new])
+            assert hidden is not None
+            tracer.patches = {}
+            for c, rows in rows_of.items():
+                kind, _layer, _start, layers = configs[c]
+                if i in layers:
+                    zero = torch.zeros_like(rows)
+                    values = clean[kind][i][0, t].expand(len(rows), -1)
+                    tracer.patches.setdefault((kind, i), []).append((Patch(kind, i, rows, zero), values))
+            samples = torch.cat(sample_of)
+            k, v = _SuffixReplay.layer_kv(cache, i) if t > 0 else (None, None)
+            kv = None if k is None or v is None else (k[samples, :, :t], v[samples, :, :t])
+            hidden = suffix.block(i, hidden, t, kv, seq_len)
+    finally:
+        tracer.patches = {}
+        tracer.seq_len = saved
+    assert hidden is not None
+    probs = torch.softmax(final_logits(tracer.model, tracer.norm(hidden[:, -1])).float(), dim=-1)
+    out = probs if answer_id is None else probs[:, answer_id]
+    index = torch.cat([rows_of[c] for c in range(len(configs))])
+    return out[index]
+
+
 def trace_with_patch(
     tracer: _Tracer,
     start: int,
@@ -286,7 +434,7 @@ def trace_with_patch(
     for p in patches:
         if p.layer < start:
             raise ValueError(f"a patch at layer {p.layer} lies below the replay's first block {start}")
-        values = clean[p.kind][p.layer][0, p.positions]
+        values = clean[p.kind][p.layer][0, p.positions if p.source is None else p.source]
         tracer.patches.setdefault((p.kind, p.layer), []).append((p, values))
     try:
         return tracer.replay(start, inputs)[:, answer_id]
@@ -368,6 +516,8 @@ class TraceRun:
     clean_p: float
     corrupted_p: float
     noise: float
+    suffix: _SuffixReplay | None = None  # None: the blocks are replayed on every token
+    cache: Any = None  # the corrupted run's KV cache (for the suffix replay)
 
     def restored(self, start: int, patches: Sequence[Patch]) -> torch.Tensor:
         """p(answer) per row of the corrupted run replayed from block `start` with `patches` restored; rows
@@ -395,12 +545,64 @@ def traced_runs(
         noise = torch.randn((samples, end - start, embeddings.shape[-1]), generator=gen) * noise_std
         tracer.noise = (noise.to(device), start, end)
         try:
-            corrupted, first, corrupted_probs = tracer.capture(ids.expand(samples, -1))
+            corrupted, first, corrupted_probs = tracer.capture(ids.expand(samples, -1), keep_cache=True)
         finally:
             tracer.noise = None
         tracer.check_replay(clean_first, clean_probs)
+        cache, tracer.cache = tracer.cache, None
+        suffix = _suffix_replay(tracer, ids, clean, clean_first, clean_probs)
         yield TraceRun(tracer, clean, corrupted, first, answer_id, float(clean_probs[0, answer_id]),
-                       float(corrupted_probs[:, answer_id].mean()), noise_std)
+                       float(corrupted_probs[:, answer_id].mean()), noise_std, suffix, cache)
+
+
+def _suffix_replay(
+    tracer: _Tracer, ids: torch.Tensor, clean: dict[str, list[torch.Tensor]], clean_first: torch.Tensor,
+    clean_probs: torch.Tensor,
+) -> _SuffixReplay | None:
+    """The suffix replay where it reproduces the model's forward (checked at three split points), else
+    None: then every restoration replays all tokens (same result, about twice the work)."""
+    try:
+        suffix = _SuffixReplay(tracer)
+        clean_cache = base_model(tracer.model)(input_ids=ids, use_cache=True).past_key_values
+        seq_len = ids.shape[1]
+        for t in sorted({0, seq_len // 2, seq_len - 1}):
+            probs = _sweep(tracer, suffix, t, [("residual", 0, 0, ())],
+                           lambda i: _corrupted_input(clean, clean_first, i), clean_cache, clean, None)
+            if float((probs - clean_probs).abs().max()) > 1e-3:
+                raise _NoSuffixReplay(f"split at token {t} differs from the model's forward")
+    except Exception as exc:  # noqa: BLE001 - any failure means "replay every token", which is exact
+        log.info("causal tracing replays every token for %s: %s", architecture_name(tracer.model), exc)
+        return None
+    return suffix
+
+
+def _suffix_grids(
+    run: TraceRun, tokens: Sequence[int], window: int, kinds: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """p(answer) [layers, len(tokens)] per kind, one block sweep per token (and per chunk of rows)."""
+    assert run.suffix is not None
+    n = run.tracer.n_layers
+    configs: list[tuple[str, int, int, Sequence[int]]] = []
+    for kind in kinds:
+        for layer in range(n):
+            if kind == "residual":
+                configs.append((kind, layer, layer, (layer,)))
+            else:
+                lo, hi = max(0, layer - window // 2), min(n, layer - (-window // 2))
+                configs.append((kind, layer, lo, tuple(range(lo, hi))))
+    samples = run.first.shape[0]
+    per_sweep = max(1, MAX_SWEEP_ROWS // samples)
+    grids = {kind: torch.zeros(n, len(tokens)) for kind in kinds}
+    for col, t in enumerate(tokens):
+        for c0 in range(0, len(configs), per_sweep):
+            chunk = configs[c0 : c0 + per_sweep]
+            p = _sweep(run.tracer, run.suffix, t, chunk,
+                       lambda i: _corrupted_input(run.corrupted, run.first, i), run.cache, run.clean,
+                       run.answer_id)
+            means = p.view(len(chunk), samples).mean(dim=1).cpu()
+            for (kind, layer, _start, _layers), value in zip(chunk, means, strict=True):
+                grids[kind][layer, col] = value
+    return grids
 
 
 @torch.no_grad()
@@ -413,6 +615,7 @@ def calculate_hidden_flow(
     seed: int = 0,
     noise_factor: float = NOISE_FACTOR,
     kinds: Sequence[str] = KINDS,
+    use_suffix: bool = True,
 ) -> CausalTrace:
     """The whole trace of one prompt: clean and corrupted p(answer) and the three grids of indirect effect
     (kinds not asked for are zeros). Deterministic for a given seed."""
@@ -427,10 +630,13 @@ def calculate_hidden_flow(
     with traced_runs(model, prompt, samples=samples, seed=seed, noise_factor=noise_factor) as run:
         tokens = list(range(start, seq_len))  # tokens before the subject: effect exactly 0
         args = (tokens, run.clean, run.corrupted, run.first, run.answer_id)
+        fast = _suffix_grids(run, tokens, window, kinds) if run.suffix is not None and use_suffix else None
         grids = {}
         for kind in KINDS:
             grid = torch.zeros(n_layers, seq_len)
-            if kind in kinds:
+            if fast is not None and kind in fast:
+                grid[:, start:] = fast[kind] - run.corrupted_p
+            elif kind in kinds:
                 if kind == "residual":
                     p = trace_important_states(run.tracer, *args)
                 else:
