@@ -29,8 +29,8 @@ from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
 pytestmark = [pytest.mark.postgres, pytest.mark.archs]
 
 PG_URL = os.environ.get("EDITSERVE_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-# 30 s of concurrent writers in the suite; EDITSERVE_REPLICA_SECONDS=600 for a soak
-REPLICA_SECONDS = float(os.environ.get("EDITSERVE_REPLICA_SECONDS", "30"))
+# 60 s of concurrent writers (the issue asks for 60); EDITSERVE_REPLICA_SECONDS to change it
+REPLICA_SECONDS = float(os.environ.get("EDITSERVE_REPLICA_SECONDS", "60"))
 TOKEN = "replica-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 PROMPTS = ["Zorblat Vexmoor works as a", "The capital of France is", "Qelvan Drift is located in"]
