@@ -17,7 +17,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PROMPT = "The Eiffel Tower, in France, is located in the city of"
+PROMPT = "The Eiffel Tower is a landmark located in the city of"  # 12 tokens
 SUBJECT = "The Eiffel Tower"
 
 
