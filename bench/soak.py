@@ -7,8 +7,8 @@ The server runs as its own process (`python -m service serve`), so its resident 
 descriptors are read from /proc without the clients in them. The clients mix Generate, GenerateStream,
 Score, descriptor edits, hook edits (forced, so the quality gate never rejects them), rollbacks of their
 own edits (each client keeps at most 8 live, so the edit set reaches a steady size and memory that
-still grows is a leak), ListEdits and GetServerInfo. Every `--sample-s` seconds: RSS, open fds, threads, and from the
-Prometheus endpoint the prefix-cache bytes, hook-table bytes and active edits.
+still grows is a leak), ListEdits and GetServerInfo. Every `--sample-s` seconds: RSS, open fds, threads,
+and from the Prometheus endpoint the prefix-cache bytes, hook-table bytes and active edits.
 
 Printed at the end: requests by RPC and status code, edits acknowledged and rolled back, and each
 resource at the start (after the first minute's warm-up), at the end, its maximum, and its growth over
