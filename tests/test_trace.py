@@ -197,6 +197,27 @@ def test_trace_rpc_and_typed_client(served_tiny: Any) -> None:
     assert result.samples == 2 and result.window == 2 and result.seed == 3 and result.seconds > 0
 
 
+def test_async_client_trace_and_the_concurrency_bound(served_tiny: Any) -> None:
+    import asyncio
+
+    from service.client import AsyncEditServeClient, ResourceExhaustedError
+    from service.dataplane import MAX_CONCURRENT_TRACES
+
+    async def go() -> Any:
+        async with AsyncEditServeClient(served_tiny.address) as client:
+            return await client.trace(PROMPT, SUBJECT, answer=" Paris", samples=1, window=1)
+
+    reply = asyncio.run(go())
+    assert reply.answer == " Paris" and reply.samples == 1 and reply.window == 1
+    plane = served_tiny.plane
+    plane._traces = MAX_CONCURRENT_TRACES  # as if that many traces were running
+    try:
+        with pytest.raises(ResourceExhaustedError):
+            asyncio.run(go())
+    finally:
+        plane._traces = 0
+
+
 @pytest.mark.parametrize(("request_kwargs", "field"), [
     ({"prompt": PROMPT, "subject": "the Louvre"}, "subject"),
     ({"prompt": "", "subject": SUBJECT}, "prompt"),
