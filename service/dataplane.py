@@ -39,6 +39,7 @@ from service.types import (
     EditResult,
     EffectGrid,
     GenerateChunk,
+    GeneratedLogprob,
     GenerateInput,
     GenerateResult,
     ListEditsInput,
@@ -50,6 +51,7 @@ from service.types import (
     ScoreResult,
     ServerInfo,
     TokenLogprob,
+    TopLogprob,
     TraceInput,
     TraceResult,
 )
@@ -188,13 +190,27 @@ class DataPlane:
 
     async def _tail_log(self, interval_s: float) -> None:
         """Apply edits other replicas append to a shared (PostgreSQL) log; on SQLite it finds nothing."""
+        failed = 0  # polls failed in a row: an unreachable database is logged when it goes and comes back
         while True:
             await asyncio.sleep(interval_s)
             try:
-                await asyncio.to_thread(released_after(self.manager.catch_up))
+                version = await asyncio.to_thread(released_after(self.manager.catch_up))
+            except Unavailable as exc:
+                metrics.EDIT_LOG_SYNC_ERRORS.inc()
+                if not failed:
+                    log.warning("%s; Edits answer UNAVAILABLE, Generate serves version %d, retrying every "
+                                "%.1f s", exc, self.manager.version, interval_s)
+                failed += 1
+                continue
             except Exception:  # a database hiccup must not kill the tailer; the next poll retries
                 metrics.EDIT_LOG_SYNC_ERRORS.inc()
                 log.exception("reading the shared edit log failed; retrying in %.1f s", interval_s)
+                failed += 1
+                continue
+            if failed:
+                log.warning("the edit log is reachable again after %d failed reads; serving version %d",
+                            failed, version)
+                failed = 0
 
     async def shutdown(self, grace_s: float) -> None:
         self._ready = False
@@ -223,11 +239,27 @@ class DataPlane:
 
     # ------------------------------------------------------------------------------------ generation
 
+    def _logprobs(
+        self, token_ids: list[int], logprobs: list[tuple[float, list[tuple[int, float]]]]
+    ) -> list[GeneratedLogprob]:
+        if not logprobs:
+            return []
+        decode = self.loaded.tokenizer.decode
+        return [
+            GeneratedLogprob(
+                token_id=t, token=decode([t]), logprob=lp,
+                top_logprobs=[TopLogprob(token_id=i, token=decode([i]), logprob=v) for i, v in top],
+            )
+            for t, (lp, top) in zip(token_ids, logprobs, strict=True)
+        ]
+
     async def generate(self, request: GenerateInput) -> GenerateResult:
         pieces: list[str] = []
+        logprobs: list[GeneratedLogprob] = []
         last: GenerateChunk | None = None
         async for chunk in self.generate_stream(request):
             pieces.append(chunk.text)
+            logprobs += chunk.logprobs
             last = chunk
         assert last is not None and last.finish_reason is not None  # the stream always ends with one
         return GenerateResult(
@@ -237,6 +269,7 @@ class DataPlane:
             finish_reason=last.finish_reason,
             edit_version=last.edit_version,
             applied_edits=last.applied_edits,
+            logprobs=logprobs,
         )
 
     async def generate_stream(self, request: GenerateInput) -> AsyncIterator[GenerateChunk]:
@@ -259,6 +292,7 @@ class DataPlane:
             seed=request.seed,
             stop=list(request.stop),
             min_new_tokens=effective_min_new_tokens(request),
+            logprobs=request.logprobs,
         )
         # The alignment adapter (if any) runs on this row only when descriptors were injected.
         engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
@@ -276,6 +310,7 @@ class DataPlane:
                     completion_tokens=event.completion_tokens,
                     edit_version=snap.version,
                     applied_edits=self._applied(route, event.hook_fires) if final else [],
+                    logprobs=self._logprobs(event.token_ids, event.logprobs),
                 )
         finally:
             # Closing the engine's stream frees the batch slot when our caller stops early (cancel).
@@ -401,7 +436,7 @@ class DataPlane:
         try:
             with self.manager.hooks.disabled():
                 trace = calculate_hidden_flow(self.loaded.model, prompt, samples=samples, window=window,
-                                              seed=request.seed)
+                                              seed=request.seed, deadline=request.deadline)
         except UnsupportedArchitecture as exc:
             raise FailedPrecondition(f"this model cannot be traced: {exc}") from exc
         mlp_top, attn_top = circuit_summary(trace)

@@ -49,10 +49,14 @@ def _restore_everything(model: Any, prompt: Any, samples: int = 2) -> tuple[floa
         return run.clean_p, run.corrupted_p, float(restored.mean())
 
 
+def _hook_counts(model: Any) -> dict[int, int]:
+    return {id(m): len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()}
+
+
 def _check_tiny(loaded: Any) -> None:
     model, tok = loaded.model, loaded.tokenizer
     before = param_checksum(model)
-    hooks_before = {id(m): len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()}
+    hooks_before = _hook_counts(model)
     prompt = prepare_trace(tok, PROMPT, SUBJECT)
     layers = len(decoder_layers(model))
     a = calculate_hidden_flow(model, prompt, samples=2, window=3, seed=7)
@@ -76,8 +80,7 @@ def _check_tiny(loaded: Any) -> None:
     assert len(mlp_top) == len(attn_top) == min(3, layers)
     assert all(0 <= layer < layers for layer, _ in mlp_top + attn_top)
     assert param_checksum(model) == before, "a trace wrote a parameter"
-    after = {id(m): len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()}
-    assert after == hooks_before, "a trace left a forward hook behind"
+    assert _hook_counts(model) == hooks_before, "a trace left a forward hook behind"
 
 
 def test_trace_on_a_tiny_llama(tiny_llama: Any) -> None:
@@ -118,6 +121,7 @@ def test_hooks_are_removed_on_error_and_act_only_in_their_thread(tiny_llama: Any
     with torch.no_grad():
         reference = model(input_ids=ids).logits
     seen: list[torch.Tensor] = []
+    hooks_before = _hook_counts(model)
     with pytest.raises(RuntimeError, match="boom"), traced_runs(model, prompt, samples=2, seed=0) as run:
         run.tracer.noise = (torch.ones(2, prompt.subject[1] - prompt.subject[0], 64) * 100, *prompt.subject)
 
@@ -130,7 +134,7 @@ def test_hooks_are_removed_on_error_and_act_only_in_their_thread(tiny_llama: Any
         t.join()
         raise RuntimeError("boom")
     assert torch.equal(seen[0], reference)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert _hook_counts(model) == hooks_before
 
 
 @pytest.mark.parametrize(("prompt", "subject", "answer", "field"), [
@@ -155,6 +159,20 @@ def test_samples_and_window_out_of_range(tiny_llama: Any) -> None:
         with pytest.raises(InvalidArgument) as exc:
             calculate_hidden_flow(tiny_llama.model, prompt, **kwargs)
         assert exc.value.field == field
+
+
+@pytest.mark.parametrize("use_suffix", [True, False])
+def test_a_passed_deadline_stops_the_trace(tiny_llama: Any, use_suffix: bool) -> None:
+    import time
+
+    from service.errors import DeadlineExceeded
+
+    prompt = prepare_trace(tiny_llama.tokenizer, PROMPT, SUBJECT)
+    hooks_before = _hook_counts(tiny_llama.model)
+    with pytest.raises(DeadlineExceeded):
+        calculate_hidden_flow(tiny_llama.model, prompt, samples=1, window=2, use_suffix=use_suffix,
+                              deadline=time.monotonic() - 1)
+    assert _hook_counts(tiny_llama.model) == hooks_before
 
 
 def test_answer_is_traced_by_its_first_token(tiny_llama: Any) -> None:

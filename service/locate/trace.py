@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from service.errors import InvalidArgument
+from service.errors import DeadlineExceeded, InvalidArgument
 from service.hooks.arch import (
     UnsupportedArchitecture,
     architecture_name,
@@ -143,6 +143,12 @@ def prepare_trace(
             raise InvalidArgument("encodes to no tokens", field="answer")
         answer_id = int(answer_ids[0])
     return TracePrompt(row.ids, (row.subject[0], row.subject[1] + 1), answer_id)
+
+
+def _check_deadline(deadline: float | None) -> None:
+    """Between batched forwards: a trace whose caller's deadline passed stops computing."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded("the deadline passed while tracing")
 
 
 def collect_embedding_std(embeddings: torch.Tensor) -> float:
@@ -481,22 +487,27 @@ def _restorations(
 def trace_important_states(
     tracer: _Tracer, tokens: Sequence[int], clean: dict[str, list[torch.Tensor]],
     corrupted: dict[str, list[torch.Tensor]], first: torch.Tensor, answer_id: int,
+    deadline: float | None = None,
 ) -> torch.Tensor:
     """[layers, len(tokens)]: p(answer) with the hidden state after block L restored at token t."""
-    return torch.stack([
-        _restorations(tracer, "residual", layer, [layer], tokens, clean, corrupted, first, answer_id)
-        for layer in range(tracer.n_layers)
-    ])
+    rows = []
+    for layer in range(tracer.n_layers):
+        _check_deadline(deadline)
+        rows.append(_restorations(tracer, "residual", layer, [layer], tokens, clean, corrupted, first,
+                                  answer_id))
+    return torch.stack(rows)
 
 
 def trace_important_window(
     tracer: _Tracer, kind: str, window: int, tokens: Sequence[int], clean: dict[str, list[torch.Tensor]],
     corrupted: dict[str, list[torch.Tensor]], first: torch.Tensor, answer_id: int,
+    deadline: float | None = None,
 ) -> torch.Tensor:
     """[layers, len(tokens)]: p(answer) with `kind` restored at token t in the blocks of a `window` centred
     on L (clipped at both ends, as ROME: L - window // 2 .. L + ceil(window / 2) - 1)."""
     rows = []
     for layer in range(tracer.n_layers):
+        _check_deadline(deadline)
         lo, hi = max(0, layer - window // 2), min(tracer.n_layers, layer - (-window // 2))
         rows.append(_restorations(tracer, kind, lo, range(lo, hi), tokens, clean, corrupted, first,
                                   answer_id))
@@ -577,7 +588,7 @@ def _suffix_replay(
 
 
 def _suffix_grids(
-    run: TraceRun, tokens: Sequence[int], window: int, kinds: Sequence[str]
+    run: TraceRun, tokens: Sequence[int], window: int, kinds: Sequence[str], deadline: float | None = None
 ) -> dict[str, torch.Tensor]:
     """p(answer) [layers, len(tokens)] per kind, one block sweep per token (and per chunk of rows)."""
     assert run.suffix is not None
@@ -595,6 +606,7 @@ def _suffix_grids(
     grids = {kind: torch.zeros(n, len(tokens)) for kind in kinds}
     for col, t in enumerate(tokens):
         for c0 in range(0, len(configs), per_sweep):
+            _check_deadline(deadline)
             chunk = configs[c0 : c0 + per_sweep]
             p = _sweep(run.tracer, run.suffix, t, chunk,
                        lambda i: _corrupted_input(run.corrupted, run.first, i), run.cache, run.clean,
@@ -616,9 +628,11 @@ def calculate_hidden_flow(
     noise_factor: float = NOISE_FACTOR,
     kinds: Sequence[str] = KINDS,
     use_suffix: bool = True,
+    deadline: float | None = None,
 ) -> CausalTrace:
     """The whole trace of one prompt: clean and corrupted p(answer) and the three grids of indirect effect
-    (kinds not asked for are zeros). Deterministic for a given seed."""
+    (kinds not asked for are zeros). Deterministic for a given seed. Past `deadline` (time.monotonic()),
+    DeadlineExceeded between two batched forwards."""
     started = time.perf_counter()
     n_layers = len(decoder_layers(model))
     if not 1 <= samples <= MAX_SAMPLES:
@@ -630,7 +644,8 @@ def calculate_hidden_flow(
     with traced_runs(model, prompt, samples=samples, seed=seed, noise_factor=noise_factor) as run:
         tokens = list(range(start, seq_len))  # tokens before the subject: effect exactly 0
         args = (tokens, run.clean, run.corrupted, run.first, run.answer_id)
-        fast = _suffix_grids(run, tokens, window, kinds) if run.suffix is not None and use_suffix else None
+        fast = (_suffix_grids(run, tokens, window, kinds, deadline) if run.suffix is not None and use_suffix
+                else None)
         grids = {}
         for kind in KINDS:
             grid = torch.zeros(n_layers, seq_len)
@@ -638,9 +653,9 @@ def calculate_hidden_flow(
                 grid[:, start:] = fast[kind] - run.corrupted_p
             elif kind in kinds:
                 if kind == "residual":
-                    p = trace_important_states(run.tracer, *args)
+                    p = trace_important_states(run.tracer, *args, deadline=deadline)
                 else:
-                    p = trace_important_window(run.tracer, kind, window, *args)
+                    p = trace_important_window(run.tracer, kind, window, *args, deadline=deadline)
                 grid[:, start:] = p.cpu() - run.corrupted_p
             grids[kind] = grid
     return CausalTrace(
