@@ -590,7 +590,7 @@ class LocateServiceServicer:
         """Causal tracing (ROME): corrupt the subject's token embeddings with noise, then restore one clean state at
         a time (the residual stream after a layer, or a window of MLP / attention outputs) at one token, and
         measure how much of the answer's probability comes back. Runs on the base model (no edits); open to
-        the callers of Generate; a few at a time (more: RESOURCE_EXHAUSTED).
+        the callers of Generate; one at a time per server (another: RESOURCE_EXHAUSTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
