@@ -44,6 +44,27 @@ class GenerateInput:
     edit_paths: tuple[EditPathName, ...] = ("hook", "retrieval")  # which paths apply when use_edits
     deadline: float | None = None  # time.monotonic() deadline, from the gRPC deadline when one is set
     namespaces: tuple[str, ...] = ()  # whose edits apply; empty = ("default",)
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely
+
+
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token a request may ask for (OpenAI's chat API: 20)
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class GeneratedLogprob:
+    """A generated token's log-probability under the model and the most likely tokens at its position."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top_logprobs: list[TopLogprob] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -65,6 +86,7 @@ class GenerateChunk:
     completion_tokens: int = 0
     edit_version: int = 0
     applied_edits: list[AppliedEdit] = field(default_factory=list)
+    logprobs: list[GeneratedLogprob] = field(default_factory=list)  # one per token id, when asked for
 
 
 @dataclass
@@ -75,6 +97,7 @@ class GenerateResult:
     finish_reason: FinishReason
     edit_version: int
     applied_edits: list[AppliedEdit] = field(default_factory=list)
+    logprobs: list[GeneratedLogprob] = field(default_factory=list)  # one per generated token, when asked
 
 
 @dataclass

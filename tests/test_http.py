@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
 import openai
 import pytest
 from grpc import aio
@@ -131,13 +132,56 @@ async def test_a_namespaced_edit_is_visible_only_to_its_namespace(served: Served
     assert extension(off)["applied_edits"] == []
 
 
+async def test_logprobs_in_openais_shapes_and_over_grpc(served: Served) -> None:
+    done = await served.client.completions.create(model="editserve", prompt="Once upon a time", max_tokens=5,
+                                                  temperature=0, logprobs=2)
+    lp = done.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == done.usage.completion_tokens
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert len(top) <= 2 and max(top.values()) == pytest.approx(value)  # greedy: the best one
+        assert token in top and value <= 0
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+    chat = await served.client.chat.completions.create(
+        model="editserve", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0,
+        logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob)
+               for c in content)
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    plain = await served.client.chat.completions.create(
+        model="editserve", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+    stream = await served.client.chat.completions.create(
+        model="editserve", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0,
+        logprobs=True, stream=True)
+    streamed = [c for chunk in [x async for x in stream] if chunk.choices and chunk.choices[0].logprobs
+                for c in chunk.choices[0].logprobs.content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content])
+
+    gen = pb_grpc.GenerateServiceStub(served.channel)
+    request = pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=5, temperature=0.0, logprobs=2)
+    unary = await gen.Generate(request)
+    assert [x.logprob for x in unary.logprobs] == pytest.approx(lp.token_logprobs, abs=1e-5)
+    assert all(len(x.top_logprobs) == 2 for x in unary.logprobs)
+    pieces = [c async for c in gen.GenerateStream(request)]
+    assert all(len(c.logprobs) == len(c.token_ids) for c in pieces)
+    without = await gen.Generate(pb.GenerateRequest(prompt="Once upon a time", max_new_tokens=5))
+    assert len(without.logprobs) == 0
+    with pytest.raises(aio.AioRpcError) as info:
+        await gen.Generate(pb.GenerateRequest(prompt="hi", logprobs=21))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in info.value.details()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "param"),
     [
         ({"extra_headers": {"X-Editserve-Namespaces": "Tenant A"}}, 400, "X-Editserve-Namespaces[0]"),
         ({"extra_body": {"editserve": {"namespaces": "a"}}}, 400, "editserve.namespaces"),
         ({"extra_body": {"editserve": {"bogus": 1}}}, 400, "editserve"),
-        ({"logprobs": 2}, 400, "logprobs"),
+        ({"logprobs": 21}, 400, "logprobs"),
         ({"n": 2}, 400, "n"),
         ({"max_tokens": 100000}, 400, "max_new_tokens"),
         ({"temperature": 3}, 400, "temperature"),

@@ -101,6 +101,7 @@ class AsyncEditServeClient(_Base):
         edit_paths: Iterable[str | int] | None = None,
         namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
+        logprobs: int | None = None,
         timeout: float | None = None,
     ) -> pb.GenerateResponse:
         request = rq.generate_request(
@@ -117,6 +118,7 @@ class AsyncEditServeClient(_Base):
             edit_paths_=edit_paths,
             namespaces=namespaces,
             min_version=self._min_version(min_version),
+            logprobs=logprobs,
         )
         return await self._call(lambda: self._generate.Generate, request, self._timeout(timeout, "generate"))
 
@@ -136,6 +138,7 @@ class AsyncEditServeClient(_Base):
         edit_paths: Iterable[str | int] | None = None,
         namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
+        logprobs: int | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Text pieces as they are decoded; retried on UNAVAILABLE only before the first piece."""
@@ -153,6 +156,7 @@ class AsyncEditServeClient(_Base):
             edit_paths_=edit_paths,
             namespaces=namespaces,
             min_version=self._min_version(min_version),
+            logprobs=logprobs,
         )
         timeout = self._timeout(timeout, "generate")
         self.channel  # noqa: B018

@@ -169,6 +169,7 @@ class EditServeClient(_Base):
         edit_paths: Iterable[str | int] | None = None,
         namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
+        logprobs: int | None = None,
         timeout: float | None = None,
     ) -> pb.GenerateResponse:
         """A whole completion. `messages` ((role, content) pairs, dicts or ChatMessage) go through the
@@ -187,6 +188,7 @@ class EditServeClient(_Base):
             edit_paths_=edit_paths,
             namespaces=namespaces,
             min_version=self._min_version(min_version),
+            logprobs=logprobs,
         )
         return self._call(self._generate.Generate, request, self._timeout(timeout, "generate"))
 
@@ -206,6 +208,7 @@ class EditServeClient(_Base):
         edit_paths: Iterable[str | int] | None = None,
         namespaces: Iterable[str] | None = None,
         min_version: int | None = None,
+        logprobs: int | None = None,
         timeout: float | None = None,
     ) -> Iterator[pb.GenerateStreamResponse]:
         """Text pieces as tokens are decoded; the last message carries the finish reason and the edits
@@ -225,6 +228,7 @@ class EditServeClient(_Base):
             edit_paths_=edit_paths,
             namespaces=namespaces,
             min_version=self._min_version(min_version),
+            logprobs=logprobs,
         )
         timeout = self._timeout(timeout, "generate")
         delays = self.retry.delays()

@@ -98,6 +98,7 @@ def generate_request(
     edit_paths_: Iterable[str | int] | None = None,
     min_version: int = 0,
     namespaces: Iterable[str] | None = None,
+    logprobs: int | None = None,
 ) -> pb.GenerateRequest:
     request = pb.GenerateRequest(
         prompt=prompt,
@@ -119,6 +120,8 @@ def generate_request(
         request.top_p = top_p
     if use_edits is not None:
         request.use_edits = use_edits
+    if logprobs is not None:
+        request.logprobs = logprobs
     return request
 
 

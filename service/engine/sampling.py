@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from service.errors import InvalidArgument
+from service.types import MAX_TOP_LOGPROBS
 
 MIN_TEMPERATURE = 1e-5
 
@@ -24,6 +25,7 @@ class SamplingParams:
     seed: int = 0  # used when temperature > 0
     stop: list[str] = field(default_factory=list)  # text is cut before the first stop string found
     min_new_tokens: int = 0  # EOS is masked out until this many tokens were generated
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N most likely
 
     @property
     def greedy(self) -> bool:
@@ -42,6 +44,8 @@ class SamplingParams:
             raise InvalidArgument("must lie in [0, max_new_tokens]", field="min_new_tokens")
         if self.top_k < 0:
             raise InvalidArgument("must be >= 0", field="top_k")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"must lie in [0, {MAX_TOP_LOGPROBS}]", field="logprobs")
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -82,6 +86,27 @@ def mask_tokens(logits: torch.Tensor, rows: list[int], token_ids: frozenset[int]
     row_index = torch.tensor(rows, device=logits.device, dtype=torch.long)
     masked[row_index.unsqueeze(1), ids.unsqueeze(0)] = float("-inf")
     return masked
+
+
+def token_logprobs(
+    logits: torch.Tensor, rows: list[int], tokens: list[int], top: list[int]
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each (row, sampled token, number of alternatives): the token's log-probability under the model's
+    distribution at that row (raw logits: before temperature, top-k/top-p and the EOS mask) and the `top`
+    most likely (token id, log-probability) pairs, best first. One log-softmax and one copy for all rows."""
+    if not rows:
+        return []
+    index = torch.tensor(rows, device=logits.device)
+    logp = logits.index_select(0, index).float().log_softmax(dim=-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    k = max(top)
+    best = torch.topk(logp, k, dim=-1) if k else None
+    values = best.values.tolist() if best is not None else [[]] * len(rows)
+    ids = best.indices.tolist() if best is not None else [[]] * len(rows)
+    return [
+        (lp, list(zip(ids[i][: top[i]], values[i][: top[i]], strict=True)))
+        for i, lp in enumerate(chosen)
+    ]
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -31,7 +31,7 @@ from service.engine.cpu_threads import release_cpu_threads
 from service.engine.gate import HookGate
 from service.engine.loader import LoadedModel, configure_cuda_attention
 from service.engine.prefix_cache import PrefixCache, PrefixEntry
-from service.engine.sampling import mask_tokens, sample_row
+from service.engine.sampling import mask_tokens, sample_row, token_logprobs
 from service.engine.sequence import EngineError, EngineRequest, SequenceState, TokenEvent, TokenStream
 from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 
@@ -496,18 +496,29 @@ class Engine:
         greedy_tokens = out.host_tokens(logits.argmax(dim=-1))  # also fetches deferred gate decisions
         keep: list[int] = []
         generated = fired = 0
+        tokens: dict[int, int] = {}
         for row, seq in enumerate(seqs):
             if seq.cancelled:
                 continue
             try:
                 seq.record_forward(out.fires[row], seq.table.version if seq.table is not None else 0)
-                token = (
+                tokens[row] = (
                     greedy_tokens[row]
                     if seq.params.greedy
                     else sample_row(logits[row], seq.params, seq.generator)
                 )
-                event = seq.append(token)
-            except Exception as exc:  # this row only (e.g. NaN probabilities, a tokenizer error)
+            except Exception as exc:  # this row only (e.g. NaN probabilities)
+                log.exception("sampling failed")
+                outbox.fail(seq, EngineError(f"sampling failed: {exc!r}"))
+        asked = [row for row in tokens if seqs[row].params.logprobs is not None]
+        logprobs = dict(zip(asked, token_logprobs(
+            out.logits, asked, [tokens[r] for r in asked], [seqs[r].params.logprobs or 0 for r in asked]
+        ), strict=True))
+        for row, token in tokens.items():
+            seq = seqs[row]
+            try:
+                event = seq.append(token, logprobs.get(row))
+            except Exception as exc:  # this row only (e.g. a tokenizer error)
                 log.exception("sampling failed")
                 outbox.fail(seq, EngineError(f"sampling failed: {exc!r}"))
                 continue

@@ -51,6 +51,8 @@ class TokenEvent:
     completion_tokens: int
     edit_version: int  # version of the hook table this request is served with (0 without hooks)
     hook_fires: dict[str, float] = field(default_factory=dict)  # final event: edit_id -> best gate score
+    # when the request asked: per token id, (log-probability, [(token id, log-probability)] most likely)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 class SequenceState:
@@ -96,8 +98,9 @@ class SequenceState:
             if score > self.fires.get(edit_id, float("-inf")):
                 self.fires[edit_id] = score
 
-    def append(self, token: int) -> TokenEvent:
-        """Take the next sampled token; the returned event is final when the sequence ends with it."""
+    def append(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> TokenEvent:
+        """Take the next sampled token (and its log-probabilities, when the request asked for them); the
+        returned event is final when the sequence ends with it."""
         now = time.monotonic()
         if self.last_token_at is None:
             metrics.TTFT.observe(now - self.submitted_at)
@@ -118,7 +121,10 @@ class SequenceState:
                 text += self._drain()
         if reason is not None:
             self.finished = True
-        return self._event([token], text, reason)
+        event = self._event([token], text, reason)
+        if logprob is not None:
+            event.logprobs.append(logprob)
+        return event
 
     def finish_cancelled(self) -> TokenEvent:
         """The engine gave up on this sequence (shutdown past its grace period)."""

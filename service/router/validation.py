@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 
 from service.errors import InvalidArgument
-from service.types import GenerateInput, ScoreInput
+from service.types import MAX_TOP_LOGPROBS, GenerateInput, ScoreInput
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
@@ -52,6 +52,8 @@ def validate_generate(req: GenerateInput, limits: Limits) -> int:
         raise InvalidArgument(f"must lie in (0, 1], got {req.top_p}", field="top_p")
     if req.top_k < 0:
         raise InvalidArgument(f"must be >= 0, got {req.top_k}", field="top_k")
+    if req.logprobs is not None and not 0 <= req.logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"must lie in [0, {MAX_TOP_LOGPROBS}], got {req.logprobs}", field="logprobs")
     if not 0 <= req.seed <= MAX_SEED:
         raise InvalidArgument(f"must be below 2**63, got {req.seed}", field="seed")
     if len(req.stop) > MAX_STOP_STRINGS:

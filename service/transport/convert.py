@@ -71,6 +71,7 @@ def generate_input(req: pb.GenerateRequest, deadline: float | None) -> t.Generat
         edit_paths=edit_paths(req.edit_paths),
         deadline=deadline,
         namespaces=tuple(req.namespaces),
+        logprobs=req.logprobs if req.HasField("logprobs") else None,
     )
 
 
@@ -91,6 +92,17 @@ def applied_edits(edits: list[t.AppliedEdit]) -> list[pb.AppliedEdit]:
             for e in edits]
 
 
+def generated_logprobs(logprobs: list[t.GeneratedLogprob]) -> list[pb.GeneratedLogprob]:
+    return [
+        pb.GeneratedLogprob(
+            token_id=x.token_id, token=x.token, logprob=x.logprob,
+            top_logprobs=[pb.TopLogprob(token_id=a.token_id, token=a.token, logprob=a.logprob)
+                          for a in x.top_logprobs],
+        )
+        for x in logprobs
+    ]
+
+
 def finish_reason(reason: str | None) -> int:
     return _FINISH_REASONS[reason] if reason else pb.FINISH_REASON_UNSPECIFIED
 
@@ -103,6 +115,7 @@ def generate_response(res: t.GenerateResult) -> pb.GenerateResponse:
         finish_reason=finish_reason(res.finish_reason),
         edit_version=res.edit_version,
         applied_edits=applied_edits(res.applied_edits),
+        logprobs=generated_logprobs(res.logprobs),
     )
 
 
@@ -115,6 +128,7 @@ def stream_response(chunk: t.GenerateChunk) -> pb.GenerateStreamResponse:
         completion_tokens=chunk.completion_tokens,
         edit_version=chunk.edit_version,
         applied_edits=applied_edits(chunk.applied_edits),
+        logprobs=generated_logprobs(chunk.logprobs),
     )
 
 

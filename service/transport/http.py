@@ -195,11 +195,7 @@ class OpenAIFrontEnd:
         for name, defaults in _UNSUPPORTED_DEFAULTS.items():
             if name in body and body[name] not in defaults:
                 raise InvalidArgument("is not supported by this server", field=name)
-        if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs") not in (None, 0):
-            raise InvalidArgument(
-                "this engine does not return log-probabilities while generating; score a text with the gRPC "
-                "GenerateService.Score call instead", field="logprobs",
-            )
+        logprobs = _logprobs_setting(body, chat=messages is not None)
         ext = body.get("editserve") or {}
         if not isinstance(ext, dict):
             raise InvalidArgument("must be an object", field="editserve")
@@ -235,6 +231,7 @@ class OpenAIFrontEnd:
             min_version=_int(ext.get("min_version"), "editserve.min_version", minimum=0) or 0,
             edit_paths=tuple(dict.fromkeys(paths)),  # type: ignore[arg-type]
             namespaces=tuple(sorted(namespaces)),
+            logprobs=logprobs,
         )
 
     async def _respond(self, plane: t.DataPlaneProtocol, gen: t.GenerateInput, body: dict[str, Any],
@@ -247,8 +244,11 @@ class OpenAIFrontEnd:
         created = int(time.time())
         if not stream:
             result = await plane.generate(gen)
-            choice: dict[str, Any] = {"index": 0, "logprobs": None,
-                                      "finish_reason": _FINISH.get(result.finish_reason, "stop")}
+            wanted = gen.logprobs is not None
+            choice: dict[str, Any] = {
+                "index": 0, "logprobs": _logprobs_doc(result.logprobs, chat) if wanted else None,
+                "finish_reason": _FINISH.get(result.finish_reason, "stop"),
+            }
             if chat:
                 choice["message"] = {"role": "assistant", "content": result.text}
             else:
@@ -263,7 +263,7 @@ class OpenAIFrontEnd:
         # Open the stream before answering 200: a bad request or a full queue is still a plain 4xx.
         first = await _first(chunks)
         events = _sse(chunks, first, ident, created, model, gen.namespaces, chat,
-                      bool(options.get("include_usage")))
+                      bool(options.get("include_usage")), gen.logprobs is not None)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -280,7 +280,7 @@ async def _first(chunks: AsyncIterator[t.GenerateChunk]) -> t.GenerateChunk | No
 
 async def _sse(
     chunks: AsyncIterator[t.GenerateChunk], first: t.GenerateChunk | None, ident: str, created: int,
-    model: str, namespaces: tuple[str, ...], chat: bool, include_usage: bool,
+    model: str, namespaces: tuple[str, ...], chat: bool, include_usage: bool, logprobs: bool = False,
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; the last chunk carries `editserve`. When the client
     goes away Starlette cancels this generator, and `aclosing` closes the data plane's stream, which frees
@@ -306,7 +306,10 @@ async def _sse(
                     except StopAsyncIteration:
                         break
                 finish = _FINISH.get(chunk.finish_reason) if chunk.finish_reason else None
-                piece: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish}
+                piece: dict[str, Any] = {
+                    "index": 0, "finish_reason": finish,
+                    "logprobs": _logprobs_doc(chunk.logprobs, chat) if logprobs else None,
+                }
                 if chat:
                     piece["delta"] = {"content": chunk.text} if chunk.text or not finish else {}
                 else:
@@ -325,6 +328,51 @@ async def _sse(
             error = {"message": message, "type": kind_, "code": exc.code.lower()}
             yield f"data: {json.dumps({'error': error})}\n\n"
         yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------- log-probabilities
+
+
+def _logprobs_setting(body: dict[str, Any], *, chat: bool) -> int | None:
+    """How many alternatives per token the request asks for; None when it asks for no log-probabilities.
+    Chat: `logprobs` (bool) with `top_logprobs` (0-20); completions: `logprobs` (an int, 0-20)."""
+    if chat:
+        wanted = _bool(body.get("logprobs"), "logprobs", False)
+        top = _int(body.get("top_logprobs"), "top_logprobs", minimum=0)
+        if top is not None and not wanted:
+            raise InvalidArgument("needs logprobs: true", field="top_logprobs")
+        if top is not None and top > t.MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"must lie in [0, {t.MAX_TOP_LOGPROBS}]", field="top_logprobs")
+        return (top or 0) if wanted else None
+    raw = body.get("logprobs")
+    if raw is None:
+        return None
+    n = _int(raw, "logprobs", minimum=0)
+    if n is not None and n > t.MAX_TOP_LOGPROBS:
+        raise InvalidArgument(f"must lie in [0, {t.MAX_TOP_LOGPROBS}]", field="logprobs")
+    return n
+
+
+def _logprobs_doc(logprobs: list[t.GeneratedLogprob], chat: bool) -> dict[str, Any]:
+    """OpenAI's shapes: chat `{"content": [{token, logprob, bytes, top_logprobs}]}`; completions
+    `{tokens, token_logprobs, top_logprobs, text_offset}` (offsets within this piece of text)."""
+    if chat:
+        return {"content": [
+            {"token": x.token, "logprob": x.logprob, "bytes": list(x.token.encode()),
+             "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.token.encode())}
+                              for a in x.top_logprobs]}
+            for x in logprobs
+        ]}
+    offsets, at = [], 0
+    for x in logprobs:
+        offsets.append(at)
+        at += len(x.token)
+    return {
+        "tokens": [x.token for x in logprobs],
+        "token_logprobs": [x.logprob for x in logprobs],
+        "top_logprobs": [{a.token: a.logprob for a in x.top_logprobs} for x in logprobs],
+        "text_offset": offsets,
+    }
 
 
 # ---------------------------------------------------------------------------------- field parsing
