@@ -18,6 +18,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +50,10 @@ SQLITE_FILENAME = "editlog.sqlite3"
 HEAD_SUFFIX = ".head"  # beside the SQLite file: the highest version ever committed
 _WRITE_OPTION = "editlog_write"  # execution option: this transaction appends (SQLite: BEGIN IMMEDIATE)
 _READ_CHUNK = 1000  # entries per round trip in read_all: 3 queries per chunk, not per entry
+PG_CONNECT_TIMEOUT_S = 3  # a PostgreSQL connect that takes longer fails as Unavailable
+# After PostgreSQL could not be reached, calls fail at once for this long instead of each waiting out its
+# own connect (callers queue on the commit lock; one slow connect each would push them past deadlines).
+PG_RETRY_AFTER_S = 1.0
 
 
 
@@ -62,6 +67,7 @@ class EditLog:
         self._engine = engine.execution_options(schema_translate_map={None: schema}) if schema else engine
         self._schema = schema
         self.dialect: str = engine.dialect.name
+        self._retry_at = 0.0  # monotonic time before which PostgreSQL is not tried again (unreachable)
         # One advisory-lock key per schema, so test schemas (or tenants) do not serialise each other.
         self._lock_key = int.from_bytes(
             hashlib.sha256(f"editserve.editlog:{schema or ''}".encode()).digest()[:8], "big", signed=True
@@ -90,7 +96,12 @@ class EditLog:
             database = sa_url.database
             head_file = Path(database + HEAD_SUFFIX) if database and database != ":memory:" else None
         else:
-            engine = sa.create_engine(sa_url, pool_pre_ping=True)
+            # A database that accepts no connection (down, or a partition that drops packets) must fail
+            # the call, not hang it past every deadline: libpq waits forever by default. The URL may
+            # set its own (?connect_timeout=10).
+            timeout = {} if "connect_timeout" in sa_url.query or sa_url.get_driver_name() not in (
+                "psycopg", "psycopg2") else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+            engine = sa.create_engine(sa_url, pool_pre_ping=True, connect_args=timeout)
             head_file = None
         log = cls(engine, schema=schema, head_file=head_file)
         try:
@@ -214,8 +225,20 @@ class EditLog:
                     f"ON {prefix}{table.name} FOR EACH ROW EXECUTE FUNCTION {prefix}editlog_append_only()"
                 )
 
+    def _connect(self) -> Connection:
+        if self.dialect != "postgresql":
+            return self._engine.connect()
+        if time.monotonic() < self._retry_at:
+            raise Unavailable("edit log unavailable: the database could not be reached a moment ago "
+                              f"(tried again every {PG_RETRY_AFTER_S:g} s)")
+        try:
+            return self._engine.connect()  # pre-ping: a connection the server dropped is replaced here
+        except sa.exc.DBAPIError:
+            self._retry_at = time.monotonic() + PG_RETRY_AFTER_S
+            raise
+
     def _write_connection(self) -> Connection:
-        return self._engine.connect().execution_options(**{_WRITE_OPTION: True})
+        return self._connect().execution_options(**{_WRITE_OPTION: True})
 
     def _lock_appenders(self, conn: Connection) -> None:
         # Held to COMMIT: the next appender reads max(version) only after this one is visible.
@@ -280,7 +303,7 @@ class EditLog:
 
     def head_version(self) -> int:
         try:
-            with self._engine.connect() as conn:
+            with self._connect() as conn:
                 return int(conn.execute(sa.select(sa.func.max(log_entries.c.version))).scalar() or 0)
         except sa.exc.DBAPIError as exc:
             self._raise_db_error(exc, "reading")
@@ -292,7 +315,7 @@ class EditLog:
         expected = after_version + 1
         while True:
             try:
-                with self._engine.connect() as conn:
+                with self._connect() as conn:
                     rows = conn.execute(
                         sa.select(log_entries)
                         .where(log_entries.c.version >= expected)
@@ -314,7 +337,7 @@ class EditLog:
 
     def read_entry(self, version: int) -> LogEntry | None:
         try:
-            with self._engine.connect() as conn:
+            with self._connect() as conn:
                 rows = conn.execute(sa.select(log_entries).where(log_entries.c.version == version)).all()
                 chunk = self._assemble(conn, rows)
         except sa.exc.DBAPIError as exc:
@@ -325,7 +348,7 @@ class EditLog:
         if not key:
             return None
         try:
-            with self._engine.connect() as conn:
+            with self._connect() as conn:
                 return self._entry_by_key(conn, key)
         except sa.exc.DBAPIError as exc:
             self._raise_db_error(exc, "reading")
