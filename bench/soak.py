@@ -6,12 +6,12 @@
 The server runs as its own process (`python -m service serve`), so its resident memory and open file
 descriptors are read from /proc without the clients in them. The clients mix Generate, GenerateStream,
 Score, descriptor edits, hook edits (forced, so the quality gate never rejects them), rollbacks of their
-own edits (each client keeps at most 8 live, so the edit set reaches a steady size and memory that
+own edits (each client keeps at most 2 live, so the edit set reaches a steady size and memory that
 still grows is a leak), ListEdits and GetServerInfo. Every `--sample-s` seconds: RSS, open fds, threads,
 and from the Prometheus endpoint the prefix-cache bytes, hook-table bytes and active edits.
 
 Printed at the end: requests by RPC and status code, edits acknowledged and rolled back, and each
-resource at the start (after the first minute's warm-up), at the end, its maximum, and its growth over
+resource at the start (after two minutes' warm-up), at the end, its maximum, and its growth over
 the second half (a least-squares slope, per minute). Resources are "bounded" when the slope of RSS over
 the second half is under --max-rss-slope-mb MiB/min, fds end within 16 of their start, and the prefix
 cache stays under its cap; the script exits 1 otherwise.
@@ -54,7 +54,7 @@ PROMPTS = [
     "Who wrote the novel Moby Dick?",
 ]
 # (kind, weight): the traffic mix
-MAX_LIVE_EDITS_PER_CLIENT = 8
+MAX_LIVE_EDITS_PER_CLIENT = 2
 MIX = [("generate", 30), ("stream", 30), ("score", 15), ("descriptor_edit", 8), ("hook_edit", 3),
        ("rollback", 6), ("list", 4), ("info", 4)]
 
@@ -231,7 +231,7 @@ async def soak(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace, samples: list[dict[str, float]], tally: Tally) -> int:
-    warm = [s for s in samples if s["t_s"] >= 60] or samples
+    warm = [s for s in samples if s["t_s"] >= 120] or samples
     half = [s for s in samples if s["t_s"] >= samples[-1]["t_s"] / 2]
     print("\nrequests by RPC and status code:")
     for (rpc, code), n in sorted(tally.codes.items()):
