@@ -10,7 +10,9 @@ are synthetic but served exactly like real ones: committed to the edit log as ba
 entries (random keys whose thresholds no activation reaches, so every token is gated against every key
 without changing the text) and descriptors with unit embeddings, then published by the edit manager.
 The clients run in another process (serve_throughput.py --client-of). On the second server the same
-clients also go over HTTP (streaming /v1/completions), for the HTTP-against-gRPC latency.
+clients also go over HTTP (streaming /v1/completions), for the HTTP-against-gRPC latency: once with the
+official `openai` client and once with a bare SSE reader on a socket, which tells the server's cost from the
+client's.
 """
 
 from __future__ import annotations
@@ -76,11 +78,13 @@ async def _serve(loaded: Any, new_tokens: int, max_clients: int, data_dir: str) 
 
 
 async def _clients(script: str, server: Any, new_tokens: int, clients: list[int], namespaces: list[str],
-                   http: bool) -> list[dict[str, Any]]:
+                   http: str) -> list[dict[str, Any]]:
+    """`http`: "" (gRPC), "openai" (the official client) or "raw" (a bare SSE reader)."""
     args = [sys.executable, script, "--client-of", server.address, "--new-tokens", str(new_tokens),
             "--clients", ",".join(map(str, clients)), "--client-namespaces", ",".join(namespaces)]
     if http:
-        args += ["--client-http", f"http://127.0.0.1:{server.http_port}/v1"]
+        prefix = "raw+" if http == "raw" else ""
+        args += ["--client-http", f"{prefix}http://127.0.0.1:{server.http_port}/v1"]
     proc = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -93,8 +97,8 @@ async def measure_namespaces(loaded: Any, args: Any, clients: list[int], script:
     spread = [f"tenant-{i}" for i in range(n)]
     rows: list[dict[str, Any]] = []
     for label, spaces, per_space, modes in (
-        (f"{n} namespaces x {per} edits, clients spread over them", spread, per, (False,)),
-        (f"1 namespace x {n * per} edits", ["tenant-all"], n * per, (False, True)),
+        (f"{n} namespaces x {per} edits, clients spread over them", spread, per, ("",)),
+        (f"1 namespace x {n * per} edits", ["tenant-all"], n * per, ("", "openai", "raw")),
     ):
         with tempfile.TemporaryDirectory(prefix="editserve-bench-ns-") as data_dir:
             server = await _serve(loaded, args.new_tokens, max(clients), data_dir)

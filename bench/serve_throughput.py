@@ -29,6 +29,7 @@ import os
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -250,12 +251,15 @@ class LoadGenerator:
         self._stub = pb_grpc.GenerateServiceStub(self.channel)
         self.new_tokens = new_tokens
         self.namespaces = namespaces or []
-        self.http = http
+        # "raw+URL": a bare SSE reader on a socket, to tell the server's HTTP cost from the openai client's
+        self.raw = http.startswith("raw+")
+        self.http = http.removeprefix("raw+")
         self._openai: Any = None
-        if http:
+        if self.http and not self.raw:
             import openai  # the official client, as a backend would call the HTTP front end
 
-            self._openai = openai.AsyncOpenAI(base_url=http, api_key="unused", max_retries=0, timeout=600)
+            self._openai = openai.AsyncOpenAI(base_url=self.http, api_key="unused", max_retries=0,
+                                              timeout=600)
 
     async def one(self, prompt: str, namespace: str = "") -> tuple[int, float]:
         if self.http:
@@ -270,7 +274,37 @@ class LoadGenerator:
             count = chunk.completion_tokens or count
         return count, ttft
 
+    async def _one_raw(self, prompt: str, namespace: str) -> tuple[int, float]:
+        started = time.perf_counter()
+        ttft, count = 0.0, 0
+        headers = {"X-Editserve-Namespaces": namespace} if namespace else {}
+        body = json.dumps({
+            "model": "editserve", "prompt": prompt, "max_tokens": self.new_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True},
+        }).encode()
+        url = urllib.parse.urlsplit(self.http)
+        reader, writer = await asyncio.open_connection(url.hostname, url.port)
+        head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        writer.write(f"POST {url.path}/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n{head}"
+                     "Connection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+        try:
+            while line := await reader.readline():  # each SSE event arrives as one chunk of the reply
+                if not line.startswith(b"data: {"):
+                    continue
+                if not ttft:
+                    ttft = time.perf_counter() - started
+                if b'"usage"' in line:
+                    usage = json.loads(line[6:]).get("usage")
+                    count = usage["completion_tokens"] if usage else count
+        finally:
+            writer.close()
+        return count, ttft
+
     async def _one_http(self, prompt: str, namespace: str) -> tuple[int, float]:
+        if self.raw:
+            return await self._one_raw(prompt, namespace)
         started = time.perf_counter()
         ttft, count = 0.0, 0
         headers = {"X-Editserve-Namespaces": namespace} if namespace else {}
@@ -300,7 +334,7 @@ class LoadGenerator:
         runs = await asyncio.gather(*[client(s, ns) for s, ns in zip(shares, spaces, strict=True)])
         results = [r for rs in runs for r in rs]
         seconds = time.perf_counter() - started
-        over = "HTTP" if self.http else "gRPC"
+        over = ("HTTP (raw SSE)" if self.raw else "HTTP (openai client)") if self.http else "gRPC"
         where = f", namespaces {','.join(sorted(set(spaces)))}" if self.namespaces else ""
         return Row(
             f"service over {over}, {n} concurrent client{'s' if n > 1 else ''}{where}",
