@@ -62,6 +62,9 @@ class Settings:
     # same edit-set version skips its prefill (service/engine/prefix_cache.py); 0 = off. SmolLM2-135M
     # keeps 45 KiB per prompt token.
     prefix_cache_mb: int = 512
+    # A prompt longer than this is prefilled over several engine steps, one chunk of this many tokens per
+    # step, while the running rows keep decoding (service/engine/scheduler.py; docs/benchmarks.md).
+    prefill_chunk_tokens: int = 256
 
     # edit log: empty = SQLite under data_dir; or an SQLAlchemy URL (postgresql+psycopg://...)
     edit_log_url: str = ""
@@ -162,7 +165,7 @@ class Settings:
             raise SettingsError(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         for name in ("max_batch_size", "max_queue", "max_prompt_tokens", "max_new_tokens_limit",
                      "default_max_new_tokens", "max_edits", "retrieval_top_k", "max_descriptor_chars",
-                     "max_batch_edits"):
+                     "max_batch_edits", "prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.query_cache_entries < 0:

@@ -149,7 +149,7 @@ class DataPlane:
         try:
             engine = Engine(loaded, manager.hooks, max_batch_size=settings.max_batch_size,
                             max_queue=settings.max_queue, prefix_cache_bytes=settings.prefix_cache_mb << 20,
-                            adapter=adapter)
+                            adapter=adapter, prefill_chunk_tokens=settings.prefill_chunk_tokens)
         except Exception:
             manager.close()
             if adapter is not None:

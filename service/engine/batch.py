@@ -301,6 +301,57 @@ class ModelRunner:
             )
         return ForwardOutput(logits, fires, fired, max(versions)), KVState(out.past_key_values, lengths, keys)
 
+    def prefill_chunk(
+        self,
+        state: KVState | None,
+        chunk: Sequence[int],
+        use_hooks: bool,
+        table: Any = None,
+        adapted: bool = False,
+    ) -> tuple[ForwardOutput, KVState]:
+        """The next piece of one row's prompt: a forward over `chunk` on top of `state`, the cache of the
+        row's earlier pieces (None: `chunk` begins the prompt). Positions and fire offsets are the row's
+        true ones, and the gate's previous-token condition at the chunk's first token reads the earlier
+        piece's last key (`state.hook_keys`), as a decode step does, so the pieces together compute what
+        one `prefill` of the whole prompt computes. Returns this forward's output and the grown state."""
+        start = 0 if state is None else state.lengths[0]
+        n = len(chunk)
+        prev_keys = None if state is None else state.hook_keys
+        with (
+            self._hook_scope([use_hooks], [start], prev_keys, [table]) as (rec, versions),
+            self._adapter_scope(self._adapted([adapted], 1)),
+        ):
+            out = self.model(
+                input_ids=torch.tensor([list(chunk)], dtype=torch.long, device=self.device),
+                attention_mask=torch.ones((1, start + n), dtype=torch.long, device=self.device),
+                position_ids=torch.arange(start, start + n, device=self.device)[None, :],
+                past_key_values=full_width_cache() if state is None else state.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        fires, fired = self._collect(rec, 1)
+        keys = {} if rec is None else dict(rec.last_keys)
+        output = ForwardOutput(out.logits[:, -1, :].float(), fires, fired, versions[0])
+        return output, KVState(out.past_key_values, [start + n], keys)
+
+    def keep_prompt_state(
+        self,
+        prompt: Sequence[int],
+        state: KVState,
+        out: ForwardOutput,
+        use_hooks: bool,
+        table: Any = None,
+        adapted: bool = False,
+    ) -> None:
+        """Keep (prefix_cache.py) the state a chunked prefill left: one row, no padding, the whole prompt;
+        `out` carries the last chunk's logits and the fires over every chunk."""
+        if not self.prefix_cache.enabled:
+            return
+        self._keep_prefixes(
+            state.cache, out.logits, state.hook_keys, [prompt], [use_hooks], [0], out.fires, out.fired_tokens,
+            self._versions(1, [table]), self._adapted([adapted], 1), self._scopes(1, [table]),
+        )
+
     def _adapted(self, adapted: Sequence[bool] | None, rows: int) -> list[bool]:
         """Per-row adapter flags; all off without an adapter, whatever the caller asked."""
         if self.adapter is None or adapted is None:

@@ -4,7 +4,10 @@ Each step of the worker thread:
   1. drops sequences whose consumer went away or whose deadline passed (their batch slots free at once),
   2. runs queued Score requests (one teacher-forced forward each),
   3. admits waiting requests into free slots: one left-padded prefill forward for the newcomers, whose KV
-     cache is then merged onto the running batch's cache,
+     cache is then merged onto the running batch's cache; a prompt longer than `prefill_chunk_tokens` is
+     prefilled instead over several steps, one chunk of at most that many tokens per step (one forward over
+     that row's cache so far), and joins the running batch after its last chunk, so long prompts never
+     stall the running rows for more than one chunk's forward,
   4. runs one decode forward for every running row and streams each row's new token to its consumer.
 
 Forward passes never run on the asyncio event loop; events cross back with `loop.call_soon_threadsafe`, once
@@ -19,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,6 +60,24 @@ class _ScoreJob:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[ScoreOutput]
     table: Any = None  # the hook table it is scored with
+
+
+@dataclass(eq=False)
+class _ChunkedPrefill:
+    """A prompt prefilled one chunk per engine step: the row's cache so far and the fires over its chunks."""
+
+    seq: SequenceState
+    kv: KVState | None = None
+    done: int = 0  # prompt tokens in `kv`
+    fires: dict[str, float] = field(default_factory=dict)
+    fired: int = 0  # tokens of the prompt where some edit fired
+
+    def add(self, out: ForwardOutput, tokens: int) -> None:
+        self.done += tokens
+        self.fired += out.fired_tokens[0]
+        for edit_id, score in out.fires[0].items():
+            if score > self.fires.get(edit_id, float("-inf")):
+                self.fires[edit_id] = score
 
 
 def _deliver(items: list[tuple[asyncio.Queue, TokenEvent | BaseException]]) -> None:
@@ -132,10 +153,15 @@ class Engine:
         eos_token_ids: Iterable[int] | None = None,
         prefix_cache_bytes: int = 0,
         adapter: RowAdapter | None = None,
+        prefill_chunk_tokens: int = 256,
     ) -> None:
-        """`adapter`: the alignment adapter, applied to requests with `adapted` set (engine/adapter.py)."""
-        if max_batch_size < 1 or max_queue < 1 or max_prefill_tokens < 1:
-            raise ValueError("max_batch_size, max_queue and max_prefill_tokens must be at least 1")
+        """`adapter`: the alignment adapter, applied to requests with `adapted` set (engine/adapter.py).
+        `prefill_chunk_tokens`: longer prompts are prefilled one chunk of this many tokens per step."""
+        if min(max_batch_size, max_queue, max_prefill_tokens, prefill_chunk_tokens) < 1:
+            raise ValueError(
+                "max_batch_size, max_queue, max_prefill_tokens and prefill_chunk_tokens must be at least 1"
+            )
+        self._chunk_tokens = prefill_chunk_tokens
         self.loaded = loaded
         self.hooks = hooks
         configure_cuda_attention(loaded.device)  # also for a model loaded without load_model
@@ -172,6 +198,7 @@ class Engine:
         self._rows: list[SequenceState] = []
         self._kv: KVState | None = None
         self._admitted: list[SequenceState] = []  # taken from the queue this step, not yet running
+        self._prefilling: deque[_ChunkedPrefill] = deque()  # long prompts, one chunk per step, in order
         self._num_running = 0
 
     # ---- public API ------------------------------------------------------------------------------
@@ -292,6 +319,10 @@ class Engine:
             self._wakeup.notify()
             metrics.WAITING.set(len(self._waiting))
 
+    def _count_running(self) -> None:
+        """Rows holding a batch slot: decoding, or prefilling chunk by chunk."""
+        self._num_running = len(self._rows) + len(self._prefilling)
+
     def _busy(self) -> bool:
         return bool(self._num_running or self._waiting or self._scores)
 
@@ -300,13 +331,13 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    if not (self._waiting or self._scores or self._rows or self._exit):
+                    if not (self._waiting or self._scores or self._rows or self._prefilling or self._exit):
                         # idle: end this thread's OpenMP team, so an edit computed meanwhile in another
                         # thread gets its cores at full speed (service/engine/cpu_threads.py)
                         release_cpu_threads()
-                    while not (self._waiting or self._scores or self._rows or self._exit):
+                    while not (self._waiting or self._scores or self._rows or self._prefilling or self._exit):
                         self._wakeup.wait()
-                    if self._exit and not (self._waiting or self._scores or self._rows):
+                    if self._exit and not (self._waiting or self._scores or self._rows or self._prefilling):
                         break
                 try:
                     self._step()
@@ -314,13 +345,15 @@ class Engine:
                     self._failures += 1
                     log.exception("engine step failed")
                     outbox = _Outbox()
-                    for seq in {id(s): s for s in self._rows + self._admitted}.values():
+                    chunked = [job.seq for job in self._prefilling]
+                    for seq in {id(s): s for s in self._rows + self._admitted + chunked}.values():
                         if not seq.finished:
                             outbox.fail(seq, EngineError(f"engine step failed: {exc!r}"))
                     outbox.flush()
                     self._rows, self._kv = [], None
+                    self._prefilling.clear()
                 self._admitted = []
-                self._num_running = len(self._rows)
+                self._count_running()
                 metrics.RUNNING.set(self._num_running)
                 metrics.WAITING.set(len(self._waiting))
 
@@ -339,9 +372,12 @@ class Engine:
             self._prefill_from_cache([s for s, _ in hits], [e for _, e in hits], outbox)
             outbox.flush()
         misses = [s for s, e in zip(newcomers, kept, strict=True) if e is None]
+        self._prefilling.extend(_ChunkedPrefill(s) for s in misses if self._chunked(s))
+        misses = [s for s in misses if not self._chunked(s)]
         for group in plan_prefill_groups([len(s.prompt_ids) for s in misses], PREFILL_OVERHEAD_TOKENS):
             self._prefill([misses[i] for i in group], outbox)
             outbox.flush()  # first tokens go out before the next forward
+        self._prefill_chunks(outbox)
         if self._rows:
             self._decode(outbox)
             outbox.flush()
@@ -356,6 +392,9 @@ class Engine:
                     _settle_threadsafe(job, Unavailable("the engine shut down"))
                 self._scores.clear()
         self._keep_rows([row for row, s in enumerate(self._rows) if not self._ends(s, now, outbox)])
+        # a row ended mid-prefill frees its slot and its partial cache at once
+        self._prefilling = deque(job for job in self._prefilling if not self._ends(job.seq, now, outbox))
+        self._count_running()
 
     def _ends(self, seq: SequenceState, now: float, outbox: _Outbox) -> bool:
         """Whether `seq` ends now (its consumer left, shutdown, deadline); queues what its stream is told."""
@@ -372,7 +411,7 @@ class Engine:
             return
         self._rows = [self._rows[r] for r in rows]
         self._kv = self._kv.select(rows, self._config) if rows and self._kv is not None else None
-        self._num_running = len(self._rows)
+        self._count_running()
 
     def _run_scores(self) -> None:
         """Every queued score, in batches of at most max_batch_size rows and max_prefill_tokens padded
@@ -409,13 +448,19 @@ class Engine:
         for i, job in enumerate(jobs):
             _settle_threadsafe(job, results if isinstance(results, BaseException) else results[i])
 
+    def _chunked(self, seq: SequenceState) -> bool:
+        """Whether `seq`'s prompt is prefilled over several steps, one chunk each."""
+        return len(seq.prompt_ids) > self._chunk_tokens
+
     def _admit(self) -> list[SequenceState]:
-        free = self._max_batch_size - len(self._rows)
+        free = self._max_batch_size - len(self._rows) - len(self._prefilling)
         taken: list[SequenceState] = []
         width = 0
         with self._lock:
             while self._waiting and len(taken) < free:
-                next_width = max(width, len(self._waiting[0].prompt_ids))
+                head = self._waiting[0]
+                # a chunked prompt's forwards are one chunk each, outside the newcomers' prefill forward
+                next_width = width if self._chunked(head) else max(width, len(head.prompt_ids))
                 if taken and next_width * (len(taken) + 1) > self._max_prefill_tokens:
                     break
                 taken.append(self._waiting.popleft())
@@ -423,7 +468,7 @@ class Engine:
         now = time.monotonic()
         for seq in taken:
             metrics.QUEUE_TIME.observe(now - seq.submitted_at)
-        self._num_running = len(self._rows) + len(taken)
+        self._num_running = len(self._rows) + len(self._prefilling) + len(taken)
         return taken
 
     def _prefill(self, newcomers: list[SequenceState], outbox: _Outbox) -> None:
@@ -442,6 +487,45 @@ class Engine:
         self._failures = 0
         metrics.PROMPT_TOKENS.inc(sum(len(s.prompt_ids) for s in newcomers))
         self._join(newcomers, out, kv, outbox)
+
+    def _prefill_chunks(self, outbox: _Outbox) -> None:
+        """At most `prefill_chunk_tokens` prompt tokens of the chunked prompts this step, oldest first (a
+        prompt's last chunk may leave room for the next prompt's first): the running rows wait for no more."""
+        budget = self._chunk_tokens
+        while self._prefilling and budget > 0:
+            job = self._prefilling[0]
+            tokens = min(budget, len(job.seq.prompt_ids) - job.done)
+            self._prefill_next_chunk(job, tokens, outbox)
+            outbox.flush()  # a first token goes out before the next forward
+            budget -= tokens
+
+    def _prefill_next_chunk(self, job: _ChunkedPrefill, tokens: int, outbox: _Outbox) -> None:
+        """The next `tokens` of the oldest chunked prompt (`job`); after its last chunk the row samples its
+        first token and joins the running batch as a prefilled newcomer does."""
+        seq = job.seq
+        chunk = seq.prompt_ids[job.done : job.done + tokens]
+        try:
+            out, job.kv = self._runner.prefill_chunk(
+                job.kv, chunk, seq.request.use_hooks, seq.table, seq.request.adapted
+            )
+        except Exception as exc:
+            self._failures += 1
+            log.exception("prefill chunk forward failed")
+            self._prefilling.popleft()
+            outbox.fail(seq, EngineError(f"prefill forward failed: {exc!r}"))
+            return
+        self._failures = 0
+        metrics.PROMPT_TOKENS.inc(len(chunk))
+        job.add(out, len(chunk))
+        if job.done < len(seq.prompt_ids):
+            return
+        self._prefilling.popleft()
+        metrics.BATCH_SIZE.observe(1)
+        out.fires, out.fired_tokens = [job.fires], [job.fired]
+        self._runner.keep_prompt_state(
+            seq.prompt_ids, job.kv, out, seq.request.use_hooks, seq.table, seq.request.adapted
+        )
+        self._join([seq], out, job.kv, outbox)
 
     def _prefill_from_cache(
         self, newcomers: list[SequenceState], entries: list[PrefixEntry], outbox: _Outbox
