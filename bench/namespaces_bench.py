@@ -93,32 +93,54 @@ async def _clients(script: str, server: Any, new_tokens: int, clients: list[int]
 
 
 async def measure_namespaces(loaded: Any, args: Any, clients: list[int], script: str) -> None:
+    """Both servers run at once and their client runs alternate (spread, one, one over HTTP twice), so
+    each round's runs share whatever else the host is doing; ratios are taken within a round."""
+    import statistics
+
     n, per = args.namespaces, args.edits_per_namespace
     spread = [f"tenant-{i}" for i in range(n)]
+    setups = [(f"{n} namespaces x {per} edits, clients spread over them", spread, per, ("",)),
+              (f"1 namespace x {n * per} edits", ["tenant-all"], n * per, ("", "openai", "raw"))]
     rows: list[dict[str, Any]] = []
-    for label, spaces, per_space, modes in (
-        (f"{n} namespaces x {per} edits, clients spread over them", spread, per, ("",)),
-        (f"1 namespace x {n * per} edits", ["tenant-all"], n * per, ("", "openai", "raw")),
-    ):
-        with tempfile.TemporaryDirectory(prefix="editserve-bench-ns-") as data_dir:
-            server = await _serve(loaded, args.new_tokens, max(clients), data_dir)
-            try:
+    with tempfile.TemporaryDirectory(prefix="editserve-bench-ns-") as root:
+        servers = []
+        try:
+            for k, (label, spaces, per_space, _) in enumerate(setups):
+                server = await _serve(loaded, args.new_tokens, max(clients), f"{root}/{k}")
+                servers.append(server)
                 started = time.perf_counter()
                 await asyncio.to_thread(preload, server.plane.manager, spaces, per_space)
                 print(f"{label}: {len(spaces) * per_space} edits committed in "
                       f"{time.perf_counter() - started:.1f} s", flush=True)
-                for _ in range(args.repeats):
+            for round_ in range(args.repeats):
+                for server, (label, spaces, _, modes) in zip(servers, setups, strict=True):
                     for http in modes:
                         for row in await _clients(script, server, args.new_tokens, clients, spaces, http):
-                            row["setup"] = label
+                            row["setup"], row["round"], row["over"] = label, round_, http or "grpc"
                             rows.append(row)
-            finally:
+        finally:
+            for server in servers:
                 await server.stop(0)
     print()
-    print(f"{'setup':<48} {'mode':<64} {'tok/s':>7} {'mean s/req':>10} {'TTFT s':>7}")
+    print(f"{'round':>5} {'setup':<52} {'over':<7} {'tok/s':>7} {'mean s/req':>10} {'TTFT s':>7}")
     for r in rows:
         per_req = r["seconds"] / max(1, r["requests"]) * min(r["requests"], r.get("streams") or 1)
-        print(f"{r['setup']:<48} {r['mode']:<64} {r['tokens'] / r['seconds']:>7.1f} {per_req:>10.2f} "
-              f"{r['mean_ttft_s']:>7.2f}")
+        print(f"{r['round']:>5} {r['setup']:<52} {r['over']:<7} {r['tokens'] / r['seconds']:>7.1f} "
+              f"{per_req:>10.2f} {r['mean_ttft_s']:>7.2f}")
+
+    def rate(round_: int, setup: int, over: str) -> float:
+        r = next(r for r in rows if r["round"] == round_ and r["setup"] == setups[setup][0]
+                 and r["over"] == over and r["streams"] == max(clients))
+        return r["tokens"] / r["seconds"]
+
+    rounds = range(args.repeats)
+    spread_vs_one = [rate(k, 0, "grpc") / rate(k, 1, "grpc") for k in rounds]
+    http_openai = [rate(k, 1, "grpc") / rate(k, 1, "openai") for k in rounds]
+    http_raw = [rate(k, 1, "grpc") / rate(k, 1, "raw") for k in rounds]
+    print(f"\nper round, at {max(clients)} clients: spread / one namespace throughput "
+          f"{', '.join(f'{x:.2f}' for x in spread_vs_one)} (median {statistics.median(spread_vs_one):.2f}x); "
+          f"HTTP time / gRPC time with the openai client {', '.join(f'{x:.2f}' for x in http_openai)} "
+          f"(median {statistics.median(http_openai):.2f}x), with a bare SSE reader "
+          f"{', '.join(f'{x:.2f}' for x in http_raw)} (median {statistics.median(http_raw):.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
