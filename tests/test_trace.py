@@ -133,7 +133,9 @@ def test_hooks_are_removed_on_error_and_act_only_in_their_thread(tiny_llama: Any
         t.start()
         t.join()
         raise RuntimeError("boom")
-    assert torch.equal(seen[0], reference)
+    # Not bit-equal: a new thread may run torch with another number of threads (another summation order).
+    # The trace's noise (x100 on the subject's embeddings) would move these logits by far more.
+    torch.testing.assert_close(seen[0], reference, rtol=1e-5, atol=1e-5)
     assert _hook_counts(model) == hooks_before
 
 
