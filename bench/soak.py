@@ -25,6 +25,7 @@ import collections
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -189,7 +190,8 @@ async def soak(args: argparse.Namespace) -> int:
     data_dir = tempfile.mkdtemp(prefix="editserve-soak-")
     env = {**os.environ, "EDITSERVE_ADMIN_TOKEN": TOKEN, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "service", "serve", "--port", str(port), "--metrics-port", str(metrics_port),
-           "--data-dir", data_dir, "--model", args.model, "--device", "cpu", "--log-level", "WARNING"]
+           "--data-dir", data_dir, "--model", args.model, "--device", "cpu", "--log-level", "WARNING",
+           *shlex.split(args.server_args)]
     log = open(Path(data_dir) / "server.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     address = f"127.0.0.1:{port}"
@@ -273,6 +275,7 @@ def main() -> int:
     ap.add_argument("--max-rss-slope-mb", type=float, default=5.0,
                     help="RSS growth per minute over the second half still called bounded (MiB)")
     ap.add_argument("--prefix-cache-cap-mb", type=float, default=512.0, help="the server's --prefix-cache-mb")
+    ap.add_argument("--server-args", default="", help='more `editserve serve` flags, e.g. "--prefix-cache-mb 0"')
     ap.add_argument("--json", type=Path)
     return asyncio.run(soak(ap.parse_args()))
 
