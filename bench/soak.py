@@ -275,7 +275,8 @@ def main() -> int:
     ap.add_argument("--max-rss-slope-mb", type=float, default=5.0,
                     help="RSS growth per minute over the second half still called bounded (MiB)")
     ap.add_argument("--prefix-cache-cap-mb", type=float, default=512.0, help="the server's --prefix-cache-mb")
-    ap.add_argument("--server-args", default="", help='more `editserve serve` flags, e.g. "--prefix-cache-mb 0"')
+    ap.add_argument("--server-args", default="",
+                    help='more `editserve serve` flags, e.g. "--prefix-cache-mb 0"')
     ap.add_argument("--json", type=Path)
     return asyncio.run(soak(ap.parse_args()))
 
