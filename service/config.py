@@ -13,6 +13,7 @@ from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+EDIT_LAYER_RULES = ("fixed", "auto")  # how an edit that names no layer gets one
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -73,6 +74,13 @@ class Settings:
 
     # hook layers; empty = measured for SmolLM2-135M, else round(0.2 x depth) (service/hooks/defaults.py)
     hook_layers: list[int] = field(default_factory=list)
+    # The hook layer of an edit that names none: "fixed" (hook_layers) or "auto" (chosen per edit from a
+    # causal trace of its prompt, service/locate/layer_choice.py); the comparison that chose the default
+    # is in docs/hook-layers.md.
+    edit_layer: str = "fixed"
+    # Layers `auto` may choose (all are hooked; a hooked layer with no entry costs two no-op Python hooks
+    # per forward); empty = every hookable layer from 1 to half the depth.
+    auto_layer_candidates: list[int] = field(default_factory=list)
     max_edits: int = 100_000
     # Bound on the hook table's bytes on the model's device (0 = none): an edit that would pass it gets
     # RESOURCE_EXHAUSTED. SmolLM2-135M entries take about 13 KiB each (float32 keys of width 1536).
@@ -184,6 +192,14 @@ class Settings:
             raise SettingsError(f"--health-poll-s must be >= 0, got {self.health_poll_s}")
         if any(layer < 0 for layer in self.hook_layers):
             raise SettingsError(f"--hook-layers must be layer indices >= 0, got {self.hook_layers}")
+        if any(layer < 0 for layer in self.auto_layer_candidates):
+            raise SettingsError(
+                f"--auto-layer-candidates must be layer indices >= 0, got {self.auto_layer_candidates}"
+            )
+        if self.edit_layer not in EDIT_LAYER_RULES:
+            raise SettingsError(
+                f"--edit-layer must be one of {', '.join(EDIT_LAYER_RULES)}, got {self.edit_layer!r}"
+            )
         if not 0.0 <= self.subject_scope_threshold <= 1.0:
             raise SettingsError("--subject-scope-threshold is a cosine similarity: 0..1 (0 = off)")
         if not 0.0 <= self.name_scope_threshold <= 1.0:

@@ -126,7 +126,7 @@ class DataPlane:
         self._traces = 0  # traces running (event-loop state: read and written on the loop only)
         metrics.MODEL_INFO.info({
             "model": loaded.name, "dtype": str(loaded.dtype).removeprefix("torch."),
-            "device": str(loaded.device), "hook_layers": ",".join(map(str, manager.hooks.layers)),
+            "device": str(loaded.device), "hook_layers": ",".join(map(str, manager.hooks.default_layers)),
             "hook_layer_rule": manager.hook_rule, "architecture": loaded.architecture,
         })
 
@@ -386,8 +386,10 @@ class DataPlane:
             model_name=self.loaded.name,
             dtype=str(self.loaded.dtype).removeprefix("torch."),
             device=str(self.loaded.device),
-            hook_layers=list(self.manager.hooks.layers),
+            hook_layers=list(self.manager.hooks.default_layers),
             hook_layer_rule=self.manager.hook_rule,
+            edit_layer=self.settings.edit_layer,
+            auto_layer_candidates=list(self.manager.auto_layer_candidates),
             architecture=self.loaded.architecture,
             edit_version=self.manager.version,
             active_edits=counts.active,

@@ -15,6 +15,7 @@ from service.config import (
     CHAT_PLACEMENTS,
     DEVICES,
     DTYPES,
+    EDIT_LAYER_RULES,
     LOG_LEVELS,
     RAW_PLACEMENTS,
     Settings,
@@ -44,6 +45,10 @@ _HELP: dict[str, str] = {
     "edit_log_url": "SQLAlchemy URL of the edit log (postgresql+psycopg://...); empty = SQLite in --data-dir",
     "hook_layers": "comma-separated MLP layers to hook (e.g. 4,6); empty = measured for SmolLM2-135M, "
     "else round(0.2 x depth) (docs/hook-layers.md)",
+    "edit_layer": "hook layer of an edit that names none: " + " | ".join(EDIT_LAYER_RULES)
+    + " (auto: per edit, from a causal trace of its prompt; docs/hook-layers.md)",
+    "auto_layer_candidates": "comma-separated layers an auto edit may choose; empty = hookable layers "
+    "1 .. depth/2",
     "max_edits": "most active edits; beyond it RESOURCE_EXHAUSTED",
     "max_hook_table_mb": "bound on the hook table's bytes on the model's device (0 = none); beyond it "
     "RESOURCE_EXHAUSTED",

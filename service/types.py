@@ -145,6 +145,7 @@ class EditInput:
     compile_descriptor: bool | None = None  # None (proto field unset) = Settings.compile_descriptors
     deadline: float | None = None  # time.monotonic(); past it nothing is committed (DEADLINE_EXCEEDED)
     namespace: str = ""  # "" = "default" (in a batch: the batch's namespace)
+    layer: str = ""  # "" = the server's --edit-layer; "fixed", "auto" or a hooked layer index
 
 
 @dataclass
@@ -162,6 +163,7 @@ class QualityReportView:
     compute_seconds: float = 0.0
     passed: bool = False
     message: str = ""
+    layer_choice: str = ""  # which hook layers the edit went to, and why
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QualityReportView:
@@ -245,6 +247,8 @@ class ServerInfo:
     server_version: str
     max_batch_size: int
     hook_layer_rule: str = ""  # how hook_layers were chosen (--hook-layers, measured, or the depth rule)
+    edit_layer: str = "fixed"  # the layer rule of an edit that names none (--edit-layer)
+    auto_layer_candidates: list[int] = field(default_factory=list)  # the layers `auto` may choose
     architecture: str = ""  # e.g. LlamaForCausalLM
 
 

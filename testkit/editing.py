@@ -99,7 +99,7 @@ class ScriptedEditor(Editor):
                 torch.randn(self.hooks.d_model, generator=gen).to(self.hooks.dtype),
                 0.99,
             )
-            for layer in self.hooks.layers
+            for layer in (spec.layers or self.default_layers)
         ]
         passed = spec.subject not in self.failing
         report = QualityReport(

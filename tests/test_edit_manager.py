@@ -556,10 +556,10 @@ def test_corrupted_log_refuses_to_start(open_manager, tmp_path, tiny_llama):
 
 def test_log_written_for_other_hook_layers_refuses_to_start(open_manager, tmp_path):
     data = tmp_path / "data"
-    manager = open_manager(data_dir=data, hook_layers=[1])
+    manager = open_manager(data_dir=data, hook_layers=[3])  # the 4-layer model's auto candidates: 1, 2
     manager.edit(EIFFEL)
     manager.close()
-    with pytest.raises(FailedPrecondition, match="layer 1"):
+    with pytest.raises(FailedPrecondition, match="layer 3"):
         open_manager(data_dir=data, hook_layers=[2])
 
 

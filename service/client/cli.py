@@ -130,7 +130,7 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
         help="make an edit (or many, from a JSONL file)",
         description="Make one edit and print its quality report, or send every line of a JSONL file "
         "(fields as EditRequest: subject, prompt, target_new, paraphrases, descriptor, actor, force, "
-        "compile_descriptor) in BatchEdit chunks. Run the same --file command again after an "
+        "compile_descriptor, layer) in BatchEdit chunks. Run the same --file command again after an "
         "interruption: chunks already stored are not computed again.",
     )
     edit.add_argument("--subject", default="")
@@ -151,6 +151,11 @@ def add_client_commands(commands: argparse._SubParsersAction) -> None:
     )
     edit.add_argument("--force", action="store_true", help="store even if the quality gate fails")
     edit.add_argument("--namespace", default="", help="the edit's namespace (default: default)")
+    edit.add_argument(
+        "--layer", default="",
+        help="hook layer: fixed, auto (chosen by a causal trace of the prompt) or an index; "
+        "default: the server's --edit-layer",
+    )
     edit.add_argument("--idempotency-key", default=None, help="same key and content: the first result again")
     edit.add_argument(
         "--file", type=Path, default=None, help="a JSONL file of edits, one per line ('-' = stdin)"
@@ -460,6 +465,7 @@ def cmd_edit(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         "actor": actor_of(args, env),
         "idempotency_key": args.idempotency_key,
         "namespace": args.namespace,
+        "layer": args.layer,
     }
     if args.no_compile:
         fields["compile_descriptor"] = False

@@ -24,7 +24,9 @@ from service._proto.editserve.v1 import editserve_pb2 as pb
 from .client import EditServeClient
 from .errors import AlreadyExistsError, InvalidArgumentError, QualityGateError
 
-STRING_FIELDS = ("subject", "prompt", "target_new", "descriptor", "actor", "namespace")
+# The end of a report's layer_choice when the request named the layer (service/hooks/editor.py).
+NAMED_LAYER_SUFFIX = "(named in the request)"
+STRING_FIELDS = ("subject", "prompt", "target_new", "descriptor", "actor", "namespace", "layer")
 BOOL_FIELDS = ("force", "compile_descriptor")
 # What `editserve edits export` writes beside the request fields: read back, never sent.
 EXPORT_FIELDS = frozenset(
@@ -288,5 +290,9 @@ def export_line(record: pb.EditRecord) -> dict[str, Any]:
         )
         if record.descriptor:
             line["descriptor"] = record.descriptor
+        if record.report.layer_choice.startswith("auto:"):
+            line["layer"] = "auto"  # chosen again on the target model
+        elif record.report.layer_choice.endswith(NAMED_LAYER_SUFFIX) and len(record.hook_layers) == 1:
+            line["layer"] = str(record.hook_layers[0])
     line["report"] = to_dict(record.report)
     return line

@@ -104,6 +104,7 @@ def report_lines(report: pb.QualityReport) -> list[tuple[str, str]]:
                 f"mean KL {report.locality_mean_kl:.4f}",
             ),
             ("gate threshold", f"{report.threshold:.3f}"),
+            *([("layer", report.layer_choice)] if report.layer_choice else []),
             ("compute", f"{report.compute_seconds:.2f} s"),
         ]
     if report.message:

@@ -31,6 +31,7 @@ EDIT_FIELDS = (
     "actor",
     "compile_descriptor",
     "namespace",
+    "layer",
 )
 
 

@@ -52,7 +52,8 @@ from service.errors import (
 )
 from service.hooks import ComputedEdit, Editor, HookManager, HookTable
 from service.hooks.arch import UnsupportedArchitecture
-from service.hooks.defaults import choose_hook_layers
+from service.hooks.defaults import auto_layer_candidates, choose_hook_layers
+from service.locate.layer_choice import choose_edit_layer
 from service.metrics import (
     EDIT_COMPUTE,
     EDIT_LOG_VERSION,
@@ -148,6 +149,19 @@ def default_editor_factory(settings: Settings) -> EditorFactory:
     return make
 
 
+def trace_layer_chooser(
+    loaded: LoadedModel, candidates: Sequence[int], fallback: int
+) -> Callable[[str, str], tuple[int, str]]:
+    """The editor's per-edit layer choice (`layer: auto`): a causal trace of the edit's prompt."""
+
+    def choose(prompt: str, subject: str) -> tuple[int, str]:
+        choice = choose_edit_layer(loaded.model, loaded.tokenizer, prompt, subject, candidates,
+                                   fallback=fallback)
+        return choice.layer, choice.describe()
+
+    return choose
+
+
 class _Outcome:
     result = "ok"
     namespace = DEFAULT_NAMESPACE  # the metrics label of the operation
@@ -206,12 +220,17 @@ class EditManager:
         try:
             choice = choose_hook_layers(loaded.model, settings.hook_layers)
             try:
-                hooks = HookManager(loaded.model, choice.layers)
+                candidates = auto_layer_candidates(loaded.model, settings.auto_layer_candidates)
+                hooks = HookManager(loaded.model, choice.layers, spare_layers=candidates)
             except UnsupportedArchitecture as exc:
                 raise ModelNotServable(str(exc)) from exc
-            log.info("hook layers %s: %s", choice.layers, choice.rule)
-            self.hooks, self.hook_rule = hooks, choice.rule
+            except ValueError as exc:  # --hook-layers / --auto-layer-candidates name a layer it lacks
+                raise ModelNotServable(str(exc)) from exc
+            log.info("hook layers %s: %s; auto layer candidates %s", choice.layers, choice.rule, candidates)
+            self.hooks, self.hook_rule, self.auto_layer_candidates = hooks, choice.rule, candidates
             self.editor = (editor_factory or default_editor_factory(settings))(loaded, hooks)
+            if self.editor.layer_chooser is None:
+                self.editor.layer_chooser = trace_layer_chooser(loaded, candidates, choice.layers[0])
             self.registry = EditRegistry()
             self._snapshot = EditSnapshot(0, hooks.current, self.store.snapshot())
             self.restore()
@@ -419,6 +438,7 @@ class EditManager:
             fit_in_retrieval_prompt=self.settings.retrieval_enabled and self.settings.fit_in_retrieval_prompt,
             compile_descriptors=self.settings.compile_descriptors,
             descriptor_hooks=self.settings.descriptor_hooks,
+            edit_layer=self.settings.edit_layer,
         )
 
     def _replay(self, key: str, digest: str) -> LogEntry | None:
@@ -650,8 +670,9 @@ class EditManager:
             for h in e.hooks:
                 if h.layer not in hooks.layers:
                     raise FailedPrecondition(
-                        f"edit {e.edit_id} in the log has a hook entry for layer {h.layer}, but this server "
-                        f"hooks layers {hooks.layers}: start with the hook layers the log was written with"
+                        f"edit {e.edit_id} in the log has a hook entry for layer {h.layer}, but this "
+                        f"server hooks layers {hooks.layers}: start with the --hook-layers and "
+                        "--auto-layer-candidates the log was written with"
                     )
                 if h.key.shape != (hooks.d_ff,) or h.value.shape != (hooks.d_model,):
                     raise FailedPrecondition(

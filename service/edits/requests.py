@@ -43,14 +43,17 @@ def plan_edit(
     fit_in_retrieval_prompt: bool = False,
     compile_descriptors: bool = False,
     descriptor_hooks: bool = True,
+    edit_layer: str = "fixed",
 ) -> EditPlan:
-    """`fit_in_retrieval_prompt`: fit the value also after the edit's own descriptor block, the prompt the
+    """`edit_layer`: the hook layer rule of a request that names none ("fixed" or "auto").
+    `fit_in_retrieval_prompt`: fit the value also after the edit's own descriptor block, the prompt the
     router builds when the edit is in scope (see EditSpec.serving_contexts)."""
     try:
         namespace = validate_namespace(req.namespace)
         compile_it = compile_descriptors if req.compile_descriptor is None else req.compile_descriptor
+        layers, auto = parse_layer(req.layer, edit_layer)
         plan = _plan(req, editor, tokenizer, max_descriptor_chars, req.force if force is None else force,
-                     compile_it, descriptor_hooks)
+                     compile_it, descriptor_hooks, (layers, auto))
     except InvalidArgument as exc:
         if not field_prefix:
             raise
@@ -69,6 +72,7 @@ def _plan(
     force: bool,
     compile_it: bool,
     descriptor_hooks: bool = True,
+    layer: tuple[tuple[int, ...], bool] = ((), False),
 ) -> EditPlan:
     subject, prompt, target = (req.subject or ""), (req.prompt or ""), (req.target_new or "")
     paraphrases = list(req.paraphrases or [])
@@ -82,11 +86,11 @@ def _plan(
         if paraphrases:
             raise InvalidArgument("are only for subject/prompt/target_new edits", field="paraphrases")
         text = validate_descriptor(descriptor, tokenizer, max_chars)
-        if compile_it and (compiled := _compiled(text, editor, force, descriptor_hooks)) is not None:
+        if compile_it and (compiled := _compiled(text, editor, force, descriptor_hooks, layer)) is not None:
             return compiled
         return EditPlan("descriptor", None, text, "", force)
 
-    spec = EditSpec(subject, prompt, target, paraphrases)
+    spec = EditSpec(subject, prompt, target, paraphrases, layers=layer[0], auto_layer=layer[1])
     editor.validate(spec)
     if descriptor.strip():
         text = validate_descriptor(descriptor, tokenizer, max_chars)
@@ -104,19 +108,39 @@ def _plan(
     return EditPlan("triple", spec, text, relation_key(subject, prompt), force)
 
 
-def _compiled(descriptor: str, editor: Editor, force: bool, hooks: bool) -> EditPlan | None:
+def _compiled(
+    descriptor: str, editor: Editor, force: bool, hooks: bool,
+    layer: tuple[tuple[int, ...], bool] = ((), False),
+) -> EditPlan | None:
     """The plan of the first fact the descriptor states that the editor accepts (a descriptor usually
     leads with its update; later sentences add detail): a hook plan, or with `hooks` off a descriptor
     plan that only records the fact (its subject feeds the scope detector's subject rule)."""
     for fact in compile_descriptor(descriptor):
-        spec = EditSpec(fact.subject, fact.prompt, fact.target_new)
+        spec = EditSpec(fact.subject, fact.prompt, fact.target_new, layers=layer[0], auto_layer=layer[1])
         try:
             editor.validate(spec)
-        except InvalidArgument:
+        except InvalidArgument as exc:
+            if exc.field == "layer":
+                raise
             continue  # a target too long for v*, say: try another fact, else stay retrieval-only
         key = relation_key(fact.subject, fact.prompt)
         return EditPlan("triple" if hooks else "descriptor", spec, descriptor, key, force, derived=True)
     return None
+
+
+def parse_layer(value: str, default_rule: str = "fixed") -> tuple[tuple[int, ...], bool]:
+    """A request's `layer`: "" (the server's rule), "fixed" (the server's hook layers), "auto" (chosen per
+    edit from a causal trace), or one layer index. Returns (named layers, auto)."""
+    text = (value or "").strip().lower() or default_rule
+    if text == "fixed":
+        return (), False
+    if text == "auto":
+        return (), True
+    if text.isdigit() and len(text) <= 4:
+        return (int(text),), False
+    raise InvalidArgument(
+        f"must be empty, 'fixed', 'auto' or a layer index, got {value[:40]!r}", field="layer"
+    )
 
 
 def edit_digest(req: EditInput) -> str:
@@ -143,6 +167,8 @@ def _content(req: EditInput) -> dict[str, Any]:
         content["compile_descriptor"] = bool(req.compile_descriptor)
     if req.namespace and req.namespace != DEFAULT_NAMESPACE:  # likewise
         content["namespace"] = req.namespace
+    if req.layer:  # likewise
+        content["layer"] = req.layer.strip().lower()
     return content
 
 

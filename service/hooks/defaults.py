@@ -81,3 +81,18 @@ def choose_hook_layers(model: nn.Module, requested: Sequence[int] = ()) -> HookL
 
 def default_hook_layers(model: nn.Module) -> list[int]:
     return choose_hook_layers(model).layers
+
+
+def auto_layer_candidates(model: nn.Module, requested: Sequence[int] = ()) -> list[int]:
+    """The layers a per-edit (`auto`) choice may pick: `requested` (--auto-layer-candidates) if given,
+    else every hookable layer from 1 (as the depth rule above) to half the depth: the early-middle MLPs
+    where ROME's causal traces find a subject's facts read out at its last token."""
+    depth = len(decoder_layers(model))
+    hookable = set(hookable_layers(model))
+    if requested:
+        wanted = sorted({int(i) for i in requested})
+        missing = [i for i in wanted if i not in hookable]
+        if missing:
+            raise ValueError(f"auto layer candidates {missing} have no hookable MLP (of {depth} layers)")
+        return wanted
+    return [i for i in range(1, max(2, depth // 2 + 1)) if i in hookable]

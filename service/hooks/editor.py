@@ -78,6 +78,10 @@ class EditSpec:
     # block): v* is fitted in these contexts too, so the value also works beside its own descriptor. They
     # do not enter the key or the threshold (the gate is calibrated on the edit's own wording).
     serving_contexts: list[str] = field(default_factory=list)
+    # The hook layers of this edit: () = the editor's default layers; with `auto_layer`, one layer chosen
+    # by the editor's layer chooser (a causal trace of the prompt) among its candidates.
+    layers: tuple[int, ...] = ()
+    auto_layer: bool = False
 
 
 @dataclass
@@ -93,6 +97,7 @@ class QualityReport:
     compute_seconds: float
     passed: bool
     message: str
+    layer_choice: str = ""  # which hook layers the edit went to, and why
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -103,7 +108,7 @@ class QualityReport:
     def from_dict(cls, d: dict[str, Any]) -> QualityReport:
         d = dict(d)
         d["paraphrases"] = [(str(p), bool(ok)) for p, ok in d.get("paraphrases", [])]
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -175,6 +180,11 @@ class _ProbeCache:
         self.rows: list[list[int]] | None = None
 
 
+# (prompt, subject) -> (the edit's hook layer, why): the per-edit choice of `auto` edits, run with the
+# table the edit will be served with (service/locate/layer_choice.py; injected so hooks do not import locate).
+LayerChooser = Callable[[str, str], tuple[int, str]]
+
+
 class Editor:
     def __init__(
         self,
@@ -182,16 +192,25 @@ class Editor:
         tokenizer: Any,
         hooks: HookManager,
         *,
+        default_layers: Sequence[int] | None = None,
+        layer_chooser: LayerChooser | None = None,
         locality_max_top1_changed: float = 0.05,
         contexts: Sequence[str] = CONTEXT_PREFIXES,
         vstar: VStarSettings = VSTAR,
         probes: Sequence[str] = PROBES,
         **vstar_overrides: Any,
     ) -> None:
-        """`vstar_overrides` replace single fields of `vstar` (max_steps=3, lr=1.0, ...)."""
+        """`default_layers`: the layers of an edit that names none (default: the hooks' default layers).
+        `vstar_overrides` replace single fields of `vstar` (max_steps=3, lr=1.0, ...)."""
         self.model = model
         self.tok = tokenizer
         self.hooks = hooks
+        self.default_layers = tuple(sorted(set(hooks.default_layers if default_layers is None
+                                               else default_layers)))
+        unhooked = [i for i in self.default_layers if i not in hooks.layers]
+        if not self.default_layers or unhooked:
+            raise ValueError(f"default layers {list(self.default_layers)} must be hooked ({hooks.layers})")
+        self.layer_chooser = layer_chooser
         self.locality_max_top1_changed = locality_max_top1_changed
         self.contexts = tuple(contexts)
         self.vstar = replace(vstar, **vstar_overrides) if vstar_overrides else vstar
@@ -212,6 +231,14 @@ class Editor:
         for p in spec.paraphrases:
             if not isinstance(p, str) or not p.strip():
                 raise InvalidArgument("paraphrases must be non-empty strings", field="paraphrases")
+        unhooked = [i for i in spec.layers if i not in self.hooks.layers]
+        if unhooked:
+            raise InvalidArgument(
+                f"layer {unhooked[0]} is not hooked on this server (hooked: {self.hooks.layers})",
+                field="layer",
+            )
+        if spec.auto_layer and self.layer_chooser is None:
+            raise InvalidArgument("this server cannot choose layers per edit", field="layer")
         n_target = len(self._target_ids(spec.target_new))
         if n_target > MAX_TARGET_TOKENS:
             raise InvalidArgument(f"is {n_target} tokens, more than {MAX_TARGET_TOKENS}", field="target_new")
@@ -257,13 +284,14 @@ class Editor:
         t0 = time.perf_counter()
         preps = [self._prepare(s) for s in specs]  # validate everything before any compute
         published = self.hooks.current if base is None else base
-        per_edit: list[tuple[list[HookEntry], str, int | None, float]] = []
+        per_edit: list[tuple[list[HookEntry], str, int | None, str, float]] = []
         for prep in preps:
             if between is not None:
                 between()
             t = time.perf_counter()
-            entries, msg, old_first = self._compute_entries(prep, published)
-            per_edit.append((entries, msg, old_first, time.perf_counter() - t))
+            layers, why = self._edit_layers(prep, published)
+            entries, msg, old_first = self._compute_entries(prep, published, layers)
+            per_edit.append((entries, msg, old_first, why, time.perf_counter() - t))
         if between is not None:
             between()
         all_new = [e for entries, *_ in per_edit for e in entries]
@@ -272,9 +300,10 @@ class Editor:
         loc_top1, loc_kl = self._locality(published, override, all_new, subjects)
         out = []
         share = (time.perf_counter() - t0 - sum(p[-1] for p in per_edit)) / max(1, len(preps))
-        for prep, (entries, msg, old_first, secs) in zip(preps, per_edit, strict=True):
+        for prep, (entries, msg, old_first, why, secs) in zip(preps, per_edit, strict=True):
             t = time.perf_counter()
             report = self._quality(prep, entries, published, override, loc_top1, loc_kl, msg, old_first)
+            report.layer_choice = why
             report.compute_seconds = secs + share + (time.perf_counter() - t)
             out.append(ComputedEdit(entries, report))
         return out
@@ -366,14 +395,26 @@ class Editor:
             out.append(calib(start, start))
         return out
 
+    def _edit_layers(self, prep: _Prepared, published: HookTable) -> tuple[list[int], str]:
+        """The edit's hook layers and why: named in the request, chosen per edit, or the default."""
+        spec = prep.spec
+        if spec.layers:
+            return sorted(set(spec.layers)), f"layers {sorted(set(spec.layers))} (named in the request)"
+        if spec.auto_layer:
+            assert self.layer_chooser is not None  # validate() refused it otherwise
+            with self.hooks.table_override(published):
+                layer, why = self.layer_chooser(prep.prompt, spec.subject)
+            return [layer], f"auto: {why}"
+        return list(self.default_layers), f"layers {list(self.default_layers)} (the server's default)"
+
     def _compute_entries(
-        self, prep: _Prepared, published: HookTable
+        self, prep: _Prepared, published: HookTable, layers: Sequence[int]
     ) -> tuple[list[HookEntry], str, int | None]:
-        """The edit's entries, the calibration/convergence messages, and the unedited model's first answer
-        token for the bare prompt (read off v*'s first step, which runs with delta = 0 on `published`)."""
-        layers = self.hooks.layers
+        """The edit's entries at `layers`, the calibration/convergence messages, and the unedited model's
+        first answer token for the bare prompt (read off v*'s first step, which runs with delta = 0 on
+        `published`)."""
         first = layers[0]
-        calib = {first: self._calibrate(prep, first, None)}
+        calib = {first: self._calibrate(prep, first, published)}
         down = self._down(first)
         with torch.no_grad():
             ref_norm = float(down(calib[first][0].key.to(self.hooks.dtype)).float().norm())

@@ -174,11 +174,14 @@ class _ThreadState(threading.local):
 class HookManager:
     """Hooks the MLP down projections of `layers` and holds the published `HookTable`."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[int]) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[int], *, spare_layers: Sequence[int] = ()) -> None:
+        """`layers`: where an edit goes unless it names others (`default_layers`). `spare_layers` are hooked
+        too, for edits whose layer is chosen per edit; a hooked layer without entries costs a no-op hook."""
         self.model = model
-        self.layers = sorted({int(i) for i in layers})
-        if not self.layers:
+        self.default_layers = sorted({int(i) for i in layers})
+        if not self.default_layers:
             raise ValueError("HookManager needs at least one layer")
+        self.layers = sorted(set(self.default_layers) | {int(i) for i in spare_layers})
         self.sites = find_hook_sites(model, self.layers)  # UnsupportedArchitecture where one cannot be
         self._tls = _ThreadState()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

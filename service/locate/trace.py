@@ -588,14 +588,16 @@ def _suffix_replay(
 
 
 def _suffix_grids(
-    run: TraceRun, tokens: Sequence[int], window: int, kinds: Sequence[str], deadline: float | None = None
+    run: TraceRun, tokens: Sequence[int], window: int, kinds: Sequence[str], deadline: float | None = None,
+    layers: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """p(answer) [layers, len(tokens)] per kind, one block sweep per token (and per chunk of rows)."""
+    """p(answer) [layers, len(tokens)] per kind, one block sweep per token (and per chunk of rows); rows of
+    layers not in `layers` (default: all) are not computed (they stay 0)."""
     assert run.suffix is not None
     n = run.tracer.n_layers
     configs: list[tuple[str, int, int, Sequence[int]]] = []
     for kind in kinds:
-        for layer in range(n):
+        for layer in range(n) if layers is None else sorted(set(layers)):
             if kind == "residual":
                 configs.append((kind, layer, layer, (layer,)))
             else:
@@ -629,10 +631,14 @@ def calculate_hidden_flow(
     kinds: Sequence[str] = KINDS,
     use_suffix: bool = True,
     deadline: float | None = None,
+    tokens: Sequence[int] | None = None,
+    layers: Sequence[int] | None = None,
 ) -> CausalTrace:
     """The whole trace of one prompt: clean and corrupted p(answer) and the three grids of indirect effect
-    (kinds not asked for are zeros). Deterministic for a given seed. Past `deadline` (time.monotonic()),
-    DeadlineExceeded between two batched forwards."""
+    (kinds not asked for are zeros). `tokens` restricts the restorations to those positions (default: every
+    token from the subject's first on; the columns of the others stay zero), `layers` to those rows
+    (default: every layer; the block-by-block fallback replay traces every layer). Deterministic for a
+    given seed. Past `deadline` (time.monotonic()), DeadlineExceeded between two batched forwards."""
     started = time.perf_counter()
     n_layers = len(decoder_layers(model))
     if not 1 <= samples <= MAX_SAMPLES:
@@ -641,22 +647,26 @@ def calculate_hidden_flow(
         raise InvalidArgument(f"{window} is outside 1..{n_layers} (the model's layers)", field="window")
     start, _end = prompt.subject
     seq_len = len(prompt.ids)
+    if tokens is None:
+        tokens = range(start, seq_len)  # tokens before the subject: effect exactly 0
+    tokens = sorted({int(t) for t in tokens if start <= int(t) < seq_len})
     with traced_runs(model, prompt, samples=samples, seed=seed, noise_factor=noise_factor) as run:
-        tokens = list(range(start, seq_len))  # tokens before the subject: effect exactly 0
         args = (tokens, run.clean, run.corrupted, run.first, run.answer_id)
-        fast = (_suffix_grids(run, tokens, window, kinds, deadline) if run.suffix is not None and use_suffix
-                else None)
+        fast = (_suffix_grids(run, tokens, window, kinds, deadline, layers)
+                if run.suffix is not None and use_suffix else None)
         grids = {}
         for kind in KINDS:
             grid = torch.zeros(n_layers, seq_len)
             if fast is not None and kind in fast:
-                grid[:, start:] = fast[kind] - run.corrupted_p
+                rows = torch.tensor(range(n_layers) if layers is None else sorted(set(layers)))
+                cols = torch.tensor(tokens)
+                grid[rows[:, None], cols[None, :]] = fast[kind][rows] - run.corrupted_p
             elif kind in kinds:
                 if kind == "residual":
                     p = trace_important_states(run.tracer, *args, deadline=deadline)
                 else:
                     p = trace_important_window(run.tracer, kind, window, *args, deadline=deadline)
-                grid[:, start:] = p.cpu() - run.corrupted_p
+                grid[:, tokens] = p.cpu() - run.corrupted_p
             grids[kind] = grid
     return CausalTrace(
         ids=list(prompt.ids), subject=prompt.subject, answer_id=run.answer_id, clean_p=run.clean_p,

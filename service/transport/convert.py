@@ -167,6 +167,7 @@ def edit_input(req: pb.EditRequest, deadline: float | None = None) -> t.EditInpu
         compile_descriptor=req.compile_descriptor if req.HasField("compile_descriptor") else None,
         deadline=deadline,
         namespace=req.namespace,
+        layer=req.layer,
     )
 
 
@@ -194,6 +195,7 @@ def quality_report(report: t.QualityReportView) -> pb.QualityReport:
         compute_seconds=report.compute_seconds,
         passed=report.passed,
         message=report.message,
+        layer_choice=report.layer_choice,
     )
 
 
@@ -288,6 +290,8 @@ def server_info_response(info: t.ServerInfo) -> pb.GetServerInfoResponse:
         max_batch_size=info.max_batch_size,
         hook_layer_rule=info.hook_layer_rule,
         architecture=info.architecture,
+        edit_layer=info.edit_layer,
+        auto_layer_candidates=info.auto_layer_candidates,
     )
 
 

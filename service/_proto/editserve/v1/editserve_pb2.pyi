@@ -206,7 +206,7 @@ class ScoreResponse(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[TokenLogprob, _Mapping]]] = ..., total_logprob: _Optional[float] = ..., edit_version: _Optional[int] = ..., applied_edits: _Optional[_Iterable[_Union[AppliedEdit, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class EditRequest(_message.Message):
-    __slots__ = ("subject", "prompt", "target_new", "paraphrases", "descriptor", "idempotency_key", "force", "actor", "compile_descriptor", "namespace")
+    __slots__ = ("subject", "prompt", "target_new", "paraphrases", "descriptor", "idempotency_key", "force", "actor", "compile_descriptor", "namespace", "layer")
     SUBJECT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     TARGET_NEW_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class EditRequest(_message.Message):
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     COMPILE_DESCRIPTOR_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
     subject: str
     prompt: str
     target_new: str
@@ -227,7 +228,8 @@ class EditRequest(_message.Message):
     actor: str
     compile_descriptor: bool
     namespace: str
-    def __init__(self, subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ..., compile_descriptor: _Optional[bool] = ..., namespace: _Optional[str] = ...) -> None: ...
+    layer: str
+    def __init__(self, subject: _Optional[str] = ..., prompt: _Optional[str] = ..., target_new: _Optional[str] = ..., paraphrases: _Optional[_Iterable[str]] = ..., descriptor: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., force: _Optional[bool] = ..., actor: _Optional[str] = ..., compile_descriptor: _Optional[bool] = ..., namespace: _Optional[str] = ..., layer: _Optional[str] = ...) -> None: ...
 
 class ParaphraseResult(_message.Message):
     __slots__ = ("prompt", "success")
@@ -238,7 +240,7 @@ class ParaphraseResult(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., success: _Optional[bool] = ...) -> None: ...
 
 class QualityReport(_message.Message):
-    __slots__ = ("efficacy", "old_answer", "target_logprob", "old_answer_logprob", "paraphrases", "locality_top1_changed", "locality_mean_kl", "threshold", "compute_seconds", "passed", "message")
+    __slots__ = ("efficacy", "old_answer", "target_logprob", "old_answer_logprob", "paraphrases", "locality_top1_changed", "locality_mean_kl", "threshold", "compute_seconds", "passed", "message", "layer_choice")
     EFFICACY_FIELD_NUMBER: _ClassVar[int]
     OLD_ANSWER_FIELD_NUMBER: _ClassVar[int]
     TARGET_LOGPROB_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +252,7 @@ class QualityReport(_message.Message):
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PASSED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LAYER_CHOICE_FIELD_NUMBER: _ClassVar[int]
     efficacy: bool
     old_answer: str
     target_logprob: float
@@ -261,7 +264,8 @@ class QualityReport(_message.Message):
     compute_seconds: float
     passed: bool
     message: str
-    def __init__(self, efficacy: _Optional[bool] = ..., old_answer: _Optional[str] = ..., target_logprob: _Optional[float] = ..., old_answer_logprob: _Optional[float] = ..., paraphrases: _Optional[_Iterable[_Union[ParaphraseResult, _Mapping]]] = ..., locality_top1_changed: _Optional[float] = ..., locality_mean_kl: _Optional[float] = ..., threshold: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., passed: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    layer_choice: str
+    def __init__(self, efficacy: _Optional[bool] = ..., old_answer: _Optional[str] = ..., target_logprob: _Optional[float] = ..., old_answer_logprob: _Optional[float] = ..., paraphrases: _Optional[_Iterable[_Union[ParaphraseResult, _Mapping]]] = ..., locality_top1_changed: _Optional[float] = ..., locality_mean_kl: _Optional[float] = ..., threshold: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., passed: _Optional[bool] = ..., message: _Optional[str] = ..., layer_choice: _Optional[str] = ...) -> None: ...
 
 class EditResponse(_message.Message):
     __slots__ = ("edit_id", "version", "report")
@@ -422,7 +426,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("model_name", "dtype", "device", "hook_layers", "edit_version", "active_edits", "active_hook_edits", "active_descriptor_edits", "total_edits", "server_version", "max_batch_size", "hook_layer_rule", "architecture")
+    __slots__ = ("model_name", "dtype", "device", "hook_layers", "edit_version", "active_edits", "active_hook_edits", "active_descriptor_edits", "total_edits", "server_version", "max_batch_size", "hook_layer_rule", "architecture", "edit_layer", "auto_layer_candidates")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -436,6 +440,8 @@ class GetServerInfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     HOOK_LAYER_RULE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    EDIT_LAYER_FIELD_NUMBER: _ClassVar[int]
+    AUTO_LAYER_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     dtype: str
     device: str
@@ -449,7 +455,9 @@ class GetServerInfoResponse(_message.Message):
     max_batch_size: int
     hook_layer_rule: str
     architecture: str
-    def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., edit_version: _Optional[int] = ..., active_edits: _Optional[int] = ..., active_hook_edits: _Optional[int] = ..., active_descriptor_edits: _Optional[int] = ..., total_edits: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., hook_layer_rule: _Optional[str] = ..., architecture: _Optional[str] = ...) -> None: ...
+    edit_layer: str
+    auto_layer_candidates: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, model_name: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., hook_layers: _Optional[_Iterable[int]] = ..., edit_version: _Optional[int] = ..., active_edits: _Optional[int] = ..., active_hook_edits: _Optional[int] = ..., active_descriptor_edits: _Optional[int] = ..., total_edits: _Optional[int] = ..., server_version: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., hook_layer_rule: _Optional[str] = ..., architecture: _Optional[str] = ..., edit_layer: _Optional[str] = ..., auto_layer_candidates: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TraceRequest(_message.Message):
     __slots__ = ("prompt", "subject", "answer", "seed", "samples", "window")
