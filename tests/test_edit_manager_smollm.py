@@ -112,6 +112,22 @@ def test_eiffel_tower_to_rome_survives_restart_and_rolls_back_exactly(smollm, op
         assert (after - before).abs().max().item() <= 1e-6
 
 
+def test_auto_layer_edit_fires_from_its_traced_layer_and_survives_restart(smollm, opener, tmp_path):
+    data = tmp_path / "auto"
+    with opener(data) as manager:
+        result = manager.edit(EditInput(**{**EIFFEL.__dict__, "layer": "auto"}))
+        layers = sorted({h.layer for h in manager.get(result.edit_id).hooks})
+        assert len(layers) == 1 and layers[0] in manager.auto_layer_candidates
+        assert result.report.layer_choice.startswith(f"auto: layer {layers[0]}"), result.report.layer_choice
+        assert result.report.passed and starts_with(greedy(smollm, EIFFEL.prompt), "Rome")
+        assert starts_with(greedy(smollm, LOUVRE), "Paris")
+    with opener(data) as manager:
+        assert sorted(manager.hooks.current.layers) == layers
+        with manager.hooks.recording() as rec:
+            greedy(smollm, EIFFEL.prompt, 1)
+        assert {(f.edit_id, f.layer) for f in rec.fires} == {(result.edit_id, layers[0])}
+
+
 @pytest.mark.timeout(1800)  # ~1 min on an idle 2-core CPU; far more when other jobs share it
 def test_twenty_more_facts(smollm, opener):
     facts = MORE_FACTS
