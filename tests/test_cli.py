@@ -196,6 +196,25 @@ def test_readme_configuration_table_covers_every_setting() -> None:
         assert any(f"`{flag}`" in row and f"`{env}`" in row for row in rows), field.name
 
 
+
+def test_readme_configuration_table_shows_each_default() -> None:
+    """The table's default column says what `Settings` holds: `on`/`off` for a switch, `empty` for an
+    empty text or list, else the value itself."""
+    rows = {row.split("|")[2].strip(): row.split("|")[3].strip()
+            for row in README.splitlines() if row.startswith("| `--")}
+    defaults = Settings()
+    for field in dataclasses.fields(Settings):
+        shown = rows[f"`{settings_args.env_name(field.name)}`"]
+        value = getattr(defaults, field.name)
+        if isinstance(value, bool):
+            assert shown == ("on" if value else "off"), field.name
+        elif value in ("", []):
+            assert shown == "empty", field.name
+        elif isinstance(value, Path):
+            assert Path(shown.strip("`")) == value, field.name
+        else:
+            assert shown == f"`{value}`", field.name
+
 def test_readme_grpcurl_payloads_are_valid_requests() -> None:
     from google.protobuf import json_format
 
