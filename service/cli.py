@@ -70,11 +70,11 @@ def run_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from service.transport import serve  # grpc only; the model comes in through the factory below
 
     def load_data_plane() -> Any:
-        from service.dataplane import DataPlane  # torch and the model: imported in the loading thread
+        from service.compose import load_data_plane  # torch and the model: imported in the loading thread
         from service.engine.cpu_threads import set_torch_threads
 
         set_torch_threads(settings.torch_threads)  # the main thread runs no torch: all threads get this count
-        return DataPlane.load(settings)
+        return load_data_plane(settings)
 
     return asyncio.run(serve(settings, load_data_plane))
 

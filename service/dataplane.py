@@ -13,11 +13,10 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from service import __version__, metrics
-from service.config import Settings
 from service.engine.cpu_threads import released_after
 from service.errors import (
     DeadlineExceeded,
@@ -27,10 +26,8 @@ from service.errors import (
     Unavailable,
 )
 from service.namespaces import validate_namespaces
-from service.router.prompt import PromptStyle
 from service.router.routing import Route, Router
-from service.router.scope import ScopeDetector
-from service.router.validation import Limits, effective_min_new_tokens, validate_generate, validate_score
+from service.router.validation import effective_min_new_tokens, validate_generate, validate_score
 from service.types import (
     AppliedEdit,
     BatchEditInput,
@@ -57,10 +54,10 @@ from service.types import (
 )
 
 if TYPE_CHECKING:
+    from service.config import Settings
     from service.editlog import EditView
     from service.edits import EditManager, EditSnapshot
     from service.engine import Engine
-    from service.engine.adapter import RowAdapter
     from service.engine.loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -84,43 +81,24 @@ def check_servable(loaded: LoadedModel) -> None:
         raise ModelNotServable(str(exc)) from exc
 
 
-def load_adapter(loaded: LoadedModel, settings: Settings) -> RowAdapter | None:
-    """The alignment adapter for rows with injected descriptors, or None; one that does not fit the
-    model stops the start (exit 2) rather than serving without what the operator asked for."""
-    from service.engine.adapter import AdapterError, RowAdapter, adapter_path
-    from service.engine.loader import EMBEDDED_MODEL, EMBEDDED_NAME
+@dataclass(frozen=True)
+class PlaneOptions:
+    """What the data plane itself reads from the settings of the same names (service/config.py)."""
 
-    # "auto" asks what is served, not what --model said: a caller may hand in another loaded model.
-    served = EMBEDDED_MODEL if loaded.name == EMBEDDED_NAME else loaded.name
-    path = adapter_path(settings.alignment_adapter, served)
-    if path is None or not settings.retrieval_enabled:
-        return None
-    try:
-        adapter = RowAdapter(loaded.model, path)
-    except AdapterError as exc:
-        raise ModelNotServable(f"--alignment-adapter: {exc}") from exc
-    log.info("alignment adapter %s: LoRA on %d layers, %.1f MiB", path, adapter.modules,
-             adapter.nbytes / 2**20)
-    return adapter
+    log_poll_s: float  # how often to apply edits other replicas appended to a shared log; 0 = never
+    max_batch_size: int  # the engine's bound, as GetServerInfo reports it
 
 
 class DataPlane:
-    def __init__(self, settings: Settings, loaded: LoadedModel, manager: EditManager, engine: Engine) -> None:
-        self.settings = settings
+    def __init__(
+        self, loaded: LoadedModel, manager: EditManager, engine: Engine, router: Router, options: PlaneOptions
+    ) -> None:
+        """service/compose.py builds the collaborators from Settings (`load_data_plane`)."""
         self.loaded = loaded
         self.manager = manager
         self.engine = engine
-        scope = (
-            ScopeDetector(manager.store, settings.scope_threshold, settings.retrieval_top_k,
-                          settings.subject_scope_threshold, settings.name_scope_threshold,
-                          settings.query_cache_entries)
-            if settings.retrieval_enabled
-            else None
-        )
-        limits = Limits(settings.max_prompt_tokens, settings.max_new_tokens_limit,
-                        settings.default_max_new_tokens)
-        style = PromptStyle(chat=settings.chat_placement, raw=settings.raw_placement)  # type: ignore[arg-type]
-        self.router = Router(loaded.tokenizer, scope, limits, style)
+        self.router = router
+        self.options = options
         self._ready = False
         self._tailer: asyncio.Task[None] | None = None
         self._traces = 0  # traces running (event-loop state: read and written on the loop only)
@@ -132,31 +110,11 @@ class DataPlane:
 
     @classmethod
     def load(cls, settings: Settings, loaded: LoadedModel | None = None) -> DataPlane:
-        """Blocking (~30 s cold): model, encoder, edit-log replay. `loaded` lets tests share one model."""
-        from service.edits import EditManager
-        from service.engine import Engine
-        from service.engine.loader import load_model
+        """Blocking (~30 s cold): model, encoder, edit-log replay. `loaded` lets tests share one model.
+        The same as service.compose.load_data_plane, which builds every part from `settings`."""
+        from service.compose import load_data_plane
 
-        if settings.torch_threads > 0:  # 0 (auto) is applied by the command line, in the main thread
-            import torch
-
-            torch.set_num_threads(settings.torch_threads)
-        if loaded is None:
-            loaded = load_model(settings.model, device=settings.device, dtype=settings.dtype)
-        check_servable(loaded)
-        adapter = load_adapter(loaded, settings)
-        manager = EditManager(loaded, settings)
-        try:
-            engine = Engine(loaded, manager.hooks, max_batch_size=settings.max_batch_size,
-                            max_queue=settings.max_queue, prefix_cache_bytes=settings.prefix_cache_mb << 20,
-                            adapter=adapter, prefill_chunk_tokens=settings.prefill_chunk_tokens)
-        except Exception:
-            manager.close()
-            if adapter is not None:
-                adapter.remove()
-            raise
-        metrics.QUEUE_CAPACITY.set(settings.max_queue)  # so a dashboard can show the queue as a share of it
-        return cls(settings, loaded, manager, engine)
+        return load_data_plane(settings, loaded)
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -184,8 +142,8 @@ class DataPlane:
 
     async def start(self) -> None:
         await self.engine.start()
-        if self.settings.log_poll_s > 0:
-            self._tailer = asyncio.create_task(self._tail_log(self.settings.log_poll_s), name="log-tailer")
+        if self.options.log_poll_s > 0:
+            self._tailer = asyncio.create_task(self._tail_log(self.options.log_poll_s), name="log-tailer")
         self._ready = True
 
     async def _tail_log(self, interval_s: float) -> None:
@@ -388,7 +346,7 @@ class DataPlane:
             device=str(self.loaded.device),
             hook_layers=list(self.manager.hooks.default_layers),
             hook_layer_rule=self.manager.hook_rule,
-            edit_layer=self.settings.edit_layer,
+            edit_layer=self.manager.policy.edit_layer,
             auto_layer_candidates=list(self.manager.auto_layer_candidates),
             architecture=self.loaded.architecture,
             edit_version=self.manager.version,
@@ -397,7 +355,7 @@ class DataPlane:
             active_descriptor_edits=counts.active_descriptor,
             total_edits=counts.total,
             server_version=__version__,
-            max_batch_size=self.settings.max_batch_size,
+            max_batch_size=self.options.max_batch_size,
         )
 
     # ------------------------------------------------------------------------------------ locating
@@ -430,7 +388,7 @@ class DataPlane:
 
         tokenizer = self.loaded.tokenizer
         prompt = prepare_trace(tokenizer, request.prompt, request.subject, request.answer,
-                               max_tokens=min(self.settings.max_prompt_tokens, MAX_TRACE_TOKENS))
+                               max_tokens=min(self.router.limits.max_prompt_tokens, MAX_TRACE_TOKENS))
         samples = DEFAULT_SAMPLES if request.samples is None else request.samples
         window = request.window
         if window is None:

@@ -171,7 +171,7 @@ def test_the_setting_names_a_folder_or_auto_or_none(tmp_path):
 
 
 def test_auto_follows_the_served_model_not_the_model_setting(tiny_llama):
-    from service.dataplane import load_adapter
+    from service.compose import load_adapter
 
     # a caller that hands in its own loaded model with the default settings (model "embedded")
     assert load_adapter(tiny_llama, Settings(alignment_adapter="auto")) is None

@@ -23,6 +23,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from service.compose import open_edit_manager
 from service.config import Settings
 from service.editlog.store import SQLITE_FILENAME
 from service.edits import EditManager, QualityGateRejected
@@ -83,7 +84,7 @@ def open_manager(tiny_llama, tmp_path) -> Iterator[OpenManager]:
     def _open(
         editor=None, encoder=None, data_dir: Path | None = None, warmup: bool = True, **settings
     ) -> EditManager:
-        manager = EditManager(
+        manager = open_edit_manager(
             tiny_llama,
             Settings(data_dir=data_dir or tmp_path / "data", **settings),
             encoder=encoder or HashEncoder(),
@@ -569,13 +570,13 @@ KILL_SCRIPT = textwrap.dedent(
     from pathlib import Path
 
     from service.config import Settings
-    from service.edits import EditManager
+    from service.compose import open_edit_manager
     from testkit.editing import HashEncoder
     from service.engine.loader import tiny_random_llama
     from service.hooks import Editor
     from service.types import EditInput
 
-    manager = EditManager(
+    manager = open_edit_manager(
         tiny_random_llama(),
         Settings(data_dir=Path(sys.argv[1])),
         encoder=HashEncoder(),
@@ -648,7 +649,7 @@ def test_no_retrieval_loads_the_encoder_only_for_a_descriptor(tiny_llama, tmp_pa
     with a descriptor still stores its embedding (a later start with retrieval on serves it)."""
     from service.retrieval.encoder import DescriptorEncoder, LazyDescriptorEncoder
 
-    manager = EditManager(
+    manager = open_edit_manager(
         tiny_llama, Settings(data_dir=tmp_path / "data", retrieval_enabled=False),
         editor_factory=scripted_editor(),
     )

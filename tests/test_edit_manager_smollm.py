@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.compose import open_edit_manager
 from service.config import Settings
 from service.edits import EditManager, QualityGateRejected
 from service.hooks.layer import param_checksum
@@ -62,7 +63,7 @@ def encoder():
 def opener(smollm, encoder, tmp_path):
     @contextmanager
     def _open(data_dir: Path | None = None) -> Iterator[EditManager]:
-        manager = EditManager(smollm, Settings(data_dir=data_dir or tmp_path / "data"), encoder=encoder)
+        manager = open_edit_manager(smollm, Settings(data_dir=data_dir or tmp_path / "data"), encoder=encoder)
         try:
             yield manager
         finally:

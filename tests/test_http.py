@@ -19,8 +19,8 @@ from grpc import aio
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+from service.compose import assemble_plane, open_edit_manager
 from service.config import Settings
-from service.edits import EditManager
 from service.hooks import Editor
 from service.hooks.probes import PROBES
 from service.transport import EditServeServer
@@ -52,10 +52,11 @@ async def served(tiny_llama, tmp_path_factory) -> AsyncIterator[Served]:
                         data_dir=tmp_path_factory.mktemp("http"), grace_period_s=1.0)
 
     def factory() -> DataPlane:
-        manager = EditManager(tiny_llama, settings, encoder=HashEncoder(), warmup=False,
-                              editor_factory=lambda m, h: Editor(m.model, m.tokenizer, h, max_steps=3,
-                                                                 probes=PROBES[:12]))
-        return DataPlane(settings, tiny_llama, manager, Engine(tiny_llama, manager.hooks, max_batch_size=8))
+        manager = open_edit_manager(tiny_llama, settings, encoder=HashEncoder(), warmup=False,
+                                    editor_factory=lambda m, h: Editor(m.model, m.tokenizer, h, max_steps=3,
+                                                                       probes=PROBES[:12]))
+        engine = Engine(tiny_llama, manager.hooks, max_batch_size=8)
+        return assemble_plane(settings, tiny_llama, manager, engine)
 
     server = EditServeServer(settings, factory)
     await server.start()

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from service.compose import open_edit_manager
 from service.config import Settings, SettingsError
 from service.edits import EditManager
 from service.edits.requests import parse_layer
@@ -43,8 +44,8 @@ def open_manager(tiny8: Any, tmp_path: Path) -> Iterator[Any]:
     opened: list[EditManager] = []
 
     def _open(**settings: Any) -> EditManager:
-        manager = EditManager(tiny8, Settings(data_dir=tmp_path / "data", **settings), encoder=HashEncoder(),
-                              editor_factory=real_editor, warmup=False)
+        manager = open_edit_manager(tiny8, Settings(data_dir=tmp_path / "data", **settings),
+                                    encoder=HashEncoder(), editor_factory=real_editor, warmup=False)
         opened.append(manager)
         return manager
 

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+from service.compose import assemble_plane, open_edit_manager
 from service.config import Settings
 from service.editlog.store import SQLITE_FILENAME
 from service.edits import EditManager
@@ -52,8 +53,8 @@ def open_manager(tiny_llama, tmp_path) -> Iterator[Callable[..., EditManager]]:
     opened: list[EditManager] = []
 
     def _open(editor=scripted, data_dir: Path | None = None, **settings) -> EditManager:
-        manager = EditManager(tiny_llama, Settings(data_dir=data_dir or tmp_path / "data", **settings),
-                              encoder=HashEncoder(), editor_factory=editor, warmup=False)
+        manager = open_edit_manager(tiny_llama, Settings(data_dir=data_dir or tmp_path / "data", **settings),
+                                    encoder=HashEncoder(), editor_factory=editor, warmup=False)
         opened.append(manager)
         return manager
 
@@ -241,10 +242,10 @@ async def grpc_plane(tiny_llama, tmp_path) -> AsyncIterator[tuple[EditServeServe
                         health_poll_s=0, log_poll_s=0, prefix_cache_mb=0)
 
     def factory() -> DataPlane:
-        manager = EditManager(tiny_llama, settings, encoder=HashEncoder(), editor_factory=real_editor,
-                              warmup=False)
+        manager = open_edit_manager(tiny_llama, settings, encoder=HashEncoder(), editor_factory=real_editor,
+                                    warmup=False)
         engine = Engine(tiny_llama, manager.hooks, max_batch_size=8)
-        return DataPlane(settings, tiny_llama, manager, engine)
+        return assemble_plane(settings, tiny_llama, manager, engine)
 
     server = EditServeServer(settings, factory)
     await server.start()
@@ -299,13 +300,12 @@ async def test_grpc_tenant_a_edit_fires_for_a_rows_and_never_for_b_rows(grpc_pla
 
 @pytest.mark.smollm
 async def test_smollm_tenant_a_reads_rome_and_tenant_b_paris_in_one_batch(smollm, tmp_path) -> None:
-    from service.dataplane import DataPlane
     from service.engine import Engine
     from service.types import GenerateInput
 
     settings = Settings(data_dir=tmp_path / "smollm", log_poll_s=0, prefix_cache_mb=0)
-    manager = EditManager(smollm, settings, encoder=HashEncoder(), warmup=False)
-    plane = DataPlane(settings, smollm, manager, Engine(smollm, manager.hooks, max_batch_size=4))
+    manager = open_edit_manager(smollm, settings, encoder=HashEncoder(), warmup=False)
+    plane = assemble_plane(settings, smollm, manager, Engine(smollm, manager.hooks, max_batch_size=4))
     await plane.start()
     try:
         made = await plane.edit(EditInput(subject=EIFFEL.subject, prompt=EIFFEL.prompt, target_new="Rome",

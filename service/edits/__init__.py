@@ -7,5 +7,9 @@ from service.edits.manager import (
     QualityGateRejected,
     default_editor_factory,
 )
+from service.edits.policy import EditPolicy
 
-__all__ = ["EditManager", "EditSnapshot", "EditorFactory", "QualityGateRejected", "default_editor_factory"]
+__all__ = [
+    "EditManager", "EditPolicy", "EditSnapshot", "EditorFactory", "QualityGateRejected",
+    "default_editor_factory",
+]

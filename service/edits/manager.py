@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
-from service.config import Settings
 from service.editlog import (
     EditLog,
     EditRegistry,
@@ -45,15 +44,11 @@ from service.errors import (
     EditServeError,
     FailedPrecondition,
     InvalidArgument,
-    ModelNotServable,
     NotFound,
     ResourceExhausted,
     Unavailable,
 )
 from service.hooks import ComputedEdit, Editor, HookManager, HookTable
-from service.hooks.arch import UnsupportedArchitecture
-from service.hooks.defaults import auto_layer_candidates, choose_hook_layers
-from service.locate.layer_choice import choose_edit_layer
 from service.metrics import (
     EDIT_COMPUTE,
     EDIT_LOG_VERSION,
@@ -66,9 +61,7 @@ from service.metrics import (
     set_namespace_gauge,
 )
 from service.namespaces import DEFAULT_NAMESPACE, validate_namespace, validate_namespaces
-from service.retrieval import DescriptorEncoder, RetrievalStore, StoreSnapshot
-from service.retrieval.encoder import LazyDescriptorEncoder
-from service.retrieval.store import Encoder
+from service.retrieval import RetrievalStore, StoreSnapshot
 from service.types import (
     BatchEditInput,
     BatchEditResult,
@@ -91,6 +84,7 @@ from .convert import (
     stored_hooks,
     without,
 )
+from .policy import EditPolicy
 from .requests import EditPlan, batch_digest, edit_digest, plan_edit
 
 __all__ = ["EditManager", "EditSnapshot", "EditorFactory", "QualityGateRejected", "default_editor_factory"]
@@ -137,29 +131,18 @@ class QualityGateRejected(FailedPrecondition):
         self.details = tuple(reports)  # the caller reads them from the status details
 
 
-def default_editor_factory(settings: Settings) -> EditorFactory:
+def default_editor_factory(locality_max_top1_changed: float) -> EditorFactory:
+    """The served editor: the hook editor with the quality gate's locality bound."""
+
     def make(loaded: LoadedModel, hooks: HookManager) -> Editor:
         return Editor(
             loaded.model,
             loaded.tokenizer,
             hooks,
-            locality_max_top1_changed=settings.locality_max_top1_changed,
+            locality_max_top1_changed=locality_max_top1_changed,
         )
 
     return make
-
-
-def trace_layer_chooser(
-    loaded: LoadedModel, candidates: Sequence[int], fallback: int
-) -> Callable[[str, str], tuple[int, str]]:
-    """The editor's per-edit layer choice (`layer: auto`): a causal trace of the edit's prompt."""
-
-    def choose(prompt: str, subject: str) -> tuple[int, str]:
-        choice = choose_edit_layer(loaded.model, loaded.tokenizer, prompt, subject, candidates,
-                                   fallback=fallback)
-        return choice.layer, choice.describe()
-
-    return choose
 
 
 class _Outcome:
@@ -200,50 +183,45 @@ class EditManager:
     def __init__(
         self,
         loaded: LoadedModel,
-        settings: Settings,
+        log: EditLog,
+        store: RetrievalStore,
+        hooks: HookManager,
+        editor: Editor,
+        policy: EditPolicy,
         *,
-        encoder: Encoder | None = None,
-        editor_factory: EditorFactory | None = None,
-        warmup: bool = True,
+        hook_rule: str = "",
+        auto_layer_candidates: list[int] | None = None,
     ) -> None:
+        """Replays `log` into `store` and the hook table of `hooks` (`restore`) and serves that state.
+        The manager owns `log` and `hooks` from here: `close()` closes the log and uninstalls the hook
+        layers, and so does a failed replay. service/compose.py builds the collaborators from Settings;
+        `hook_rule` and `auto_layer_candidates` are what it chose, for GetServerInfo."""
         self.loaded = loaded
-        self.settings = settings
+        self.log = log
+        self.store = store
+        self.hooks = hooks
+        self.editor = editor
+        self.policy = policy
+        self.hook_rule = hook_rule
+        self.auto_layer_candidates = auto_layer_candidates or []
         self._compute_lock = threading.Lock()
         self._commit_lock = threading.RLock()
         self._closed = False
-        if encoder is None:  # with retrieval off, the encoder loads only if an Edit brings a descriptor
-            encoder = (DescriptorEncoder(settings.encoder) if settings.retrieval_enabled
-                       else LazyDescriptorEncoder(settings.encoder))
-        self.store = RetrievalStore(encoder)
-        self.log = EditLog.open(settings.edit_log_url or None, settings.data_dir)
-        hooks: HookManager | None = None
         try:
-            choice = choose_hook_layers(loaded.model, settings.hook_layers)
-            try:
-                candidates = auto_layer_candidates(loaded.model, settings.auto_layer_candidates)
-                hooks = HookManager(loaded.model, choice.layers, spare_layers=candidates)
-            except UnsupportedArchitecture as exc:
-                raise ModelNotServable(str(exc)) from exc
-            except ValueError as exc:  # --hook-layers / --auto-layer-candidates name a layer it lacks
-                raise ModelNotServable(str(exc)) from exc
-            log.info("hook layers %s: %s; auto layer candidates %s", choice.layers, choice.rule, candidates)
-            self.hooks, self.hook_rule, self.auto_layer_candidates = hooks, choice.rule, candidates
-            self.editor = (editor_factory or default_editor_factory(settings))(loaded, hooks)
-            if self.editor.layer_chooser is None:
-                self.editor.layer_chooser = trace_layer_chooser(loaded, candidates, choice.layers[0])
             self.registry = EditRegistry()
-            self._snapshot = EditSnapshot(0, hooks.current, self.store.snapshot())
+            self._snapshot = EditSnapshot(0, hooks.current, store.snapshot())
             self.restore()
-            if warmup:  # otherwise the first edit pays: probe activations, the encoder's first call
-                self.editor.warmup()
-                if settings.retrieval_enabled:
-                    self.store.encoder.encode(["warm-up"])
         except BaseException:
             # Never leave a half-started manager's wrappers on a model someone else keeps using.
-            if hooks is not None:
-                hooks.uninstall()
-            self.log.close()
+            hooks.uninstall()
+            log.close()
             raise
+
+    def warmup(self) -> None:
+        """Pay the first edit's one-time costs now (probe activations, the encoder's first call)."""
+        self.editor.warmup()
+        if self.policy.retrieval_enabled:
+            self.store.encoder.encode(["warm-up"])
 
     # ------------------------------------------------------------------ state
 
@@ -317,9 +295,9 @@ class EditManager:
                                       for e in req.edits])
             if not req.edits:
                 raise InvalidArgument("must hold at least one edit", field="edits")
-            if len(req.edits) > self.settings.max_batch_edits:
+            if len(req.edits) > self.policy.max_batch_edits:
                 raise InvalidArgument(
-                    f"{len(req.edits)} edits; a BatchEdit holds at most {self.settings.max_batch_edits} "
+                    f"{len(req.edits)} edits; a BatchEdit holds at most {self.policy.max_batch_edits} "
                     "(--max-batch-edits): split it", field="edits",
                 )
             plans = []
@@ -432,13 +410,13 @@ class EditManager:
             req,
             self.editor,
             self.loaded.tokenizer,
-            self.settings.max_descriptor_chars,
+            self.policy.max_descriptor_chars,
             force=force,
             field_prefix=field_prefix,
-            fit_in_retrieval_prompt=self.settings.retrieval_enabled and self.settings.fit_in_retrieval_prompt,
-            compile_descriptors=self.settings.compile_descriptors,
-            descriptor_hooks=self.settings.descriptor_hooks,
-            edit_layer=self.settings.edit_layer,
+            fit_in_retrieval_prompt=self.policy.fits_in_retrieval_prompt,
+            compile_descriptors=self.policy.compile_descriptors,
+            descriptor_hooks=self.policy.descriptor_hooks,
+            edit_layer=self.policy.edit_layer,
         )
 
     def _replay(self, key: str, digest: str) -> LogEntry | None:
@@ -541,15 +519,15 @@ class EditManager:
             for i in self.registry.active_ids_for_relation(p.relation_key, p.namespace)
         }
         after = active - len(hidden) + len(plans)
-        if after > self.settings.max_edits:
+        if after > self.policy.max_edits:
             raise ResourceExhausted(
-                f"{active} edits are active and max_edits is {self.settings.max_edits}: "
+                f"{active} edits are active and max_edits is {self.policy.max_edits}: "
                 f"this request would make {after}; roll some back first"
             )
 
     def _check_table_bytes(self, computed: dict[int, ComputedEdit]) -> None:
         """The hook table lives in device memory: refuse an edit that would grow it past its bound."""
-        limit = self.settings.max_hook_table_mb << 20
+        limit = self.policy.max_hook_table_mb << 20
         if not limit or not computed:
             return
         table = self.hooks.current
@@ -557,7 +535,7 @@ class EditManager:
         if after > limit:
             raise ResourceExhausted(
                 f"the hook table would hold {after / 2**20:.1f} MiB and max_hook_table_mb is "
-                f"{self.settings.max_hook_table_mb}: roll some edits back first"
+                f"{self.policy.max_hook_table_mb}: roll some edits back first"
             )
 
     def _stored_edits(
