@@ -711,7 +711,9 @@ class Summary:
         }
 
 
-def summarise(runs: list[Row], edits: int) -> list[Summary]:
+def summarise(runs: list[Row], edits: int, clients: list[int]) -> list[Summary]:
+    """One row per mode. Kind "service" is kept for the plain server at the --clients counts (what
+    machine readers of --json key by streams); the edit comparison's other rows are "service_edits"."""
     groups: dict[tuple[str, str, int], list[Row]] = {}
     for r in runs:
         groups.setdefault((r.kind, r.setup, r.streams), []).append(r)
@@ -724,7 +726,8 @@ def summarise(runs: list[Row], edits: int) -> list[Summary]:
             label = f"service, {streams} client{'s' if streams > 1 else ''}{where}"
         else:
             label = rows[0].mode
-        out.append(Summary(label, kind if setup in ("", NO_EDITS) else "service_edits", setup, streams, rows))
+        plain = setup == "" or (setup == NO_EDITS and streams in clients)
+        out.append(Summary(label, kind if plain else "service_edits", setup, streams, rows))
     return out
 
 
@@ -756,7 +759,7 @@ def report(runs: list[Row], gflops: list[float], routing: dict[str, float],
            loaded_routing: dict[str, list[float]], loaded: LoadedModel, args: argparse.Namespace,
            ) -> list[dict[str, Any]]:
     """Print the table and the targets; return the --json entries."""
-    rows = summarise(runs, args.edits)
+    rows = summarise(runs, args.edits, [int(c) for c in args.clients.split(",") if c])
     one = next(s for s in rows if s.kind == "hf_one_at_a_time")
     fpt = flops_per_token(loaded)
     achieved = statistics.median(gflops)
