@@ -26,6 +26,7 @@ from service.config import Settings, SettingsError
 from service.settings_args import add_settings_arguments, env_name, settings_from
 
 EXIT_USAGE = 2
+HEALTH_TIMEOUT_S = 3.0  # `editserve health`: a server that has not answered by then is not serving
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--address", default=None,
                         help=f"host:port (default: 127.0.0.1 and {env_name('port')} or 50051)")
     health.add_argument("--service", default="", help='service name; "" = the whole server')
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.add_argument("--timeout", type=float, default=HEALTH_TIMEOUT_S, help="seconds")
     health.set_defaults(handler=run_health)
     add_client_commands(commands)
     return parser

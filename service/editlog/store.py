@@ -50,6 +50,7 @@ SQLITE_FILENAME = "editlog.sqlite3"
 HEAD_SUFFIX = ".head"  # beside the SQLite file: the highest version ever committed
 _WRITE_OPTION = "editlog_write"  # execution option: this transaction appends (SQLite: BEGIN IMMEDIATE)
 _READ_CHUNK = 1000  # entries per round trip in read_all: 3 queries per chunk, not per entry
+SQLITE_BUSY_TIMEOUT_S = 30  # an SQLite writer waits this long for another's lock before "database is locked"
 PG_CONNECT_TIMEOUT_S = 3  # a PostgreSQL connect that takes longer fails as Unavailable
 # After PostgreSQL could not be reached, calls fail at once for this long instead of each waiting out its
 # own connect (callers queue on the commit lock; one slow connect each would push them past deadlines).
@@ -91,7 +92,7 @@ class EditLog:
         if sa_url.get_backend_name() == "sqlite":
             if schema:
                 raise ValueError("schema is for PostgreSQL; SQLite keeps one log per file")
-            engine = sa.create_engine(sa_url, connect_args={"timeout": 30})
+            engine = sa.create_engine(sa_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
             _install_sqlite_pragmas(engine)
             database = sa_url.database
             head_file = Path(database + HEAD_SUFFIX) if database and database != ":memory:" else None

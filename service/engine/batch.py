@@ -24,6 +24,10 @@ from service.engine.kv import full_width_cache, left_padded, pad_columns_left
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
 
+# Batch compositions whose per-row hook switch stays on the device; past it the cache starts over
+# (compositions come and go, a handful is live at once).
+ROW_FLAG_CACHE = 256
+
 
 def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
@@ -240,7 +244,7 @@ class ModelRunner:
         key = tuple(bool(e) for e in enabled)
         flags = self._row_flags.get(key)
         if flags is None:
-            if len(self._row_flags) >= 256:
+            if len(self._row_flags) >= ROW_FLAG_CACHE:
                 self._row_flags.clear()
             flags = self._row_flags[key] = torch.tensor(key, dtype=torch.bool, device=self.device)
         return flags

@@ -40,6 +40,7 @@ from service.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted,
 
 log = logging.getLogger(__name__)
 
+DRAIN_POLL_S = 0.01  # how often stop() looks whether the in-flight requests have finished
 DEFAULT_CONTEXT_TOKENS = 2048  # when the model config names no max_position_embeddings
 # What one extra prefill forward costs, in padded tokens of compute (it reads every weight once more). On a
 # 2-core CPU a forward over 1 token of SmolLM2-135M costs about as much as 8-16 tokens' worth of compute in
@@ -239,7 +240,7 @@ class Engine:
             self._accepting = False
         end = time.monotonic() + max(0.0, grace_s)
         while self._busy() and time.monotonic() < end:
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(DRAIN_POLL_S)
         with self._lock:
             self._cancel_all = True
             self._exit = True

@@ -48,6 +48,9 @@ DOWN_PROJECTION_PATHS = (
     "fc2",
 )
 
+# Two computations of the same logits agree within this share of the largest logit (float rounding).
+LOGITS_TOLERANCE = 1e-3
+
 # The self-attention module of a block (its output's first element is what the block adds to the residual
 # stream), and the final norm of the headless model, for causal tracing (service/locate/trace.py).
 ATTENTION_PATHS = ("self_attn", "attn", "attention", "self_attention")
@@ -218,7 +221,7 @@ def check_logits_path(model: nn.Module, token_ids: Sequence[int]) -> None:
     reference = model(input_ids=ids, use_cache=False).logits.float()
     hidden = base_model(model)(input_ids=ids, use_cache=False).last_hidden_state
     ours = final_logits(model, hidden).float()
-    tolerance = 1e-3 * max(1.0, float(reference.abs().max()))
+    tolerance = LOGITS_TOLERANCE * max(1.0, float(reference.abs().max()))
     if ours.shape != reference.shape or float((ours - reference).abs().max()) > tolerance:
         raise UnsupportedArchitecture(
             f"{architecture_name(model)}: its logits are not the LM head of the last hidden state "

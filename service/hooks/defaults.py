@@ -43,7 +43,8 @@ from service.hooks.arch import decoder_layers, hookable_layers
 # same fraction lands where the published single-layer editors put their layer (ROME/EasyEdit: GPT-J
 # 5 of 28 = 0.18, Llama-2-7B 5 of 32 = 0.16): the early-middle MLPs that causal tracing finds carrying
 # a subject's facts at its last token. docs/hook-layers.md has the rule and its evidence.
-MEASURED_FRACTION = 6 / 30
+SMOLLM2_135M_LAYER = 6  # the measured best of its 30 layers (the table above)
+MEASURED_FRACTION = SMOLLM2_135M_LAYER / 30
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def choose_hook_layers(model: nn.Module, requested: Sequence[int] = ()) -> HookL
     if requested:
         return HookLayerChoice(sorted({int(i) for i in requested}), "--hook-layers")
     if _is_smollm2_135m(model.config):
-        return HookLayerChoice([6], "measured for SmolLM2-135M (service/hooks/defaults.py)")
+        return HookLayerChoice([SMOLLM2_135M_LAYER], "measured for SmolLM2-135M (service/hooks/defaults.py)")
     depth = len(decoder_layers(model))
     target = min(depth - 1, max(1, round(MEASURED_FRACTION * depth)))
     candidates = hookable_layers(model)

@@ -66,6 +66,7 @@ KL_TEMPLATE = "{subject} is a"  # ROME's essence-drift prompt
 MAX_TARGET_TOKENS = 32
 MAX_PROMPT_TOKENS = 256
 MAX_PARAPHRASES = 16
+MIN_REF_NORM = 1e-3  # floor of the ||MLP out|| that scales v*'s first step and clamp (a silent MLP)
 
 
 @dataclass
@@ -432,7 +433,7 @@ class Editor:
                 self.hooks,
                 layers,
                 problem,
-                max(ref_norm, 1e-3),
+                max(ref_norm, MIN_REF_NORM),
                 self.vstar,
             )
         deltas, stats = fit.deltas, fit.stats

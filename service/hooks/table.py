@@ -68,6 +68,10 @@ PREV_CHECK_TOP_K = 8
 # gate only when more than TOP_K keys lie within that distance of the best one: a near-tie between
 # edits, never a fire where no key passes its threshold. Prefill (many tokens at once) is compute-bound
 # and keeps the exact matmul.
+# Cached per table: row masks of batch compositions (which come and go), and namespace views (a few
+# live at once); past the bound the cache starts over.
+MASK_CACHE = 64
+VIEW_CACHE = 256
 PREFILTER_MIN_ENTRIES = 256
 PREFILTER_MAX_TOKENS = 16
 PREFILTER_TOP_K = 8
@@ -145,7 +149,7 @@ class LayerTable:
             else:
                 full = torch.ones(len(self.ids), dtype=torch.bool, device=self.keys.device)
                 out = torch.stack([full if m is None else m for m in masks])
-            if len(self._masks) > 64:  # batch compositions come and go; keep the cache small
+            if len(self._masks) > MASK_CACHE:
                 self._masks = {k: v for k, v in self._masks.items() if not isinstance(k, tuple)}
             self._masks[key] = out
         return self._masks[key]
@@ -285,7 +289,7 @@ class HookTable:
         if view is None:
             view = HookTable(base._layers, version=base.version, device=base.device, dtype=base.dtype)
             view.base, view.scope = base, namespaces
-            if len(base._views) > 256:
+            if len(base._views) > VIEW_CACHE:
                 base._views.clear()
             base._views[namespaces] = view
         return view

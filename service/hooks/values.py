@@ -57,6 +57,8 @@ class VStarSettings:
 
 
 VSTAR = VStarSettings()
+# The layer walk is used only if it reproduces the model's own forward this closely (torch.allclose).
+WALK_TOLERANCE = 1e-4
 
 
 def _kv_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -202,8 +204,8 @@ class _SuffixRunner:
                 if not torch.allclose(
                     self.base.norm(self._walk(after, self.first + 1, n_layers))[real],
                     self._reference({})[real],
-                    atol=1e-4,
-                    rtol=1e-4,
+                    atol=WALK_TOLERANCE,
+                    rtol=WALK_TOLERANCE,
                 ):
                     return False
                 gen = torch.Generator().manual_seed(0)
@@ -217,7 +219,7 @@ class _SuffixRunner:
         except Exception:  # noqa: BLE001 - any layout mismatch means: use the model's own forward
             self._mask_rope = None
             return False
-        return bool(torch.allclose(walked[real], ref[real], atol=1e-4, rtol=1e-4))
+        return bool(torch.allclose(walked[real], ref[real], atol=WALK_TOLERANCE, rtol=WALK_TOLERANCE))
 
     def _reference(self, deltas: dict[int, torch.Tensor]) -> torch.Tensor:
         """The model's own forward of the suffix, hooks off, `deltas` added as interventions."""

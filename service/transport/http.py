@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 NAMESPACES_HEADER = "x-editserve-namespaces"
 MODEL_ALIAS = "editserve"  # always accepted as `model`, whatever model is served
+LISTEN_BACKLOG = 1024  # connections the kernel queues before accept (a burst of clients)
+START_POLL_S = 0.01  # how often start() looks whether the HTTP server is up
+STOP_MARGIN_S = 5  # past the grace period, seconds before a server that has not stopped is cancelled
 
 # service.errors code -> (HTTP status, OpenAI error type)
 HTTP_STATUS: dict[str, tuple[int, str]] = {
@@ -496,7 +499,7 @@ class HttpFrontEnd:
         except OSError as exc:
             sock.close()
             raise OSError(f"cannot serve HTTP on {self._host}:{self._port}: {exc}") from exc
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         grace = max(1, round(self._grace_s)) if self._grace_s else None
@@ -505,7 +508,7 @@ class HttpFrontEnd:
         self._server = _EmbeddedServer(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="editserve-http")
         while not self._server.started and not self._task.done():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(START_POLL_S)
         if self._task.done():
             self._task.result()  # raises what made it stop
             raise OSError("the HTTP server stopped at start")
@@ -516,7 +519,7 @@ class HttpFrontEnd:
             return
         self._server.should_exit = True
         try:
-            await asyncio.wait_for(self._task, self._grace_s + 5)
+            await asyncio.wait_for(self._task, self._grace_s + STOP_MARGIN_S)
         except (TimeoutError, asyncio.CancelledError):
             self._task.cancel()
         except Exception:  # noqa: BLE001 - stopping: log, never mask the shutdown
