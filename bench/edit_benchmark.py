@@ -36,9 +36,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from service.compose import open_edit_manager  # noqa: E402
 from service.config import Settings  # noqa: E402
 from service.editlog import EditLog, LogEntry, StoredEdit, StoredHook, TensorBlob  # noqa: E402
-from service.edits import EditManager  # noqa: E402
 from service.engine.loader import LoadedModel, load_model  # noqa: E402
 from service.hooks import HookEntry, HookManager, HookTable, default_hook_layers  # noqa: E402
 from service.retrieval import DescriptorEncoder  # noqa: E402
@@ -64,7 +64,7 @@ def p90(values: list[float]) -> float:
 def bench_compute(lm: LoadedModel, encoder: DescriptorEncoder, data_dir: Path, n: int) -> None:
     facts = (FACTS + MORE_FACTS)[:n]
     compute, wall, passed = [], [], 0
-    with EditManager(lm, Settings(data_dir=data_dir), encoder=encoder) as manager:
+    with open_edit_manager(lm, Settings(data_dir=data_dir), encoder=encoder) as manager:
         for fact in facts:
             t = time.perf_counter()
             result = manager.edit(fact_input(fact, force=True))
@@ -105,7 +105,7 @@ def bench_generate(
     sizes: tuple[int, ...] = (0, 1000, 10_000),
 ) -> None:
     sizes = (0, *sorted({n for n in sizes if n > 0}))  # the no-edit table is every ratio's reference
-    with EditManager(lm, Settings(data_dir=data_dir), encoder=encoder) as manager:
+    with open_edit_manager(lm, Settings(data_dir=data_dir), encoder=encoder) as manager:
         hooks = manager.hooks
         tables = {n: synthetic_table(hooks, n) if n else hooks.empty_table() for n in sizes}
         ids = lm.tokenizer(PROMPT, return_tensors="pt").to(hooks.device)
@@ -150,7 +150,7 @@ def bench_decode_step(
     lm: LoadedModel, encoder: DescriptorEncoder, data_dir: Path, tables: dict[int, HookTable], rounds: int
 ) -> None:
     """One decode step (a token on a 16-token KV cache): where the gate runs on every generated token."""
-    with EditManager(lm, Settings(data_dir=data_dir / "step"), encoder=encoder) as manager:
+    with open_edit_manager(lm, Settings(data_dir=data_dir / "step"), encoder=encoder) as manager:
         hooks = manager.hooks
         ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(hooks.device)
         past = lm.model(input_ids=ids, use_cache=True).past_key_values
@@ -228,7 +228,7 @@ def startup_child(
     t1 = time.perf_counter()
     encoder = DescriptorEncoder()
     t2 = time.perf_counter()
-    manager = EditManager(lm, Settings(data_dir=Path(data_dir)), encoder=encoder)
+    manager = open_edit_manager(lm, Settings(data_dir=Path(data_dir)), encoder=encoder)
     t3 = time.perf_counter()
     manager.close()
     print(json.dumps({"model": t1 - t0, "encoder": t2 - t1, "manager": t3 - t2, "total": t3 - t0}))
@@ -245,7 +245,7 @@ def bench_startup(
     for _ in range(rounds):
         for name, d in dirs.items():
             t = time.perf_counter()
-            manager = EditManager(lm, Settings(data_dir=d), encoder=encoder)
+            manager = open_edit_manager(lm, Settings(data_dir=d), encoder=encoder)
             open_s[name].append(time.perf_counter() - t)
             t = time.perf_counter()
             manager.restore()
