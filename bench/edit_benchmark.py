@@ -11,6 +11,8 @@ and the wall time of the whole call (plus encode, fsync'd append, publish).
 Generate: greedy model.generate of a fixed prompt through the hooked model; the active edits are synthetic
 (random keys that never fire), so the difference is the gate's cost; rounds alternate the tables
 (`--table-sizes`, default 0,1000,10000).
+Spare layers: the same Generate with the default layer hooked alone against it plus the auto-layer
+candidates (hooked, empty), rounds alternating: what `layer: auto` costs requests that never use it.
 Start-up: (a) EditManager open + restore + warm-up on a loaded model, (b) restore() alone, (c) a fresh
 process doing everything a server start does (imports, model and encoder load, EditManager).
 """
@@ -91,7 +93,8 @@ def synthetic_table(hooks: HookManager, n: int, seed: int = 0) -> HookTable:
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(n, hooks.d_ff, generator=gen)
     values = torch.randn(n, hooks.d_model, generator=gen)
-    entries = [HookEntry(f"s{i}", layer, keys[i], values[i], 0.9) for layer in hooks.layers for i in range(n)]
+    entries = [HookEntry(f"s{i}", layer, keys[i], values[i], 0.9)
+               for layer in hooks.default_layers for i in range(n)]
     return HookTable.build(entries, hooks.device, hooks.dtype, version=1)
 
 
@@ -130,7 +133,7 @@ def bench_generate(
     FIGURES["generate"] = {
         "tokens": tokens,
         "rounds": rounds,
-        "layers": list(hooks.layers),
+        "layers": list(hooks.default_layers),
         "median_s": {str(n): statistics.median(v) for n, v in times.items()},
         "ratio_to_none": {
             str(n): statistics.median([a / b for a, b in zip(v, times[0], strict=True)])
@@ -138,7 +141,7 @@ def bench_generate(
         },
     }
     print(
-        f"Generate {tokens} tokens greedy, median of {rounds} rounds, layers {hooks.layers}: "
+        f"Generate {tokens} tokens greedy, median of {rounds} rounds, layers {hooks.default_layers}: "
         + ", ".join(parts),
         flush=True,
     )
@@ -180,6 +183,46 @@ def bench_decode_step(
         },
     }
     print(f"one decode step, median of {rounds} paired rounds: " + ", ".join(parts), flush=True)
+
+
+@torch.no_grad()
+def bench_spare_layers(lm: LoadedModel, rounds: int, tokens: int, edits: int = 1000) -> None:
+    """What the spare hooked layers of `layer: auto` cost: Generate with the default layer hooked alone,
+    against the default layer plus every auto candidate hooked (no entries there), `edits` synthetic
+    entries at the default layer in both; rounds alternate the two hook sets."""
+    from service.hooks.defaults import auto_layer_candidates
+
+    default = default_hook_layers(lm.model)
+    spare = auto_layer_candidates(lm.model)
+    ids = lm.tokenizer(PROMPT, return_tensors="pt").to(lm.device)
+    variants = {"default layer only": (), f"+ {len(spare)} spare layers": spare}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds + 1):
+        for name, layers in variants.items():
+            hooks = HookManager(lm.model, default, spare_layers=layers)
+            try:
+                hooks.publish(synthetic_table(hooks, edits))
+                _sync(hooks.device)
+                t = time.perf_counter()
+                lm.model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+                _sync(hooks.device)
+                if r:
+                    times[name].append(time.perf_counter() - t)
+            finally:
+                hooks.uninstall()
+    base = times["default layer only"]
+    ratios = {name: statistics.median([a / b for a, b in zip(v, base, strict=True)])
+              for name, v in times.items()}
+    FIGURES["spare_layers"] = {
+        "tokens": tokens, "rounds": rounds, "edits": edits, "default": default, "spare": spare,
+        "median_s": {name: statistics.median(v) for name, v in times.items()}, "ratio": ratios,
+    }
+    print(
+        f"Generate {tokens} tokens greedy with {edits:,} edits at layer {default}, median of {rounds} paired "
+        "rounds: " + ", ".join(f"{name} {statistics.median(v):.3f} s ({ratios[name]:.3f}x)"
+                               for name, v in times.items()),
+        flush=True,
+    )
 
 
 def write_synthetic_log(lm: LoadedModel, data_dir: Path, n: int, dim: int) -> None:
@@ -291,7 +334,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--logged", type=int, default=1000)
-    ap.add_argument("--only", choices=["compute", "generate", "startup"], default=None)
+    ap.add_argument("--only", choices=["compute", "generate", "spare", "startup"], default=None)
     ap.add_argument(
         "--table-sizes",
         default="0,1000,10000",
@@ -329,6 +372,8 @@ def main() -> None:
         if args.only in (None, "generate"):
             sizes = tuple(int(n) for n in args.table_sizes.split(",") if n.strip())
             bench_generate(lm, encoder, root / "generate", args.rounds, args.tokens, sizes)
+        if args.only in (None, "spare"):
+            bench_spare_layers(lm, args.rounds, args.tokens)
         if args.only in (None, "startup"):
             bench_startup(lm, encoder, root / "startup", args.logged, 3, args.model)
     if args.json:
