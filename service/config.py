@@ -92,11 +92,12 @@ class Settings:
     hook_layers: list[int] = setting(help_text="comma-separated MLP layers to hook (e.g. 4,6); empty = "
                                      "measured for SmolLM2-135M, else round(0.2 x depth) "
                                      "(docs/hook-layers.md)", default_factory=list)
-    # The comparison that chose the default is in docs/hook-layers.md; auto: service/locate/layer_choice.py.
+    # Fixed by default: on 200 CounterFact edits (T=200) auto matched it (ES 1.000 / PS 0.910 / NS 0.720
+    # against 1.000 / 0.905 / 0.720) at 3.5x the edit time (docs/hook-layers.md).
     edit_layer: str = setting("fixed", "hook layer of an edit that names none: "
                               + " | ".join(EDIT_LAYER_RULES)
                               + " (auto: per edit, from a causal trace of its prompt; docs/hook-layers.md)")
-    # All candidates are hooked; a hooked layer with no entry costs two no-op Python hooks per forward.
+    # All candidates are hooked; 15 empty ones cost SmolLM2 0.6 % of Generate time (docs/hook-layers.md).
     auto_layer_candidates: list[int] = setting(help_text="comma-separated layers an auto edit may choose; "
                                                "empty = hookable layers 1 .. depth/2",
                                                default_factory=list)
