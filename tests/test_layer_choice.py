@@ -182,3 +182,21 @@ def test_a_log_with_layers_the_server_does_not_hook_refuses_to_start(open_manage
         open_manager(auto_layer_candidates=[1])
     with pytest.raises(ModelNotServable, match="no hookable MLP"):
         open_manager(auto_layer_candidates=[12])
+
+
+def test_the_layer_travels_through_the_proto_and_the_client() -> None:
+    from service._proto.editserve.v1 import editserve_pb2 as pb
+    from service.client.requests import edit_request
+    from service.edits.requests import edit_digest
+    from service.transport.convert import edit_input, quality_report
+    from service.types import QualityReportView
+
+    request = edit_request(subject=SUBJECT, prompt=PROMPT, target="Rome", layer="auto")
+    assert request.layer == "auto" and edit_input(request).layer == "auto"
+    view = QualityReportView(layer_choice="auto: layer 3 of largest MLP effect")
+    wire = quality_report(view).SerializeToString()
+    assert pb.QualityReport.FromString(wire).layer_choice == view.layer_choice
+    # A retry with another layer is another request; no layer keeps the digest older requests had.
+    plain = EditInput(subject=SUBJECT, prompt=PROMPT, target_new="Rome")
+    assert edit_digest(plain) != edit_digest(EditInput(**{**plain.__dict__, "layer": "auto"}))
+    assert edit_digest(plain) == edit_digest(EditInput(**{**plain.__dict__, "layer": ""}))
