@@ -17,7 +17,6 @@ the probes whose gate decisions the new entries change
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -40,8 +39,8 @@ from service.hooks.layer import (
     HookEntry,
     HookManager,
     HookTable,
-    LayerTable,
 )
+from service.hooks.locality import LocalityProbes
 from service.hooks.probes import PROBES
 from service.hooks.rows import Row, encode_row, pad_right
 from service.hooks.values import (
@@ -151,36 +150,6 @@ class _Calib:
 
 
 
-@dataclass
-class _ProbeActs:
-    """One layer's probe activations, flattened over the probes' tokens."""
-
-    sig: Any  # the lower layers' entries these activations were computed under
-    unit: torch.Tensor  # [tokens, d_ff] unit activations
-    probe_of: torch.Tensor  # [tokens] probe index of each token
-    # [tokens, d_ff] the previous token's unit activation; zeros at a probe's start, where nothing precedes
-    # it (as in a fresh prefill: no previous-token condition is met there)
-    prev_unit: torch.Tensor
-    prev_known: torch.Tensor  # [tokens] all True here
-
-    def decisions(self, lt: LayerTable) -> tuple[torch.Tensor, torch.Tensor]:
-        return HookManager.gate_decisions(lt, self.unit, self.prev_unit, self.prev_known)
-
-
-class _ProbeCache:
-    """Probe activations (per hooked layer) and the published table's gate decisions on them.
-
-    Activations at layer l only change when the table's entries BELOW l change (the gate adds after the
-    key is read), so they are keyed on the lower layers' ids; decisions are keyed on the table object.
-    """
-
-    def __init__(self, texts: Sequence[str]) -> None:
-        self.texts = list(texts)
-        self.acts: dict[int, _ProbeActs] = {}
-        self.decisions: dict[int, tuple[HookTable, torch.Tensor, torch.Tensor]] = {}  # (table, best, fired)
-        self.rows: list[list[int]] | None = None
-
-
 # (prompt, subject) -> (the edit's hook layer, why): the per-edit choice of `auto` edits, run with the
 # table the edit will be served with (service/locate/layer_choice.py; injected so hooks do not import locate).
 LayerChooser = Callable[[str, str], tuple[int, str]]
@@ -215,9 +184,9 @@ class Editor:
         self.locality_max_top1_changed = locality_max_top1_changed
         self.contexts = tuple(contexts)
         self.vstar = replace(vstar, **vstar_overrides) if vstar_overrides else vstar
-        self._probes = _ProbeCache(probes)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
+        self._probes = LocalityProbes(model, tokenizer, hooks, probes, self.pad_id)
 
     # ---- validation --------------------------------------------------------------------------------
     def validate(self, spec: EditSpec) -> None:
@@ -298,7 +267,7 @@ class Editor:
         all_new = [e for entries, *_ in per_edit for e in entries]
         override = published.extended(all_new)
         subjects = [p.spec.subject for p in preps]
-        loc_top1, loc_kl = self._locality(published, override, all_new, subjects)
+        loc_top1, loc_kl = self._probes.drift(published, override, all_new, subjects)
         out = []
         share = (time.perf_counter() - t0 - sum(p[-1] for p in per_edit)) / max(1, len(preps))
         for prep, (entries, msg, old_first, why, secs) in zip(preps, per_edit, strict=True):
@@ -311,9 +280,9 @@ class Editor:
 
     def warmup(self) -> None:
         """Fill the probe caches for the published table (otherwise the first edit pays for it)."""
-        self._probe_acts(self.hooks.current, self.hooks.layers)
+        self._probes.activations(self.hooks.current, self.hooks.layers)
         for layer in self.hooks.layers:
-            self._probe_decisions(self.hooks.current, layer)
+            self._probes.decisions(self.hooks.current, layer)
 
     # ---- key, value, threshold ---------------------------------------------------------------------------
     def _acts(self, layer: int, rows: Sequence[Row], table: HookTable | None = None) -> list[torch.Tensor]:
@@ -366,7 +335,7 @@ class Editor:
                 # a paraphrase without the literal subject: its best token must fire
                 pos.append(cos.max() if rows[i].subject is None else cos[rows[i].subject[1]])
             negs = [] if neg_units is None else [(neg_units @ kn).max()]
-            probe_neg = self._probe_max_cos(layer, kn, prep.spec.subject)
+            probe_neg = self._probes.max_cos(layer, kn, prep.spec.subject)
             if probe_neg is not None:
                 negs.append(probe_neg)
             thr, msg = calibrate_threshold(torch.stack(pos), torch.stack(negs) if negs else torch.empty(0))
@@ -450,108 +419,6 @@ class Editor:
 
     def _down(self, layer: int) -> nn.Module:
         return self.hooks.sites[layer].module
-
-    # ---- probes ----------------------------------------------------------------------------------------
-    def _probe_rows(self) -> list[list[int]]:
-        if self._probes.rows is None:
-            self._probes.rows = [list(self.tok(t)["input_ids"]) for t in self._probes.texts]
-        return self._probes.rows
-
-    def _probe_mask(self, subjects: Sequence[str]) -> torch.Tensor:
-        low = [s.strip().lower() for s in subjects]
-        return torch.tensor([not any(s in t.lower() for s in low) for t in self._probes.texts])
-
-    @staticmethod
-    def _sig(table: HookTable, layer: int, layers: Sequence[int]) -> tuple[Any, ...]:
-        return tuple((i, t.ids) for i in layers if i < layer and (t := table.layer(i)) is not None)
-
-    def _probe_acts(self, table: HookTable, layers: Sequence[int]) -> None:
-        cached, hooked = self._probes.acts, self.hooks.layers
-        need = [i for i in layers if i not in cached or cached[i].sig != self._sig(table, i, hooked)]
-        if not need:
-            return
-        rows = self._probe_rows()
-        ids, mask = pad_right(rows, self.pad_id, self.hooks.device)
-        with self.hooks.table_override(table):
-            acts = self.hooks.keys_at(need, ids, mask)
-        real = mask.bool()
-        probe_of = torch.arange(len(rows), device=real.device)[:, None].expand_as(real)[real]
-        starts = torch.ones_like(probe_of, dtype=torch.bool)
-        starts[1:] = probe_of[1:] != probe_of[:-1]
-        for i in need:
-            unit = F.normalize(acts[i][real].float(), dim=-1)
-            prev = torch.cat([torch.zeros_like(unit[:1]), unit[:-1]]).masked_fill(starts[:, None], 0.0)
-            sig = self._sig(table, i, self.hooks.layers)
-            self._probes.acts[i] = _ProbeActs(sig, unit, probe_of, prev, torch.ones_like(starts))
-
-    def _probe_decisions(self, table: HookTable, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cached = self._probes.decisions.get(layer)
-        if cached is not None and cached[0] is table:
-            return cached[1], cached[2]
-        self._probe_acts(table, [layer])
-        pa = self._probes.acts[layer]
-        lt = table.layer(layer)
-        if lt is None:
-            best = torch.full((pa.unit.shape[0],), -math.inf, device=pa.unit.device)
-            fired = torch.zeros(pa.unit.shape[0], dtype=torch.bool, device=pa.unit.device)
-        else:
-            best, idx = pa.decisions(lt)
-            fired = best >= lt.thresholds[idx]
-        self._probes.decisions[layer] = (table, best, fired)
-        return best, fired
-
-    def _probe_max_cos(self, layer: int, kn: torch.Tensor, subject: str) -> torch.Tensor | None:
-        self._probe_acts(self.hooks.current, [layer])
-        pa = self._probes.acts[layer]
-        keep = self._probe_mask([subject]).to(pa.probe_of.device)[pa.probe_of]
-        if not keep.any():
-            return None
-        return (pa.unit[keep] @ kn.to(pa.unit.device)).max()
-
-    @torch.no_grad()
-    def _locality(
-        self, published: HookTable, override: HookTable, new: Sequence[HookEntry], subjects: Sequence[str]
-    ) -> tuple[float, float]:
-        """Top-1 change rate and mean KL over the probes, exactly, forwarding only the affected probes.
-
-        A probe's output can change only where the new entries change a gate decision (the new entry wins
-        the argmax and it or the previous winner would fire). Layers are visited bottom-up; a probe with
-        no change below layer l has unchanged activations at l, so the cached ones are exact there.
-        """
-        include = self._probe_mask(subjects)
-        n_inc = int(include.sum())
-        if n_inc == 0:
-            return 0.0, 0.0
-        affected = torch.zeros(len(self._probes.texts), dtype=torch.bool)
-        for layer in self.hooks.layers:
-            mine = [e for e in new if e.layer == layer]
-            if not mine:
-                continue
-            best, fired = self._probe_decisions(published, layer)
-            pa = self._probes.acts[layer]
-            lt_new = HookTable.build(mine, pa.unit.device).layer(layer)
-            assert lt_new is not None
-            smax, sarg = pa.decisions(lt_new)
-            changed = (smax > best) & (fired | (smax >= lt_new.thresholds[sarg]))
-            affected[pa.probe_of[changed].cpu()] = True
-        affected &= include
-        idx = affected.nonzero().squeeze(1).tolist()
-        if not idx:
-            return 0.0, 0.0
-        rows = [self._probe_rows()[i] for i in idx]
-        before = self._last_logprobs(rows, published)
-        after = self._last_logprobs(rows, override)
-        top1 = int((before.argmax(-1) != after.argmax(-1)).sum())
-        kl = float(F.kl_div(after, before, log_target=True, reduction="sum"))
-        return top1 / n_inc, kl / n_inc
-
-    def _last_logprobs(self, rows: Sequence[Sequence[int]], table: HookTable) -> torch.Tensor:
-        ids, mask = pad_right(rows, self.pad_id, self.hooks.device)
-        with self.hooks.table_override(table):
-            hs = base_model(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
-        last = mask.sum(-1) - 1
-        logits = final_logits(self.model, hs[torch.arange(len(rows), device=ids.device), last])
-        return torch.log_softmax(logits.float(), dim=-1)
 
     # ---- quality gate -----------------------------------------------------------------------------------
     @torch.no_grad()
