@@ -49,7 +49,7 @@ def preload(manager: Any, namespaces: list[str], per_namespace: int, chunk: int 
             entries = [StoredHook(layer=layer,
                                   key=TensorBlob.from_numpy(rng.standard_normal(hooks.d_ff).astype(np.float32)),
                                   value=TensorBlob.from_numpy(np.zeros(hooks.d_model, np.float32)),
-                                  threshold=0.999) for layer in hooks.layers]
+                                  threshold=0.999) for layer in hooks.default_layers]
             edits.append(StoredEdit(edit_id=new_edit_id(), kind="triple", subject=f"Entity {ns} {n}",
                                     prompt=f"Entity {ns} {n} is", target_new="x",
                                     descriptor=f"Entity {ns} {n} is synthetic fact number {n}.",

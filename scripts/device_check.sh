@@ -99,7 +99,7 @@ if [ "$small" = 1 ]; then
   config=small
   : "${dtypes:=float32}"
   BUDGET_S=${BUDGET_S:-330}
-  tp_args=(--clients 1,4 --new-tokens 8 --repeats 1)
+  tp_args=(--clients 1,4 --new-tokens 8 --repeats 1 --edits 0)
   edit_n=3
   gen_args=(--table-sizes 0,200 --rounds 2 --tokens 8)
   eval_n=5 eval_t=5
@@ -108,7 +108,7 @@ else
   config=full
   : "${dtypes:=bfloat16,float32}"
   BUDGET_S=${BUDGET_S:-470}
-  tp_args=(--clients 1,16,64 --new-tokens 32 --repeats 1)
+  tp_args=(--clients 1,16,64 --new-tokens 32 --repeats 1 --edits 0)
   edit_n=20
   gen_args=(--table-sizes 0,10000 --rounds 7 --tokens 32)
   eval_n=100 eval_t=100

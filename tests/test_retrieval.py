@@ -223,3 +223,25 @@ def test_store_rebuild_10k_is_fast() -> None:
     assert elapsed < 3.0, elapsed  # ~0.1 s measured on 2 shared cores
     hits = store.search_vector(vecs[1234], 1)
     assert hits[0][0] == "e-000001234"
+
+
+def test_a_search_limits_its_thread_to_search_threads(monkeypatch) -> None:
+    """faiss's OpenMP count is per calling thread: the first search in a thread sets it once."""
+    import faiss
+
+    from service.retrieval import index as index_mod
+
+    calls: list[int] = []
+    monkeypatch.setattr(index_mod, "SEARCH_THREADS", 1)
+    monkeypatch.setattr(faiss, "omp_set_num_threads", calls.append)
+    idx = index_mod.DescriptorIndex(4)
+    idx.add(np.array([1, 2]), np.eye(4, dtype=np.float32)[:2])
+
+    def search_twice() -> None:
+        idx.search(np.eye(4, dtype=np.float32)[:1], 1)
+        idx.search(np.eye(4, dtype=np.float32)[:1], 1)
+
+    thread = threading.Thread(target=search_twice)
+    thread.start()
+    thread.join()
+    assert calls == [1]
