@@ -160,6 +160,8 @@ def render(meta: dict[str, Any], steps: list[dict[str, str]], figures: dict[str,
             continue
         one, static = f.get("hf_one_at_a_time_tok_s"), f.get("hf_static_batch_tok_s")
         for r in f["rows"]:
+            if "requests" not in r:  # the arithmetic limit and targets entries: not a mode
+                continue
             tps = r["tokens_per_s"]
             rows.append(
                 [

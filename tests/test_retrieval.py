@@ -225,23 +225,25 @@ def test_store_rebuild_10k_is_fast() -> None:
     assert hits[0][0] == "e-000001234"
 
 
-def test_a_search_limits_its_thread_to_search_threads(monkeypatch) -> None:
-    """faiss's OpenMP count is per calling thread: the first search in a thread sets it once."""
+def test_a_search_runs_search_threads_and_leaves_the_threads_count_as_it_was(monkeypatch) -> None:
+    """faiss and torch share one OpenMP runtime: a search must not change the thread count torch sees."""
     import faiss
+    import torch
 
     from service.retrieval import index as index_mod
 
-    calls: list[int] = []
+    set_to: list[int] = []
+    real = faiss.omp_set_num_threads
+
+    def spy(n: int) -> None:
+        set_to.append(n)
+        real(n)
+
     monkeypatch.setattr(index_mod, "SEARCH_THREADS", 1)
-    monkeypatch.setattr(faiss, "omp_set_num_threads", calls.append)
+    monkeypatch.setattr(faiss, "omp_set_num_threads", spy)
     idx = index_mod.DescriptorIndex(4)
     idx.add(np.array([1, 2]), np.eye(4, dtype=np.float32)[:2])
-
-    def search_twice() -> None:
-        idx.search(np.eye(4, dtype=np.float32)[:1], 1)
-        idx.search(np.eye(4, dtype=np.float32)[:1], 1)
-
-    thread = threading.Thread(target=search_twice)
-    thread.start()
-    thread.join()
-    assert calls == [1]
+    before = torch.get_num_threads()
+    idx.search(np.eye(4, dtype=np.float32)[:1], 1)
+    assert set_to == [1, before]
+    assert torch.get_num_threads() == before

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,13 +33,22 @@ Kind = Literal["flat", "hnsw"]
 # 0.22-0.24 ms with 1 on a 2-core host. One query is too small to gain from more, so one is the default
 # on a host of 2 CPUs or fewer; 0 leaves faiss's own count.
 SEARCH_THREADS = 1 if (os.cpu_count() or 1) <= 2 else 0
-_thread_state = threading.local()  # OpenMP thread counts are per calling thread
 
 
-def _limit_search_threads() -> None:
-    if SEARCH_THREADS and not getattr(_thread_state, "limited", False):
-        faiss.omp_set_num_threads(SEARCH_THREADS)
-        _thread_state.limited = True
+@contextmanager
+def _search_threads() -> Iterator[None]:
+    """SEARCH_THREADS for one search, then the calling thread's count as it was: faiss and torch share
+    one OpenMP runtime, whose thread count is per calling thread, so a lasting change would also change
+    the torch work that thread runs later."""
+    if not SEARCH_THREADS:
+        yield
+        return
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(SEARCH_THREADS)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,6 @@ class IndexSnapshot:
             raise ValueError("k must be positive")
         if self.ntotal == 0 or len(self) == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        _limit_search_threads()
         params = None
         if self.kind == "hnsw":
             sel = only if only is not None else self._selector[0] if self._selector else None
@@ -80,7 +90,8 @@ class IndexSnapshot:
                 params.sel = sel
         elif only is not None:
             params = faiss.SearchParameters(sel=only)
-        scores, ids = self.index.search(q, k, params=params)
+        with _search_threads():
+            scores, ids = self.index.search(q, k, params=params)
         scores = scores.astype(np.float32, copy=False)
         scores[ids < 0] = -np.inf
         return scores, ids
