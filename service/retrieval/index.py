@@ -29,9 +29,10 @@ import numpy as np
 Kind = Literal["flat", "hnsw"]
 
 # OpenMP threads of one search. faiss's default (one per CPU) makes a search wait for a core the engine
-# holds: a 10,000 x 384 flat search beside one CPU-bound process took p90 4.6-4.7 ms with 2 threads and
-# 0.22-0.24 ms with 1 on a 2-core host. One query is too small to gain from more, so one is the default
-# on a host of 2 CPUs or fewer; 0 leaves faiss's own count.
+# holds: a 10,000 x 384 flat search beside one CPU-bound process took p90 8.6-16 ms with 2 threads and
+# 0.28-0.32 ms with 1 on a 2-core host (`git show 814401a:bench/faiss_threads.py`, removed since). One query
+# is too small to gain from more, so one is the default on a host of 2 CPUs or fewer; 0 leaves faiss's
+# own count.
 SEARCH_THREADS = 1 if (os.cpu_count() or 1) <= 2 else 0
 
 
