@@ -328,9 +328,9 @@ class Service:
         self.load_s = 0.0
 
     async def __aenter__(self) -> Service:
+        from service.compose import build_server
         from service.config import Settings
         from service.dataplane import DataPlane
-        from service.transport.server import EditServeServer
 
         self._data_dir = tempfile.TemporaryDirectory(prefix="editserve-bench-")
         settings = Settings(
@@ -346,7 +346,7 @@ class Service:
             health_poll_s=0,  # no background forwards between runs
             log_poll_s=0,
         )
-        self.server = EditServeServer(settings, lambda: DataPlane.load(settings, self.loaded))
+        self.server = build_server(settings, lambda: DataPlane.load(settings, self.loaded))
         await self.server.start()
         await self.server.load_plane()
         self._time_routing()

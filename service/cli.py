@@ -1,4 +1,4 @@
-"""`editserve` command line (also `python -m service`): the composition root.
+"""`editserve` command line (also `python -m service`); the served stack is built by service/compose.py.
 
     editserve serve [flags]   run the gRPC server (every Settings field is a flag and an EDITSERVE_* env var)
     editserve eval  [flags]   the evaluation harness (service/eval), imported only when asked for
@@ -68,16 +68,17 @@ def run_serve(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"editserve serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     configure_logging(settings.log_level)
-    from service.transport import serve  # grpc only; the model comes in through the factory below
+    # Importing compose is cheap (grpc, no torch): its builders import the model stack when called,
+    # so the server binds and answers at once and torch loads in the loading thread below.
+    from service import compose
 
     def load_data_plane() -> Any:
-        from service.compose import load_data_plane  # torch and the model: imported in the loading thread
         from service.engine.cpu_threads import set_torch_threads
 
         set_torch_threads(settings.torch_threads)  # the main thread runs no torch: all threads get this count
-        return load_data_plane(settings)
+        return compose.load_data_plane(settings)
 
-    return asyncio.run(serve(settings, load_data_plane))
+    return asyncio.run(compose.serve(settings, load_data_plane))
 
 
 def run_eval(args: argparse.Namespace, env: Mapping[str, str]) -> int:

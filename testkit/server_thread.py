@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from service.compose import build_server
 from service.config import Settings
 from service.transport import EditServeServer
 
@@ -28,7 +29,7 @@ class ServerThread:
 
     def start(self, timeout: float = 600.0) -> EditServeServer:
         self._thread.start()
-        self.server = EditServeServer(self.settings, self._factory)
+        self.server = build_server(self.settings, self._factory)
         self._run(self.server.start(), timeout)
         if self._load:
             self._run(self.server.load_plane(), timeout)

@@ -26,6 +26,7 @@ from tiny_checkpoints import CONFIGS, SLIDING_WINDOW, embedded_tokenizer, save_t
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+from service.compose import build_server
 from service.config import Settings
 from service.transport import EditServeServer
 
@@ -66,7 +67,7 @@ async def _serve(folder: Path, data_dir: Path, dtype: str = "float32") -> EditSe
     from service.dataplane import DataPlane
 
     settings = _settings(folder, data_dir, dtype)
-    server = EditServeServer(settings, lambda: DataPlane.load(settings))
+    server = build_server(settings, lambda: DataPlane.load(settings))
     await server.start()
     await server.load_plane()
     return server
@@ -252,8 +253,8 @@ def test_unhookable_architecture_refuses_to_start(tmp_path: Path, tokenizer: Any
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 async def test_cuda_asked_for_without_a_gpu_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from service.compose import serve
     from service.dataplane import DataPlane
-    from service.transport import serve
 
     settings = Settings(port=0, metrics_port=0, data_dir=tmp_path / "data", device="cuda")
     code = await serve(settings, lambda: DataPlane.load(settings))

@@ -20,6 +20,7 @@ from service import auth
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
 from service.auth import Authorizer, TokenFileError, hash_token, load_token_file
+from service.compose import build_server
 from service.config import Settings, SettingsError
 from service.transport import EditServeServer
 from testkit.fake_plane import FakeDataPlane
@@ -49,7 +50,7 @@ async def running(tmp_path: Path) -> AsyncIterator[tuple[EditServeServer, aio.Ch
     write_tokens(tokens, {TEAM_A: (["team-a"], ["team-a"]), TEAM_B: (["team-b"], [])})
     settings = Settings(port=0, metrics_port=0, admin_token=ADMIN, tokens_file=str(tokens),
                         http_port=free_port(), health_poll_s=0)
-    server = EditServeServer(settings, FakeDataPlane)
+    server = build_server(settings, FakeDataPlane)
     await server.start()
     await server.load_plane()
     channel = aio.insecure_channel(server.address)

@@ -160,10 +160,10 @@ def test_python_dash_m_service_runs_the_cli() -> None:
 
 
 async def test_health_subcommand_follows_the_server(capsys: pytest.CaptureFixture[str]) -> None:
-    from service.transport import EditServeServer
+    from service.compose import build_server
     from testkit.fake_plane import FakeDataPlane
 
-    server = EditServeServer(Settings(port=0, metrics_port=0), FakeDataPlane)
+    server = build_server(Settings(port=0, metrics_port=0), FakeDataPlane)
     await server.start()
     try:
         argv = ["health", "--address", server.address, "--timeout", "5"]
@@ -243,12 +243,12 @@ def test_readme_metric_names_exist() -> None:
 
 async def test_readme_python_client_runs_against_a_server(capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from service.transport import EditServeServer
+    from service.compose import build_server
     from testkit.fake_plane import FakeDataPlane
 
     (example,) = [block for block in _code_blocks("python") if "EditServeClient" in block]
     monkeypatch.setenv("EDITSERVE_ADMIN_TOKEN", "change-me")  # the example reads its token from there
-    server = EditServeServer(Settings(port=0, metrics_port=0, admin_token="change-me"), FakeDataPlane)
+    server = build_server(Settings(port=0, metrics_port=0, admin_token="change-me"), FakeDataPlane)
     await server.start()
     await server.load_plane()
     try:

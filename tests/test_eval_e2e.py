@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from service import errors
+from service.compose import build_server
 from service.config import Settings
 from service.eval.runner import EvalConfig, run_eval
 from service.transport import EditServeServer
@@ -44,7 +45,7 @@ RECORDS = [
 async def fake_server(tmp_path: Path) -> AsyncIterator[tuple[EditServeServer, FakeDataPlane]]:
     plane = FakeDataPlane()
     settings = Settings(port=0, metrics_port=0, data_dir=tmp_path / "srv", admin_token=TOKEN)
-    server = EditServeServer(settings, lambda: plane)
+    server = build_server(settings, lambda: plane)
     await server.start()
     await server.load_plane()
     yield server, plane

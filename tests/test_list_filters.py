@@ -12,10 +12,10 @@ from grpc import aio
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+from service.compose import build_server
 from service.config import Settings
 from service.editlog import EditRegistry, LogEntry, StoredEdit
 from service.errors import InvalidArgument
-from service.transport import EditServeServer
 from testkit.fake_plane import FakeDataPlane
 
 TOKEN = "filter-token"
@@ -78,7 +78,7 @@ def test_bad_filter_values_are_invalid_arguments(filters: dict[str, str], field:
 @pytest.fixture(scope="module")
 async def channel() -> AsyncIterator[aio.Channel]:
     plane = FakeDataPlane()
-    server = EditServeServer(Settings(port=0, metrics_port=0, admin_token=TOKEN), lambda: plane)
+    server = build_server(Settings(port=0, metrics_port=0, admin_token=TOKEN), lambda: plane)
     await server.start()
     await server.load_plane()
     async with aio.insecure_channel(server.address) as ch:

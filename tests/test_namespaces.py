@@ -19,7 +19,7 @@ from prometheus_client import REGISTRY
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
-from service.compose import assemble_plane, open_edit_manager
+from service.compose import assemble_plane, build_server, open_edit_manager
 from service.config import Settings
 from service.editlog.store import SQLITE_FILENAME
 from service.edits import EditManager
@@ -247,7 +247,7 @@ async def grpc_plane(tiny_llama, tmp_path) -> AsyncIterator[tuple[EditServeServe
         engine = Engine(tiny_llama, manager.hooks, max_batch_size=8)
         return assemble_plane(settings, tiny_llama, manager, engine)
 
-    server = EditServeServer(settings, factory)
+    server = build_server(settings, factory)
     await server.start()
     await server.load_plane()
     channel = aio.insecure_channel(server.address)

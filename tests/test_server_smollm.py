@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+from service.compose import build_server
 from service.config import Settings
 from service.transport import EditServeServer
 
@@ -46,7 +47,7 @@ async def served(smollm: object, tmp_path_factory: pytest.TempPathFactory) -> As
         port=0, metrics_port=free_port(), data_dir=tmp_path_factory.mktemp("smollm-data"), device="cpu",
         dtype="float32", admin_token=TOKEN, max_prompt_tokens=MAX_PROMPT_TOKENS, grace_period_s=10.0,
     )
-    server = EditServeServer(settings, lambda: DataPlane.load(settings, loaded=smollm))
+    server = build_server(settings, lambda: DataPlane.load(settings, loaded=smollm))
     await server.start()
     await server.load_plane()
     yield server

@@ -14,6 +14,7 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import grpc
 import pytest
@@ -25,8 +26,9 @@ from prometheus_client import REGISTRY
 from service import errors
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
+from service.compose import build_server, serve
 from service.config import Settings
-from service.transport import REFLECTED_SERVICES, EditServeServer, serve
+from service.transport import REFLECTED_SERVICES, EditServeServer
 from service.transport.convert import rfc3339
 from service.transport.server import EXIT_LOAD_FAILED, EXIT_OK
 from testkit.fake_plane import FAKE_HOOK_LAYER, FakeDataPlane
@@ -77,7 +79,7 @@ class Running:
 async def start_server(plane: FakeDataPlane, *, load: bool = True, **overrides: object) -> Running:
     settings = Settings(**{"port": 0, "metrics_port": 0, "admin_token": TOKEN, "grace_period_s": 5.0,
                            **overrides})
-    server = EditServeServer(settings, lambda: plane)
+    server = build_server(settings, lambda: plane)
     await server.start()
     if load:
         await server.load_plane()
@@ -636,6 +638,18 @@ def test_transport_imports_no_torch() -> None:
             "or m in ('service.dataplane', 'service.engine', 'service.hooks')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_compose_and_the_transport_leave_settings_and_torch_apart() -> None:
+    """`editserve serve` builds and binds the server through service.compose before the model loads, so
+    importing compose must not import the model stack; the transport takes options, never `Settings`."""
+    code = ("import sys, service.compose, service.transport; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'faiss') "
+            "or m in ('service.dataplane', 'service.engine', 'service.hooks', 'service.edits')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    transport = Path(__file__).resolve().parents[1] / "service" / "transport"
+    assert not [f.name for f in transport.glob("*.py") if "service.config" in f.read_text()]
 
 
 def test_the_layers_import_downward_only() -> None:

@@ -29,8 +29,7 @@ async def in_process_server(
     data_dir: Path, *, loaded: Any = None, base: Settings | None = None
 ) -> AsyncIterator[RunningServer]:
     """A loaded, SERVING server on 127.0.0.1 and a free port; `loaded` shares an already loaded model."""
-    from service.compose import load_data_plane
-    from service.transport.server import EditServeServer
+    from service.compose import build_server, load_data_plane
 
     token = secrets.token_hex(16)  # edits are privileged even here: the harness sends it like any backend
     settings = replace(
@@ -43,7 +42,7 @@ async def in_process_server(
         insecure_edits=False,
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    server = EditServeServer(settings, lambda: load_data_plane(settings, loaded=loaded))
+    server = build_server(settings, lambda: load_data_plane(settings, loaded=loaded))
     await server.start()
     try:
         await server.load_plane()

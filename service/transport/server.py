@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from grpc import aio
@@ -25,7 +26,6 @@ from grpc_reflection.v1alpha import reflection
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
 from service.auth import Authorizer
-from service.config import Settings
 from service.errors import EditLogCorrupted, EditServeError, ModelNotServable
 from service.types import DataPlaneProtocol
 
@@ -59,6 +59,19 @@ PlaneFactory = Callable[[], ServablePlane]
 _T = TypeVar("_T")
 
 
+@dataclass(frozen=True)
+class ServerOptions:
+    """What the server needs of the settings; service.compose.server_options fills it from `Settings`."""
+
+    host: str
+    port: int  # 0 picks a free one
+    metrics_port: int  # 0 disables the Prometheus endpoint
+    http_port: int  # 0 disables the OpenAI-compatible front end
+    grace_period_s: float  # how long a stop drains in-flight calls
+    health_poll_s: float  # seconds between readiness checks; 0 = none
+    edit_log: str = "the edit log"  # where the log lives, named when a corrupted one stops the start
+
+
 def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
@@ -66,8 +79,8 @@ def format_address(host: str, port: int) -> str:
 class EditServeServer:
     """One server instance; `serve()` drives it from a process, tests drive it directly."""
 
-    def __init__(self, settings: Settings, plane_factory: PlaneFactory) -> None:
-        self.settings = settings
+    def __init__(self, options: ServerOptions, authz: Authorizer, plane_factory: PlaneFactory) -> None:
+        self.options = options
         self._plane_factory = plane_factory
         self._slot = PlaneSlot()
         self._health = health_aio.HealthServicer()
@@ -76,16 +89,16 @@ class EditServeServer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
-        self.port = 0  # the bound gRPC port (settings.port, or the one picked for port 0)
+        self.port = 0  # the bound gRPC port (options.port, or the one picked for port 0)
         self.metrics_port = 0  # the bound metrics port; 0 = disabled
         self.http_port = 0  # the bound OpenAI-compatible HTTP port; 0 = disabled
         self._http: Any = None
-        # Credentials of both front ends; the token file is read here (a bad one stops the start).
-        self.authz = Authorizer(settings.admin_token, settings.tokens_file)
+        # Credentials of both front ends, shared by them (and reloaded on SIGHUP by `serve`).
+        self.authz = authz
 
     @property
     def address(self) -> str:
-        return format_address(self.settings.host, self.port)
+        return format_address(self.options.host, self.port)
 
     @property
     def plane(self) -> DataPlaneProtocol | None:
@@ -107,15 +120,15 @@ class EditServeServer:
         reflection.enable_server_reflection(REFLECTED_SERVICES, server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         try:
-            self.port = server.add_insecure_port(format_address(self.settings.host, self.settings.port))
+            self.port = server.add_insecure_port(format_address(self.options.host, self.options.port))
         except RuntimeError as exc:
             raise OSError(f"cannot bind gRPC to {self.address}: {exc}") from exc
-        if self.settings.metrics_port:
+        if self.options.metrics_port:
             self._start_metrics_http()
         await server.start()
         self._server = server
         log.info("gRPC listening on %s (health NOT_SERVING while loading)", self.address)
-        if self.settings.http_port:
+        if self.options.http_port:
             await self._start_openai_http()
 
     async def _start_openai_http(self) -> None:
@@ -129,8 +142,8 @@ class EditServeServer:
                 authz.check_read(authz.reader(request.headers.get("authorization")), namespaces)
 
         front = OpenAIFrontEnd(self._slot, authorize)
-        http = HttpFrontEnd(front.app(), self.settings.host, self.settings.http_port,
-                            self.settings.grace_period_s)
+        http = HttpFrontEnd(front.app(), self.options.host, self.options.http_port,
+                            self.options.grace_period_s)
         await http.start()
         self._http, self.http_port = http, http.port
 
@@ -138,14 +151,14 @@ class EditServeServer:
         from prometheus_client import start_http_server
 
         try:
-            httpd, _thread = start_http_server(self.settings.metrics_port, addr=self.settings.host)
+            httpd, _thread = start_http_server(self.options.metrics_port, addr=self.options.host)
         except OSError as exc:
-            where = format_address(self.settings.host, self.settings.metrics_port)
+            where = format_address(self.options.host, self.options.metrics_port)
             raise OSError(f"cannot serve metrics on {where}: {exc}") from exc
         self._metrics_http = httpd
         self.metrics_port = httpd.server_address[1]
         log.info("Prometheus metrics on http://%s/metrics",
-                 format_address(self.settings.host, self.metrics_port))
+                 format_address(self.options.host, self.metrics_port))
 
     async def load_plane(self) -> None:
         """Build the data plane off the event loop, start it, then flip health to SERVING."""
@@ -163,7 +176,7 @@ class EditServeServer:
         self._slot.plane = plane
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("ready after %.1f s: health SERVING on %s", time.monotonic() - started, self.address)
-        if self.settings.health_poll_s > 0:
+        if self.options.health_poll_s > 0:
             self._watcher = asyncio.create_task(self._watch_health(plane), name="editserve-health")
 
     async def _watch_health(self, plane: ServablePlane) -> None:
@@ -171,7 +184,7 @@ class EditServeServer:
         died, forwards keep failing, a tiny forward misses its deadline), SERVING again when it can."""
         serving, polls = True, 0
         while not self._stopping:
-            await asyncio.sleep(self.settings.health_poll_s)
+            await asyncio.sleep(self.options.health_poll_s)
             ok = plane.healthy()
             if ok and polls % DEEP_CHECK_EVERY == 0:
                 ok = await plane.deep_check(DEEP_CHECK_TIMEOUT_S)
@@ -192,7 +205,7 @@ class EditServeServer:
         self._stopping = True
         if self._watcher is not None:
             self._watcher.cancel()
-        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        grace = self.options.grace_period_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
         try:
             await self._health.enter_graceful_shutdown()
@@ -242,10 +255,10 @@ async def _in_daemon_thread(fn: Callable[[], _T]) -> _T:
     return await future
 
 
-async def serve(settings: Settings, plane_factory: PlaneFactory, stop: asyncio.Event | None = None) -> int:
-    """Run a server until SIGTERM/SIGINT (or `stop` is set); returns the process exit code."""
+async def serve(server: EditServeServer, stop: asyncio.Event | None = None) -> int:
+    """Run a built (not yet started) server until SIGTERM/SIGINT (or `stop` is set); returns the process
+    exit code. service.compose.serve builds it from `Settings`."""
     stop = stop or asyncio.Event()
-    server = EditServeServer(settings, plane_factory)
     try:
         await server.start()
     except OSError as exc:
@@ -259,20 +272,20 @@ async def serve(settings: Settings, plane_factory: PlaneFactory, stop: asyncio.E
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
         loop.add_signal_handler(signal.SIGHUP, server.authz.reload)  # rotate tokens without a restart
     try:
-        return await _run(server, stop, settings)
+        return await _run(server, stop)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", signal.SIGTERM)):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
 
 
-async def _run(server: EditServeServer, stop: asyncio.Event, settings: Settings) -> int:
+async def _run(server: EditServeServer, stop: asyncio.Event) -> int:
     loading = asyncio.create_task(server.load_plane(), name="editserve-load")
     stop_requested = asyncio.create_task(stop.wait(), name="editserve-stop")
     await asyncio.wait({loading, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
     if loading.done() and loading.exception() is not None:
         failure = loading.exception()
-        _log_load_failure(failure, settings)
+        _log_load_failure(failure, server.options.edit_log)
         stop_requested.cancel()
         await server.stop(0.0)
         return EXIT_NOT_SERVABLE if isinstance(failure, ModelNotServable) else EXIT_LOAD_FAILED
@@ -291,11 +304,11 @@ def _on_signal(sig: signal.Signals, stop: asyncio.Event) -> None:
     stop.set()
 
 
-def _log_load_failure(exc: BaseException | None, settings: Settings) -> None:
+def _log_load_failure(exc: BaseException | None, edit_log: str) -> None:
     if isinstance(exc, EditLogCorrupted):
-        where = settings.edit_log_url or f"SQLite under {settings.data_dir}"
         log.error("edit log (%s) is corrupted or unreadable: %s. Refusing to serve a partial state; "
-                  "restore the log from a backup or point --data-dir / --edit-log-url elsewhere.", where, exc)
+                  "restore the log from a backup or point --data-dir / --edit-log-url elsewhere.",
+                  edit_log, exc)
     elif isinstance(exc, ModelNotServable):
         log.error("cannot serve this model: %s", exc)
     elif isinstance(exc, EditServeError):
@@ -313,5 +326,6 @@ __all__ = [
     "PlaneFactory",
     "REFLECTED_SERVICES",
     "ServablePlane",
+    "ServerOptions",
     "serve",
 ]
