@@ -181,10 +181,9 @@ def settings_for(folder: Path, data_dir: Path, device: str, dtype: str, **extra:
 
 
 async def serve(settings: Any, loaded: Any = None) -> Any:
-    from service.compose import build_server
-    from service.dataplane import DataPlane
+    from service.compose import build_server, load_data_plane
 
-    server = build_server(settings, lambda: DataPlane.load(settings, loaded))
+    server = build_server(settings, lambda: load_data_plane(settings, loaded))
     await server.start()
     try:
         await server.load_plane()

@@ -328,9 +328,8 @@ class Service:
         self.load_s = 0.0
 
     async def __aenter__(self) -> Service:
-        from service.compose import build_server
+        from service.compose import build_server, load_data_plane
         from service.config import Settings
-        from service.dataplane import DataPlane
 
         self._data_dir = tempfile.TemporaryDirectory(prefix="editserve-bench-")
         settings = Settings(
@@ -346,7 +345,7 @@ class Service:
             health_poll_s=0,  # no background forwards between runs
             log_poll_s=0,
         )
-        self.server = build_server(settings, lambda: DataPlane.load(settings, self.loaded))
+        self.server = build_server(settings, lambda: load_data_plane(settings, self.loaded))
         await self.server.start()
         await self.server.load_plane()
         self._time_routing()

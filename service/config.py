@@ -23,12 +23,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 CHAT_PLACEMENTS = ("user", "system")  # service/router/prompt.py keeps the same names
 RAW_PLACEMENTS = ("qa", "plain")
 
-SMALL_HOST_CPUS = 2  # at most this many CPUs: one torch thread (see Settings.torch_threads)
-
-
-def auto_torch_threads(cpu_count: int | None) -> int:
-    """Settings.torch_threads = 0: 1 on a host with at most SMALL_HOST_CPUS CPUs, else 0 (torch's default)."""
-    return 1 if (cpu_count or 1) <= SMALL_HOST_CPUS else 0
+SMALL_HOST_CPUS = 2  # at most this many CPUs: one torch thread (service/engine/cpu_threads.py)
 
 
 class SettingsError(ValueError):

@@ -54,7 +54,6 @@ from service.types import (
 )
 
 if TYPE_CHECKING:
-    from service.config import Settings
     from service.editlog import EditView
     from service.edits import EditManager, EditSnapshot
     from service.engine import Engine
@@ -70,8 +69,8 @@ def check_servable(loaded: LoadedModel) -> None:
     """Refuse, before any edit-log work, a model the engine or the editor would serve wrongly: an unknown
     cache layout, or logits that are not the LM head of the last hidden state (hooks/arch.py). A model
     without MLP down projections fails the same way when the hook manager is built."""
-    from service.engine.kv import check_cache_layout
     from service.hooks.arch import UnsupportedArchitecture, check_logits_path
+    from service.kvcache import check_cache_layout
 
     check_cache_layout(loaded.model)
     try:
@@ -107,14 +106,6 @@ class DataPlane:
             "device": str(loaded.device), "hook_layers": ",".join(map(str, manager.hooks.default_layers)),
             "hook_layer_rule": manager.hook_rule, "architecture": loaded.architecture,
         })
-
-    @classmethod
-    def load(cls, settings: Settings, loaded: LoadedModel | None = None) -> DataPlane:
-        """Blocking (~30 s cold): model, encoder, edit-log replay. `loaded` lets tests share one model.
-        The same as service.compose.load_data_plane, which builds every part from `settings`."""
-        from service.compose import load_data_plane
-
-        return load_data_plane(settings, loaded)
 
     # ------------------------------------------------------------------------------------ lifecycle
 

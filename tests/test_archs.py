@@ -64,10 +64,10 @@ def _settings(folder: Path, data_dir: Path, dtype: str = "float32") -> Settings:
 
 
 async def _serve(folder: Path, data_dir: Path, dtype: str = "float32") -> EditServeServer:
-    from service.dataplane import DataPlane
+    from service.compose import load_data_plane
 
     settings = _settings(folder, data_dir, dtype)
-    server = build_server(settings, lambda: DataPlane.load(settings))
+    server = build_server(settings, lambda: load_data_plane(settings))
     await server.start()
     await server.load_plane()
     return server
@@ -253,11 +253,10 @@ def test_unhookable_architecture_refuses_to_start(tmp_path: Path, tokenizer: Any
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 async def test_cuda_asked_for_without_a_gpu_exits_2(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from service.compose import serve
-    from service.dataplane import DataPlane
+    from service.compose import load_data_plane, serve
 
     settings = Settings(port=0, metrics_port=0, data_dir=tmp_path / "data", device="cuda")
-    code = await serve(settings, lambda: DataPlane.load(settings))
+    code = await serve(settings, lambda: load_data_plane(settings))
     assert code == 2
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "--device cuda" in errors[0] and "no CUDA device" in errors[0]

@@ -176,7 +176,7 @@ def test_token_files_are_validated(tmp_path: Path) -> None:
 
 
 def test_the_cli_sends_namespaces(capsys: pytest.CaptureFixture[str]) -> None:
-    from service.client.cli import main
+    from service.cli import run as main
     from testkit.server_thread import ServerThread
 
     plane = FakeDataPlane()

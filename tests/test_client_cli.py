@@ -39,11 +39,11 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(smollm: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EditServeServer]:
-    from service.dataplane import DataPlane
+    from service.compose import load_data_plane
 
     settings = Settings(port=0, metrics_port=0, data_dir=tmp_path_factory.mktemp("cli-data"), device="cpu",
                         dtype="float32", admin_token=TOKEN, log_poll_s=0.0, health_poll_s=0.0)
-    with ServerThread(settings, lambda: DataPlane.load(settings, loaded=smollm)) as server:
+    with ServerThread(settings, lambda: load_data_plane(settings, loaded=smollm)) as server:
         yield server
 
 

@@ -66,6 +66,6 @@ def test_released_after_returns_the_result_and_releases_on_errors(monkeypatch):
 
 
 def test_auto_torch_threads_is_one_on_small_hosts_only():
-    from service.config import auto_torch_threads
+    from service.engine.cpu_threads import auto_torch_threads
 
     assert [auto_torch_threads(n) for n in (None, 1, 2, 4, 16)] == [1, 1, 1, 0, 0]

@@ -244,7 +244,7 @@ def _proxied_url(database: str, proxy: PgProxy) -> str:
 
 @pytest.fixture(scope="module")
 def servers(database: str, proxy: PgProxy, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    from service.dataplane import DataPlane
+    from service.compose import load_data_plane
     from service.engine.loader import tiny_random_llama
 
     root = tmp_path_factory.mktemp("outage")
@@ -257,7 +257,7 @@ def servers(database: str, proxy: PgProxy, tmp_path_factory: pytest.TempPathFact
                 admin_token=TOKEN, retrieval_enabled=False, compile_descriptors=False, grace_period_s=2,
             )
             loaded = tiny_random_llama(seed=0)
-            thread = ServerThread(settings, lambda s=settings, m=loaded: DataPlane.load(s, loaded=m))
+            thread = ServerThread(settings, lambda s=settings, m=loaded: load_data_plane(s, loaded=m))
             thread.start()
             threads.append(thread)
         yield [t.server.address for t in threads]

@@ -41,13 +41,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 async def served(smollm: object, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[EditServeServer]:
-    from service.dataplane import DataPlane
+    from service.compose import load_data_plane
 
     settings = Settings(
         port=0, metrics_port=free_port(), data_dir=tmp_path_factory.mktemp("smollm-data"), device="cpu",
         dtype="float32", admin_token=TOKEN, max_prompt_tokens=MAX_PROMPT_TOKENS, grace_period_s=10.0,
     )
-    server = build_server(settings, lambda: DataPlane.load(settings, loaded=smollm))
+    server = build_server(settings, lambda: load_data_plane(settings, loaded=smollm))
     await server.start()
     await server.load_plane()
     yield server

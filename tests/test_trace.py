@@ -191,13 +191,13 @@ def test_answer_is_traced_by_its_first_token(tiny_llama: Any) -> None:
 
 @pytest.fixture(scope="module")
 def served_tiny(tiny_llama: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from service.compose import load_data_plane
     from service.config import Settings
-    from service.dataplane import DataPlane
     from testkit.server_thread import ServerThread
 
     settings = Settings(port=0, metrics_port=0, data_dir=tmp_path_factory.mktemp("trace-data"), device="cpu",
                         dtype="float32", log_poll_s=0.0, health_poll_s=0.0, retrieval_enabled=False)
-    with ServerThread(settings, lambda: DataPlane.load(settings, loaded=tiny_llama)) as server:
+    with ServerThread(settings, lambda: load_data_plane(settings, loaded=tiny_llama)) as server:
         yield server
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
-import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -800,10 +799,3 @@ def cmd_trace(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if args.out is not None:
         print(f"heatmaps written to {args.out}")
     return EXIT_OK
-
-
-def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
-    """`editserve <client command> ...` without the server's commands (tests and `python -m`)."""
-    from service.cli import run
-
-    return run(argv, os.environ if env is None else env)

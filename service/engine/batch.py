@@ -20,9 +20,9 @@ from transformers.cache_utils import DynamicLayer
 
 from service.engine.adapter import RowAdapter
 from service.engine.gate import GateRecorder, HookGate
-from service.engine.kv import full_width_cache, left_padded, pad_columns_left
 from service.engine.loader import LoadedModel
 from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
+from service.kvcache import full_width_cache, left_padded, pad_columns_left
 
 # Batch compositions whose per-row hook switch stays on the device; past it the cache starts over
 # (compositions come and go, a handful is live at once).

@@ -83,13 +83,19 @@ def released_after(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     return call
 
 
+SMALL_HOST_CPUS = 2  # at most this many CPUs: one torch thread (docs/benchmarks.md#cpu-threads)
+
+
+def auto_torch_threads(cpu_count: int | None) -> int:
+    """Settings.torch_threads = 0: 1 on a host with at most SMALL_HOST_CPUS CPUs, else 0 (torch's default)."""
+    return 1 if (cpu_count or 1) <= SMALL_HOST_CPUS else 0
+
+
 def set_torch_threads(requested: int) -> int:
     """torch's intra-op threads for this process: `requested`, or for 0 the auto rule of
     Settings.torch_threads (1 on a host with at most 2 CPUs). Call it from the main thread before any
     other thread runs torch: a thread's OpenMP and MKL counts are set by the thread that asks."""
     import os
-
-    from service.config import auto_torch_threads
 
     threads = requested or auto_torch_threads(os.cpu_count())
     if threads > 0:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from service.engine.kv import left_padded
+from service.kvcache import left_padded
 
 __all__ = ["Row", "encode_row", "pad_left", "pad_right"]
 

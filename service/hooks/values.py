@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.engine.kv import full_width_cache
 from service.hooks.arch import base_model, final_logits
 from service.hooks.layer import HookManager
 from service.hooks.rows import Row, pad_left, pad_right
+from service.kvcache import full_width_cache
 
 __all__ = [
     "DeltaFit",

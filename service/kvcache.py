@@ -1,4 +1,6 @@
-"""KV caches for the engine: which attention layouts it serves, and the cache it serves them with.
+"""Left padding and KV caches, shared by the engine (batched decode) and the hook editor (v* rows): which
+attention layouts are served, and the cache they are served with. It sits below both so neither imports
+the other.
 
 Sliding-window layers get the same full-width cache as full-attention ones and take their window from
 the attention mask (transformers' masking_utils applies it by column), so selecting rows, merging
