@@ -6,8 +6,8 @@
              -> Authorizer, ServerOptions -> EditServeServer (its data plane from a factory, built on load)
 
 Every component below takes its collaborators and small option values; none reads `Settings`. The
-command line (service/cli.py), the in-process evaluation server and the tests build through here;
-`DataPlane.load` is the same call as `load_data_plane`. Importing it is cheap (grpc, no torch): the model
+command line (service/cli.py), the in-process evaluation server and the tests build through here
+(`load_data_plane`, `build_server`). Importing it is cheap (grpc, no torch): the model
 stack's modules are imported by the builders that need them, so the command line can build and bind the
 server from here before the model loads (in the loading thread).
 """
