@@ -38,7 +38,7 @@ def _free_port() -> int:
 def preload(manager: Any, namespaces: list[str], per_namespace: int, chunk: int = 500) -> None:
     """Commit `per_namespace` synthetic edits to each namespace through the log, as replicas load them."""
     from service.editlog import LogEntry, StoredEdit, StoredHook, TensorBlob
-    from service.edits.manager import new_edit_id
+    from service.edits.compute import new_edit_id
 
     rng = np.random.default_rng(0)
     hooks, dim = manager.hooks, manager.store.dim

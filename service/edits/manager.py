@@ -13,19 +13,17 @@ publication; it is never held while computing, so a rollback or a descriptor-onl
 behind a ~2 s optimisation. The engine takes neither: generation never waits for an edit. (A rollback
 that commits while an edit is being computed leaves that edit's quality report measured against the
 table just before the rollback.)
+
+The manager orders and locks; its collaborators do the work: service/edits/compute.py computes, gates
+and records edits, service/edits/publish.py publishes versions, service/edits/operations.py counts.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
-
-import numpy as np
+from contextlib import nullcontext
+from dataclasses import replace
 
 from service.editlog import (
     EditLog,
@@ -34,34 +32,18 @@ from service.editlog import (
     LogEntry,
     RegistryCounts,
     RegistryDelta,
-    StoredEdit,
 )
 from service.engine.loader import LoadedModel
 from service.errors import (
     AlreadyExists,
-    DeadlineExceeded,
     EditLogCorrupted,
-    EditServeError,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
 )
-from service.hooks import ComputedEdit, Editor, HookManager, HookTable
-from service.metrics import (
-    EDIT_COMPUTE,
-    EDIT_LOG_VERSION,
-    EDIT_OPERATIONS,
-    EDITS_ACTIVE,
-    HOOK_TABLE_BYTES,
-    QUALITY_GATE,
-    RETRIEVAL_INDEX_SIZE,
-    count_namespace_operation,
-    set_namespace_gauge,
-)
-from service.namespaces import DEFAULT_NAMESPACE, validate_namespace, validate_namespaces
-from service.retrieval import RetrievalStore, StoreSnapshot
+from service.hooks import Editor, HookManager
+from service.namespaces import validate_namespace
+from service.retrieval import RetrievalStore
 from service.types import (
     BatchEditInput,
     BatchEditResult,
@@ -75,109 +57,17 @@ from service.types import (
     RollbackToResult,
 )
 
-from .convert import (
-    embedding_array,
-    embedding_blob,
-    hook_entries,
-    ids_outside,
-    relabel,
-    stored_hooks,
-    without,
-)
+from .compute import check_capacity, check_deadline, check_table_bytes, compute_edits, stored_edits
+from .operations import check_metadata, counted_operation, namespace_label
 from .policy import EditPolicy
+from .publish import EditSnapshot, Publisher
 from .requests import EditPlan, batch_digest, edit_digest, plan_edit
 
-__all__ = ["EditManager", "EditSnapshot", "EditorFactory", "QualityGateRejected", "default_editor_factory"]
+__all__ = ["EditManager"]
 
 LIST_PAGE_SIZE = 50  # ListEditsInput: page_size 0 = 50
-COMPILED_MESSAGE = "hook edit compiled from the descriptor"
-COMPILED_WITHOUT_HOOK = (
-    "descriptor-only edit: subject, prompt and target_new read from the descriptor for scope detection; "
-    "no hook entry (--no-descriptor-hooks)"
-)
-COMPILED_GATE_FAILED = (
-    "the hook edit compiled from the descriptor failed the quality gate and was dropped; "
-    "the descriptor is served by retrieval"
-)
-DESCRIPTOR_ONLY_MESSAGE = "descriptor-only edit: retrieval path only (no hook entry, no quality gate)"
-
-EditorFactory = Callable[[LoadedModel, HookManager], Editor]
-
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class EditSnapshot:
-    """What one version serves: the hook table and the retrieval index published together."""
-
-    version: int
-    hooks: HookTable
-    retrieval: StoreSnapshot
-
-    def scoped(self, namespaces: frozenset[str]) -> EditSnapshot:
-        """This version as a request naming `namespaces` sees it: only those namespaces' hook entries
-        can fire and only their descriptors are retrieved (views; nothing is copied)."""
-        return EditSnapshot(self.version, self.hooks.scoped(namespaces), self.retrieval.scoped(namespaces))
-
-
-class QualityGateRejected(FailedPrecondition):
-    """The quality gate refused the edit (or one edit of a batch); nothing was stored.
-
-    `reports` has one report per requested edit, in request order, for the response body."""
-
-    def __init__(self, message: str, reports: list[QualityReportView]) -> None:
-        super().__init__(message)
-        self.reports = reports
-        self.details = tuple(reports)  # the caller reads them from the status details
-
-
-def default_editor_factory(locality_max_top1_changed: float) -> EditorFactory:
-    """The served editor: the hook editor with the quality gate's locality bound."""
-
-    def make(loaded: LoadedModel, hooks: HookManager) -> Editor:
-        return Editor(
-            loaded.model,
-            loaded.tokenizer,
-            hooks,
-            locality_max_top1_changed=locality_max_top1_changed,
-        )
-
-    return make
-
-
-class _Outcome:
-    result = "ok"
-    namespace = DEFAULT_NAMESPACE  # the metrics label of the operation
-
-
-def _namespace_label(name: str, all_: str = DEFAULT_NAMESPACE) -> str:
-    """The namespace an operation is counted under; a name that fails validation is counted as
-    "invalid" (it never becomes a label value)."""
-    if not name:
-        return all_ or "all"
-    try:
-        return validate_namespace(name)
-    except InvalidArgument:
-        return "invalid"
-
-
-
-# Longest accepted metadata, in characters: they are stored in every log entry and indexed (an
-# idempotency key of ~2.7 KB passes PostgreSQL's b-tree row limit only to fail after the edit computed).
-METADATA_LIMITS = {"idempotency_key": 256, "actor": 256, "edit_id": 128, "reason": 2000}
-
-
-def _check_metadata(**fields: str | None) -> None:
-    for name, value in fields.items():
-        limit = METADATA_LIMITS[name]
-        if value and len(value) > limit:
-            raise InvalidArgument(f"{len(value)} characters; at most {limit}", field=name)
-
-
-def _check_deadline(deadline: float | None, when: str) -> None:
-    """The caller's deadline passed: stop, and commit nothing (the caller has been told it failed)."""
-    if deadline is not None and time.monotonic() >= deadline:
-        raise DeadlineExceeded(f"the deadline passed {when}; nothing was stored")
 
 class EditManager:
     def __init__(
@@ -209,7 +99,7 @@ class EditManager:
         self._closed = False
         try:
             self.registry = EditRegistry()
-            self._snapshot = EditSnapshot(0, hooks.current, store.snapshot())
+            self._publisher = Publisher(hooks, store)
             self.restore()
         except BaseException:
             # Never leave a half-started manager's wrappers on a model someone else keeps using.
@@ -228,10 +118,10 @@ class EditManager:
     @property
     def version(self) -> int:
         """The edit-set version currently published (hook table and retrieval index together)."""
-        return self._snapshot.version
+        return self._publisher.current.version
 
     def snapshot(self) -> EditSnapshot:
-        return self._snapshot
+        return self._publisher.current
 
     def restore(self) -> None:
         """Rebuild the registry, hook table and retrieval index from the log, recomputing nothing.
@@ -249,14 +139,11 @@ class EditManager:
             except ValueError as exc:  # a gap, a repeated edit id: not something append can write
                 raise EditLogCorrupted(f"edit log cannot be replayed: {exc}") from exc
             active = registry.active_edits()
-            self._check_servable(active)
-            table = self._table_of(active, registry.version)
-            self.store.rebuild(
-                [(e.edit_id, e.descriptor, embedding_array(e), e.subject, e.namespace)
-                 for e in active if e.descriptor]
-            )
+            self._publisher.check_servable(active)
+            table = self._publisher.table_of(active, registry.version)
+            self._publisher.rebuild_index(active)
             self.registry = registry
-            self._publish_table(table)
+            self._publisher.publish_table(table, registry)
 
     def catch_up(self) -> int:
         """Apply entries other replicas appended to a shared log; returns the version now served."""
@@ -268,8 +155,8 @@ class EditManager:
     # ------------------------------------------------------------------ edits
 
     def edit(self, req: EditInput) -> EditResult:
-        _check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
-        with self._operation("edit", _namespace_label(req.namespace)) as outcome:
+        check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
+        with counted_operation("edit", namespace_label(req.namespace)) as outcome:
             self._check_open()
             plan = self._plan(req)
             digest = edit_digest(req)
@@ -286,8 +173,8 @@ class EditManager:
 
     def batch_edit(self, req: BatchEditInput) -> BatchEditResult:
         """All or nothing, one version: one edit failing validation or the gate stores none of them."""
-        _check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
-        with self._operation("batch_edit", _namespace_label(req.namespace)) as outcome:
+        check_metadata(actor=req.actor, idempotency_key=req.idempotency_key)
+        with counted_operation("batch_edit", namespace_label(req.namespace)) as outcome:
             self._check_open()
             batch_ns = validate_namespace(req.namespace)
             # An edit without a namespace takes the batch's (digest and plan see the effective one).
@@ -323,8 +210,8 @@ class EditManager:
             )
 
     def rollback(self, req: RollbackInput) -> RollbackResult:
-        _check_metadata(actor=req.actor, reason=req.reason, edit_id=req.edit_id)
-        with self._operation("rollback") as outcome:
+        check_metadata(actor=req.actor, reason=req.reason, edit_id=req.edit_id)
+        with counted_operation("rollback") as outcome:
             if not req.edit_id:
                 raise InvalidArgument("must name an edit", field="edit_id")
             with self._commit_lock:
@@ -346,8 +233,8 @@ class EditManager:
     def rollback_to(self, req: RollbackToInput) -> RollbackToResult:
         """Roll back every edit committed after `req.version`, in one log entry (nothing to roll back:
         nothing is appended and the current version comes back)."""
-        _check_metadata(actor=req.actor, reason=req.reason)
-        with self._operation("rollback_to", _namespace_label(req.namespace, all_="")):
+        check_metadata(actor=req.actor, reason=req.reason)
+        with counted_operation("rollback_to", namespace_label(req.namespace, all_="")):
             namespace = validate_namespace(req.namespace) if req.namespace else ""
             with self._commit_lock:
                 self._check_open()
@@ -447,17 +334,21 @@ class EditManager:
         hook_plans = [n for n, p in enumerate(plans) if p.kind == "triple"]
         with self._compute_lock if hook_plans else nullcontext():
             self._check_open()
-            self._check_capacity(plans)
-            _check_deadline(deadline, "before its computation")
-            computed = self._compute(plans, hook_plans, deadline) if hook_plans else {}
-            self._check_table_bytes(computed)
+            check_capacity(self.registry, plans, self.policy.max_edits)
+            check_deadline(deadline, "before its computation")
+            computed = (
+                compute_edits(self.editor, self.registry, self.hooks.current, plans, hook_plans, deadline)
+                if hook_plans else {}
+            )
+            check_table_bytes(self.hooks.current, computed, self.policy.max_hook_table_mb)
             vectors = self.store.encoder.encode([p.descriptor for p in plans])
             with self._commit_lock:
                 self._check_open()
                 self._catch_up()
-                self._check_capacity(plans)  # others may have committed while this one computed
-                _check_deadline(deadline, "before its commit")  # a caller that gave up gets no edit
-                edits = self._stored_edits(plans, computed, vectors)
+                # Others may have committed while this one computed.
+                check_capacity(self.registry, plans, self.policy.max_edits)
+                check_deadline(deadline, "before its commit")  # a caller that gave up gets no edit
+                edits = stored_edits(self.registry, plans, computed, vectors)
                 committed = self.log.append(
                     LogEntry(
                         kind=kind,
@@ -473,116 +364,7 @@ class EditManager:
                 self._apply(committed)
                 return committed, False
 
-    def _compute(
-        self, plans: Sequence[EditPlan], hook_plans: list[int], deadline: float | None = None
-    ) -> dict[int, ComputedEdit]:
-        current = self.hooks.current
-        hidden: set[str] = set()
-        for n in hook_plans:
-            hidden.update(self.registry.active_ids_for_relation(plans[n].relation_key, plans[n].namespace))
-        # An edit is measured against the edits that will be served with it: its own namespace's (a
-        # request naming several namespaces sees them together; the common case is one).
-        hidden |= ids_outside(current, validate_namespaces([plans[n].namespace for n in hook_plans]))
-        hidden &= set(current.edit_ids)
-        # Measure against the table as it will be once the superseded edits are gone.
-        base = without(current, hidden, current.version) if hidden else None
-        out = self.editor.compute_many(  # type: ignore[misc]
-            [plans[n].spec for n in hook_plans], base=base,
-            between=lambda: _check_deadline(deadline, "while computing it"),
-        )
-        computed = dict(zip(hook_plans, out, strict=True))
-        for n, ce in computed.items():
-            EDIT_COMPUTE.observe(ce.report.compute_seconds)
-            QUALITY_GATE.labels(result=_gate_verdict(ce.report.passed, plans[n])).inc()
-        failed = [
-            n for n, ce in computed.items()
-            if not ce.report.passed and not plans[n].force and not plans[n].derived
-        ]
-        if failed:
-            reports = [
-                QualityReportView.from_dict(computed[n].report.to_dict())
-                if n in computed
-                else _descriptor_report()
-                for n in range(len(plans))
-            ]
-            where = (lambda n: "") if len(plans) == 1 else (lambda n: f"edits[{n}]: ")
-            reasons = "; ".join(f"{where(n)}{computed[n].report.message}" for n in failed)
-            raise QualityGateRejected(
-                f"quality gate failed, nothing was stored (force=true commits anyway): {reasons}", reports
-            )
-        return computed
-
-    def _check_capacity(self, plans: Sequence[EditPlan]) -> None:
-        active = self.registry.counts().active
-        hidden = {
-            i for p in plans if p.relation_key
-            for i in self.registry.active_ids_for_relation(p.relation_key, p.namespace)
-        }
-        after = active - len(hidden) + len(plans)
-        if after > self.policy.max_edits:
-            raise ResourceExhausted(
-                f"{active} edits are active and max_edits is {self.policy.max_edits}: "
-                f"this request would make {after}; roll some back first"
-            )
-
-    def _check_table_bytes(self, computed: dict[int, ComputedEdit]) -> None:
-        """The hook table lives in device memory: refuse an edit that would grow it past its bound."""
-        limit = self.policy.max_hook_table_mb << 20
-        if not limit or not computed:
-            return
-        table = self.hooks.current
-        after = table.nbytes + sum(table.entry_nbytes(e) for ce in computed.values() for e in ce.entries)
-        if after > limit:
-            raise ResourceExhausted(
-                f"the hook table would hold {after / 2**20:.1f} MiB and max_hook_table_mb is "
-                f"{self.policy.max_hook_table_mb}: roll some edits back first"
-            )
-
-    def _stored_edits(
-        self, plans: Sequence[EditPlan], computed: dict[int, ComputedEdit], vectors: np.ndarray
-    ) -> list[StoredEdit]:
-        edits: list[StoredEdit] = []
-        # (namespace, relation key) -> earlier edits of this batch: supersede stays within a namespace
-        in_batch: dict[tuple[str, str], list[str]] = {}
-        for n, plan in enumerate(plans):
-            edit_id = new_edit_id()
-            supersedes: list[str] = []
-            if plan.relation_key:
-                supersedes = self.registry.active_ids_for_relation(plan.relation_key, plan.namespace)
-                supersedes += in_batch.get((plan.namespace, plan.relation_key), [])
-                in_batch.setdefault((plan.namespace, plan.relation_key), []).append(edit_id)
-            ce = computed.get(n)
-            spec = plan.spec
-            report = ce.report.to_dict() if ce else asdict(_descriptor_report())
-            if ce is not None and plan.derived and not ce.report.passed:
-                # The compiled hook edit failed its gate: the descriptor alone carries the fact.
-                report["message"] = f"{COMPILED_GATE_FAILED}: {ce.report.message}"
-                ce = None
-            elif ce is not None and plan.derived:
-                report["message"] = f"{COMPILED_MESSAGE}; {ce.report.message}".rstrip("; ")
-            elif plan.derived:
-                report["message"] = COMPILED_WITHOUT_HOOK
-            edits.append(
-                StoredEdit(
-                    edit_id=edit_id,
-                    kind="triple" if ce is not None else "descriptor",
-                    subject=spec.subject if spec else "",
-                    prompt=spec.prompt if spec else "",
-                    target_new=spec.target_new if spec else "",
-                    paraphrases=list(spec.paraphrases) if spec else [],
-                    descriptor=plan.descriptor,
-                    relation_key=plan.relation_key,
-                    hooks=stored_hooks(ce.with_id(edit_id).entries) if ce else [],
-                    embedding=embedding_blob(vectors[n]),
-                    report=report,
-                    supersedes=supersedes,
-                    derived_from_descriptor=plan.derived,
-                    namespace=plan.namespace,
-                )
-            )
-        return edits
-
-    # ------------------------------------------------------------------ internals: publication
+    # ------------------------------------------------------------------ internals: applying log entries
 
     def _catch_up(self, until: int | None = None) -> None:
         """Apply log entries after the registry's version (and before `until`): entries another replica
@@ -599,106 +381,12 @@ class EditManager:
         if entry.version <= self.registry.version:  # already applied (a tailer delivered it first)
             return RegistryDelta(version=entry.version)
         delta = self.registry.apply(entry)
-        self._publish_delta(delta, entry)
+        self._publisher.publish_delta(delta, entry, self.registry)
         return delta
-
-    def _publish_delta(self, delta: RegistryDelta, entry: LogEntry) -> None:
-        new_ids = {e.edit_id for e in entry.edits}
-        table = self.hooks.current
-        if any(e.hooks and e.edit_id not in new_ids for e in delta.activated):
-            # A restored (un-superseded) edit goes back to its (version, ordinal) place: rebuild, so the
-            # live table always has the row order a restart produces.
-            table = self._table_of(self.registry.active_edits(), entry.version)
-        else:
-            if delta.deactivated:
-                in_table = set(table.edit_ids)
-                gone = [i for i in delta.deactivated if i in in_table]
-                if gone:
-                    table = without(table, gone, entry.version)
-            fresh = [h for e in delta.activated for h in hook_entries(e)]
-            table = table.extended(fresh, version=entry.version) if fresh else relabel(table, entry.version)
-        self.store.update(
-            remove=delta.deactivated,
-            add=[
-                (e.edit_id, e.descriptor, embedding_array(e), e.subject, e.namespace)
-                for e in delta.activated
-                if e.descriptor
-            ],
-        )
-        self._publish_table(table)
-
-    def _publish_table(self, table: HookTable) -> None:
-        self.hooks.publish(table)
-        HOOK_TABLE_BYTES.set(table.nbytes)
-        self._snapshot = EditSnapshot(table.version, table, self.store.snapshot())
-        counts = self.registry.counts()
-        EDITS_ACTIVE.labels(path="hook").set(counts.active_hook)
-        EDITS_ACTIVE.labels(path="retrieval").set(len(self.store))
-        set_namespace_gauge(self.registry.active_by_namespace())
-        RETRIEVAL_INDEX_SIZE.set(len(self.store))
-        EDIT_LOG_VERSION.set(table.version)
-
-    def _table_of(self, active: Sequence[StoredEdit], version: int) -> HookTable:
-        entries = [h for e in active for h in hook_entries(e)]
-        return HookTable.build(entries, self.hooks.device, self.hooks.dtype, version=version)
-
-    def _check_servable(self, active: Sequence[StoredEdit]) -> None:
-        hooks = self.hooks
-        for e in active:
-            for h in e.hooks:
-                if h.layer not in hooks.layers:
-                    raise FailedPrecondition(
-                        f"edit {e.edit_id} in the log has a hook entry for layer {h.layer}, but this "
-                        f"server hooks layers {hooks.layers}: start with the --hook-layers and "
-                        "--auto-layer-candidates the log was written with"
-                    )
-                if h.key.shape != (hooks.d_ff,) or h.value.shape != (hooks.d_model,):
-                    raise FailedPrecondition(
-                        f"edit {e.edit_id} in the log has key/value shapes {h.key.shape}/{h.value.shape}, "
-                        f"this model needs ({hooks.d_ff},)/({hooks.d_model},): the log was written for "
-                        "another model"
-                    )
-            if e.embedding is not None and e.embedding.shape != (self.store.dim,):
-                raise FailedPrecondition(
-                    f"edit {e.edit_id} in the log has a {e.embedding.shape} descriptor embedding, this "
-                    f"encoder makes ({self.store.dim},): the log was written with another encoder"
-                )
 
     def _check_open(self) -> None:
         if self._closed:
             raise Unavailable("the edit manager is closed")
-
-    @contextmanager
-    def _operation(self, op: str, namespace: str = DEFAULT_NAMESPACE) -> Iterator[_Outcome]:
-        outcome = _Outcome()
-        outcome.namespace = namespace
-        try:
-            yield outcome
-        except EditServeError as exc:
-            EDIT_OPERATIONS.labels(op=op, result=exc.code.lower()).inc()
-            count_namespace_operation(outcome.namespace, op, exc.code.lower())
-            raise
-        except BaseException:
-            EDIT_OPERATIONS.labels(op=op, result="internal").inc()
-            count_namespace_operation(outcome.namespace, op, "internal")
-            raise
-        EDIT_OPERATIONS.labels(op=op, result=outcome.result).inc()
-        count_namespace_operation(outcome.namespace, op, outcome.result)
-
-
-def _gate_verdict(passed: bool, plan: EditPlan) -> str:
-    """The `editserve_quality_gate_total` label of one computed edit."""
-    if passed:
-        return "passed"
-    return "forced" if plan.force else "dropped" if plan.derived else "failed"
-
-
-def new_edit_id() -> str:
-    return f"e-{secrets.token_hex(12)}"
-
-
-def _descriptor_report() -> QualityReportView:
-    return QualityReportView(passed=True, message=DESCRIPTOR_ONLY_MESSAGE)
 
 
 def _edit_result(entry: LogEntry, n: int) -> EditResult:
