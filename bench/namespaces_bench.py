@@ -63,15 +63,14 @@ def preload(manager: Any, namespaces: list[str], per_namespace: int, chunk: int 
 
 
 async def _serve(loaded: Any, new_tokens: int, max_clients: int, data_dir: str) -> Any:
-    from service.compose import build_server
+    from service.compose import build_server, load_data_plane
     from service.config import Settings
-    from service.dataplane import DataPlane
 
     settings = Settings(port=0, metrics_port=0, http_port=_free_port(), data_dir=Path(data_dir),
                         device=loaded.device.type, dtype=str(loaded.dtype).removeprefix("torch."),
                         max_batch_size=max(16, max_clients), max_new_tokens_limit=max(512, new_tokens),
                         max_hook_table_mb=0, health_poll_s=0, log_poll_s=0, prefix_cache_mb=0)
-    server = build_server(settings, lambda: DataPlane.load(settings, loaded))
+    server = build_server(settings, lambda: load_data_plane(settings, loaded))
     await server.start()
     await server.load_plane()
     return server
