@@ -2,7 +2,8 @@
 (asyncio). Typed methods for every RPC, the admin token, deadlines, retries on UNAVAILABLE and
 read-your-writes (`min_version`). Imports neither torch nor the server: grpc and the stubs only.
 
-The `editserve` command's client subcommands (generate, edit, edits, info) live in `service.client.cli`.
+The `editserve` command's client subcommands (generate, edit, edits, info) are registered by
+`service.client.cli`; their handlers live in `cli_model` and `cli_edits`.
 """
 
 from service._proto.editserve.v1 import editserve_pb2 as pb
