@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 
 from service.compose import open_edit_manager
 from service.config import Settings
-from service.editlog.store import SQLITE_FILENAME
+from service.editlog.engines import SQLITE_FILENAME
 from service.edits import EditManager, QualityGateRejected
 from service.errors import (
     AlreadyExists,

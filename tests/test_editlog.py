@@ -25,7 +25,7 @@ from service.editlog import (
     TensorBlob,
     request_digest,
 )
-from service.editlog.store import HEAD_SUFFIX, SQLITE_FILENAME
+from service.editlog.engines import HEAD_SUFFIX, SQLITE_FILENAME
 from service.errors import (
     AlreadyExists,
     EditLogCorrupted,

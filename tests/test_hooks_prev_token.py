@@ -14,6 +14,7 @@ from service.editlog import EditLog, LogEntry, StoredEdit
 from service.editlog.model import entry_checksum
 from service.edits.convert import hook_entries, stored_hooks
 from service.engine.batch import ModelRunner
+from service.hooks.calibration import key_activations
 from service.hooks.editor import Editor, EditSpec
 from service.hooks.keys import PREV_THRESHOLD_CAP, SINK_POSITIONS, previous_token_condition
 from service.hooks.layer import NO_PREV_CONDITION, HookEntry, HookManager, HookTable, decoder_layers
@@ -141,9 +142,9 @@ def test_calibration_gives_multi_token_subjects_a_previous_token_condition(tiny_
     calib, start = ed._calibrate(prep, LAYER, None)
     assert calib.prev_key is not None and calib.prev_threshold <= PREV_THRESHOLD_CAP
     for row in prep.ctx:  # every context row passes its own condition
-        act = ed._acts(LAYER, [row])[0][row.subject[1] - 1]
+        act = key_activations(ed.hooks, LAYER, [row], ed.pad_id)[0][row.subject[1] - 1]
         assert float(F.cosine_similarity(act, calib.prev_key, dim=0)) >= calib.prev_threshold
-    kl_acts = ed._acts(LAYER, [prep.kl])[0]
+    kl_acts = key_activations(ed.hooks, LAYER, [prep.kl], ed.pad_id)[0]
     assert prep.kl.subject is not None and prep.kl.subject[1] - 1 < SINK_POSITIONS
     assert torch.allclose(start.prev_key, kl_acts[prep.kl.subject[1] - 1], atol=1e-5)
     assert torch.allclose(start.key, kl_acts[prep.kl.subject[1]], atol=1e-5)

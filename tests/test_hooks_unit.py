@@ -10,10 +10,12 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from service.errors import InvalidArgument
+from service.hooks.calibration import key_activations
 from service.hooks.editor import CONTEXT_PREFIXES, Editor, EditSpec, QualityReport
 from service.hooks.keys import SINK_POSITIONS, calibrate_threshold
 from service.hooks.layer import HookEntry, HookManager, HookTable, decoder_layers
 from service.hooks.layer import param_checksum as param_hash
+from service.hooks.quality import greedy_continuation
 
 LAYER = 1
 
@@ -226,6 +228,7 @@ def test_decode_prefilter_picks_the_exact_gate_decisions():
     """Large tables rank keys in int8 for decode-sized inputs, then score the best exactly: the fired row
     and its score equal the full float32 gate's, also after extending the table and removing rows."""
     from service.edits.convert import without
+    from service.hooks.gate import best_keys
     from service.hooks.table import PREFILTER_MAX_TOKENS, PREFILTER_MIN_ENTRIES
 
     gen = torch.Generator().manual_seed(0)
@@ -247,12 +250,12 @@ def test_decode_prefilter_picks_the_exact_gate_decisions():
     )
     unit = torch.nn.functional.normalize(queries, dim=-1)
     exact_best, exact_idx = (unit @ lt.keys.T).max(dim=-1)
-    best, idx = HookManager._best_keys(lt, unit)
+    best, idx = best_keys(lt, unit)
     assert torch.equal(idx, exact_idx) and torch.allclose(best, exact_best, atol=1e-6)
     assert (best >= lt.thresholds[idx]).sum() >= 3  # the planted ones do fire
     gone = without(table, ["e5", "e700"], version=2).layer(LAYER)
     assert gone is not None and gone.prefilter is not None and len(gone) == n - 2
-    best2, idx2 = HookManager._best_keys(gone, unit)
+    best2, idx2 = best_keys(gone, unit)
     exact2, eidx2 = (unit @ gone.keys.T).max(dim=-1)
     assert torch.equal(idx2, eidx2) and torch.allclose(best2, exact2, atol=1e-6)
     assert "e5" not in {gone.ids[i] for i in idx2.tolist()}
@@ -374,7 +377,7 @@ def test_subject_at_text_start_gets_its_own_entry(tiny, hooks):
     prep = ed._prepare(EditSpec("Paris", "Paris is the capital of", "Peru"))
     bare = prep.ctx[CONTEXT_PREFIXES.index("")]
     assert bare.subject is not None and bare.subject[1] < SINK_POSITIONS
-    act = ed._acts(LAYER, [bare])[0][bare.subject[1]]
+    act = key_activations(ed.hooks, LAYER, [bare], ed.pad_id)[0][bare.subject[1]]
     start = ce.entries[1]
     assert torch.allclose(start.key, act, atol=1e-5)
     assert float(torch.nn.functional.cosine_similarity(act, start.key, dim=0)) >= start.threshold
@@ -384,7 +387,8 @@ def test_subject_at_text_start_gets_its_own_entry(tiny, hooks):
     assert [e.layer for e in mid.entries] == [LAYER, LAYER, 2, 2]
     kl = ed._prepare(EditSpec("Paris", "Everyone knows that Paris is the capital of", "Peru")).kl
     assert kl.subject is not None
-    assert torch.allclose(mid.entries[1].key, ed._acts(LAYER, [kl])[0][kl.subject[1]], atol=1e-5)
+    kl_act = key_activations(ed.hooks, LAYER, [kl], ed.pad_id)[0][kl.subject[1]]
+    assert torch.allclose(mid.entries[1].key, kl_act, atol=1e-5)
     # A subject that ends past the sink positions everywhere gets the main entry alone.
     long_subject = "the old stone bridge over the river"
     far = ed.compute(EditSpec(long_subject, f"Everyone knows that {long_subject} is in", "Peru"))
@@ -436,7 +440,8 @@ def test_v_star_layer_walk_matches_the_full_forward(tiny, hooks):
     assert fits[True].stats["steps"] == fits[False].stats["steps"]
     # The first step's argmax is the unedited greedy answer's first token (with the published table).
     bare = ed.contexts.index("")
-    assert fits[True].initial_argmax[bare] == ed._greedy(prep.ctx[bare].ids, 1, hooks.current)[0]
+    greedy = greedy_continuation(ed.model, ed.tok, hooks, prep.ctx[bare].ids, 1, hooks.current)
+    assert fits[True].initial_argmax[bare] == greedy[0]
 
 
 def test_early_stop_reads_the_nll_of_the_plain_contexts_only(tiny, hooks):

@@ -21,7 +21,7 @@ from service._proto.editserve.v1 import editserve_pb2 as pb
 from service._proto.editserve.v1 import editserve_pb2_grpc as pb_grpc
 from service.compose import assemble_plane, build_server, open_edit_manager
 from service.config import Settings
-from service.editlog.store import SQLITE_FILENAME
+from service.editlog.engines import SQLITE_FILENAME
 from service.edits import EditManager
 from service.engine.batch import ModelRunner
 from service.errors import InvalidArgument
@@ -103,16 +103,16 @@ def test_row_masks_restrict_each_row_to_its_namespaces_in_one_gate_call() -> Non
     # Rows 0, 1, 2 each hold every key as a token; row r may fire only its own namespace's entry.
     h = keys[None].expand(3, 3, 16).contiguous()
     out = torch.zeros(3, 3, 4)
-    from service.hooks.layer import HookManager
+    from service.hooks.gate import apply_gate, candidate_keys
 
     scopes = [frozenset({"a"}), frozenset({"b"}), None]
-    res = HookManager._gate(lt, h, out, 1, None, None, scopes)
+    res = apply_gate(lt, h, out, 1, None, None, scopes)
     fired = (res != 0).any(-1)
     assert fired.tolist() == [[True, False, False], [False, True, False], [True, True, True]]
     assert res[0, 0, 0] == 1.0 and res[1, 1, 0] == 2.0 and res[2, 2, 0] == 3.0
     # The same with the int8 prefilter path of large CPU tables (decode steps)
-    cand, exact = HookManager._candidates(lt, torch.nn.functional.normalize(h.reshape(9, 16), dim=-1), 2,
-                                          lt.row_mask(scopes))
+    cand, exact = candidate_keys(lt, torch.nn.functional.normalize(h.reshape(9, 16), dim=-1), 2,
+                                 lt.row_mask(scopes))
     assert torch.isinf(exact[0:3]).sum() >= 3  # row 0 has one allowed entry: the second candidate is refused
 
 

@@ -9,12 +9,14 @@ Guarantees:
   refuse them, so a stray tool cannot rewrite history quietly.
 * Every entry stores a sha256 over its canonical content (tensor bytes included); `read_all`
   verifies it, and gaps and undecodable rows, and raises EditLogCorrupted naming the version.
+
+The tables and their added columns are schema.py; what differs between SQLite and PostgreSQL (engine
+and URL, pragmas, triggers, locks, error translation) is engines.py; row <-> entry encoding is codec.py.
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import logging
 import os
 import threading
@@ -25,19 +27,28 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import sqlalchemy as sa
-from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, Row
 
 from service.errors import AlreadyExists, EditLogCorrupted, Unavailable
 
 from .codec import decode_entry, entry_rows, normalised_entry
+from .engines import (
+    PG_RETRY_AFTER_S,
+    WRITE_OPTION,
+    advisory_lock_key,
+    check_sqlite_integrity,
+    create_log_engine,
+    durable_commit,
+    install_append_only_triggers,
+    lock_appenders,
+    raise_db_error,
+)
 from .model import LogEntry
 from .schema import (
     ADDED_EDIT_COLUMNS,
     ADDED_ENTRY_COLUMNS,
     ADDED_HOOK_COLUMNS,
     METADATA,
-    TABLES,
     log_edits,
     log_entries,
     log_head,
@@ -46,16 +57,7 @@ from .schema import (
 
 log = logging.getLogger(__name__)
 
-SQLITE_FILENAME = "editlog.sqlite3"
-HEAD_SUFFIX = ".head"  # beside the SQLite file: the highest version ever committed
-_WRITE_OPTION = "editlog_write"  # execution option: this transaction appends (SQLite: BEGIN IMMEDIATE)
 _READ_CHUNK = 1000  # entries per round trip in read_all: 3 queries per chunk, not per entry
-SQLITE_BUSY_TIMEOUT_S = 30  # an SQLite writer waits this long for another's lock before "database is locked"
-PG_CONNECT_TIMEOUT_S = 3  # a PostgreSQL connect that takes longer fails as Unavailable
-# After PostgreSQL could not be reached, calls fail at once for this long instead of each waiting out its
-# own connect (callers queue on the commit lock; one slow connect each would push them past deadlines).
-PG_RETRY_AFTER_S = 1.0
-
 
 
 class EditLog:
@@ -69,10 +71,7 @@ class EditLog:
         self._schema = schema
         self.dialect: str = engine.dialect.name
         self._retry_at = 0.0  # monotonic time before which PostgreSQL is not tried again (unreachable)
-        # One advisory-lock key per schema, so test schemas (or tenants) do not serialise each other.
-        self._lock_key = int.from_bytes(
-            hashlib.sha256(f"editserve.editlog:{schema or ''}".encode()).digest()[:8], "big", signed=True
-        )
+        self._lock_key = advisory_lock_key(schema)
 
     # ------------------------------------------------------------------ opening
 
@@ -84,26 +83,7 @@ class EditLog:
         Raises EditLogCorrupted when the file is not a sound database, Unavailable when the
         server cannot be reached.
         """
-        if not url:
-            data_dir = Path(data_dir)
-            data_dir.mkdir(parents=True, exist_ok=True)
-            url = sa.URL.create("sqlite", database=str(data_dir / SQLITE_FILENAME)).render_as_string()
-        sa_url = sa.make_url(url)
-        if sa_url.get_backend_name() == "sqlite":
-            if schema:
-                raise ValueError("schema is for PostgreSQL; SQLite keeps one log per file")
-            engine = sa.create_engine(sa_url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
-            _install_sqlite_pragmas(engine)
-            database = sa_url.database
-            head_file = Path(database + HEAD_SUFFIX) if database and database != ":memory:" else None
-        else:
-            # A database that accepts no connection (down, or a partition that drops packets) must fail
-            # the call, not hang it past every deadline: libpq waits forever by default. The URL may
-            # set its own (?connect_timeout=10).
-            timeout = {} if "connect_timeout" in sa_url.query or sa_url.get_driver_name() not in (
-                "psycopg", "psycopg2") else {"connect_timeout": PG_CONNECT_TIMEOUT_S}
-            engine = sa.create_engine(sa_url, pool_pre_ping=True, connect_args=timeout)
-            head_file = None
+        engine, head_file = create_log_engine(url, data_dir, schema=schema)
         log = cls(engine, schema=schema, head_file=head_file)
         try:
             log._prepare()
@@ -118,11 +98,7 @@ class EditLog:
     def _prepare(self) -> None:
         if self.dialect == "sqlite":
             with self._engine.connect() as conn:
-                problems = [str(r[0]) for r in conn.exec_driver_sql("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise EditLogCorrupted(
-                    f"edit log database failed its integrity check: {'; '.join(problems[:5])}"
-                )
+                check_sqlite_integrity(conn)
         with self._write_connection() as conn, conn.begin():
             if self.dialect == "postgresql":
                 # Replicas starting together would race CREATE TABLE IF NOT EXISTS; serialise them.
@@ -131,7 +107,7 @@ class EditLog:
                     conn.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {self._quoted_schema()}")
             METADATA.create_all(conn)
             self._add_missing_columns(conn)
-            self._install_append_only_triggers(conn)
+            install_append_only_triggers(conn, self.dialect, self._prefix())
             self._check_head(conn)
 
     def _check_head(self, conn: Connection) -> None:
@@ -188,7 +164,7 @@ class EditLog:
 
     def _add_missing_columns(self, conn: Connection) -> None:
         """An edit log written by an older release lacks the columns added since (all nullable)."""
-        prefix = f"{self._quoted_schema()}." if self._schema else ""
+        prefix = self._prefix()
         for table, added in ((log_hooks, ADDED_HOOK_COLUMNS), (log_edits, ADDED_EDIT_COLUMNS),
                              (log_entries, ADDED_ENTRY_COLUMNS)):
             have = {c["name"] for c in sa.inspect(conn).get_columns(table.name, schema=self._schema)}
@@ -201,30 +177,9 @@ class EditLog:
         assert self._schema
         return self._base_engine.dialect.identifier_preparer.quote_schema(self._schema)
 
-    def _install_append_only_triggers(self, conn: Connection) -> None:
-        if self.dialect == "sqlite":
-            for table in TABLES:
-                for op in ("UPDATE", "DELETE"):
-                    conn.exec_driver_sql(
-                        f"CREATE TRIGGER IF NOT EXISTS {table.name}_no_{op.lower()} "
-                        f"BEFORE {op} ON {table.name} "
-                        "BEGIN SELECT RAISE(ABORT, 'edit log is append-only'); END"
-                    )
-        elif self.dialect == "postgresql":
-            prefix = f"{self._quoted_schema()}." if self._schema else ""
-            # sa.text, not exec_driver_sql: it escapes the '%' placeholders for psycopg's paramstyle.
-            conn.execute(
-                sa.text(
-                    f"CREATE OR REPLACE FUNCTION {prefix}editlog_append_only() RETURNS trigger "
-                    "LANGUAGE plpgsql AS $$ BEGIN "
-                    "RAISE EXCEPTION 'edit log is append-only: % on % refused', TG_OP, TG_TABLE_NAME; END $$"
-                )
-            )
-            for table in TABLES:
-                conn.exec_driver_sql(
-                    f"CREATE OR REPLACE TRIGGER {table.name}_append_only BEFORE UPDATE OR DELETE "
-                    f"ON {prefix}{table.name} FOR EACH ROW EXECUTE FUNCTION {prefix}editlog_append_only()"
-                )
+    def _prefix(self) -> str:
+        """What qualifies a table name in raw DDL: "<schema>." or ""."""
+        return f"{self._quoted_schema()}." if self._schema else ""
 
     def _connect(self) -> Connection:
         if self.dialect != "postgresql":
@@ -239,12 +194,10 @@ class EditLog:
             raise
 
     def _write_connection(self) -> Connection:
-        return self._connect().execution_options(**{_WRITE_OPTION: True})
+        return self._connect().execution_options(**{WRITE_OPTION: True})
 
     def _lock_appenders(self, conn: Connection) -> None:
-        # Held to COMMIT: the next appender reads max(version) only after this one is visible.
-        if self.dialect == "postgresql":
-            conn.execute(sa.select(sa.func.pg_advisory_xact_lock(self._lock_key)))
+        lock_appenders(conn, self.dialect, self._lock_key)
 
     def close(self) -> None:
         # Disposing closes every pooled connection; SQLite checkpoints the WAL on the last close.
@@ -280,9 +233,7 @@ class EditLog:
                             f"{existing.version} for a different request",
                             field="idempotency_key",
                         )
-                if self.dialect == "postgresql":
-                    # Acknowledge only what is on disk, whatever the server's default.
-                    conn.exec_driver_sql("SET LOCAL synchronous_commit TO on")
+                durable_commit(conn, self.dialect)
                 head = conn.execute(sa.select(sa.func.max(log_entries.c.version))).scalar()
                 committed = replace(pending, version=(head or 0) + 1)
                 entry_row, edit_rows, hook_rows = entry_rows(committed)
@@ -405,45 +356,5 @@ class EditLog:
     # ------------------------------------------------------------------ errors
 
     def _raise_db_error(self, exc: sa.exc.DBAPIError, action: str) -> NoReturn:
-        """Re-raise a driver error as a domain error: a broken SQLite file is corruption, a lost
-        or locked database is Unavailable (retryable); anything else propagates as is (a bug)."""
-        orig = exc.orig
-        if self.dialect == "sqlite":
-            name = str(getattr(orig, "sqlite_errorname", ""))
-            # "Could not decode to UTF-8": a TEXT column now holds bytes, written behind our back.
-            undecodable = "could not decode" in str(orig).lower()
-            # sqlite3.DatabaseError itself (not a subclass) is what "file is not a database" raises.
-            if (
-                undecodable
-                or name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
-                or type(exc) is sa.exc.DatabaseError
-            ):
-                raise EditLogCorrupted(f"edit log database is corrupted ({action} it): {orig}") from exc
-        if isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError) or exc.connection_invalidated:
-            raise Unavailable(f"edit log unavailable while {action} it: {orig}") from exc
-        raise exc
-
-
-# ---------------------------------------------------------------------- engine setup
-
-
-def _install_sqlite_pragmas(engine: Engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # pysqlite's own implicit BEGIN is deferred and skipped for some statements; we emit ours.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute("PRAGMA journal_mode=WAL").fetchall()  # readers never block the appender
-            cur.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit: acked = on disk
-            cur.execute("PRAGMA foreign_keys=ON")
-        finally:
-            cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # IMMEDIATE takes the write lock before we read max(version): one appender at a time,
-        # across threads and processes. Reads use a plain (snapshot) BEGIN.
-        conn.exec_driver_sql(
-            "BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE_OPTION) else "BEGIN"
-        )
+        """A driver error as the service's domain error (engines.raise_db_error)."""
+        raise_db_error(exc, self.dialect, action)

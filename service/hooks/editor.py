@@ -1,5 +1,8 @@
-"""Edit computation for hook layers: the orchestration of an edit's key and gate (hooks/keys.py), its
-value (hooks/values.py) and the quality gate (efficacy, paraphrases, locality on fixed probes).
+"""Edit computation for hook layers: the orchestration of an edit's key and gate (hooks/keys.py, with the
+threshold calibration in hooks/calibration.py), its value (hooks/values.py) and the quality gate
+(hooks/quality.py: efficacy, paraphrases; locality on fixed probes in hooks/locality.py). This module
+validates and prepares an edit's rows, chooses its layers and turns each layer's calibration and v* into
+entries.
 
 Nothing here writes base weights or publishes a table: `Editor.compute` returns entries and a report,
 and the caller (the engine) logs and publishes them. Every forward runs in the calling thread with
@@ -19,30 +22,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from service.errors import InvalidArgument
-from service.hooks.arch import base_model, final_logits
-from service.hooks.keys import (
-    SINK_POSITIONS,
-    calibrate_threshold,
-    compute_k_star,
-    previous_token_condition,
-)
-from service.hooks.layer import (
-    NO_PREV_CONDITION,
-    HookEntry,
-    HookManager,
-    HookTable,
-)
+from service.hooks.calibration import Calibration, calibrate_layer
+from service.hooks.layer import HookEntry, HookManager, HookTable
 from service.hooks.locality import LocalityProbes
 from service.hooks.probes import PROBES
-from service.hooks.rows import Row, encode_row, pad_right
+from service.hooks.quality import QualityReport, quality_report
+from service.hooks.rows import Row, encode_row
 from service.hooks.values import (
     VSTAR,
     DeltaProblem,
@@ -85,42 +77,12 @@ class EditSpec:
 
 
 @dataclass
-class QualityReport:
-    efficacy: bool  # greedy continuation of the prompt starts with target_new (edit + current table)
-    old_answer: str  # greedy answer before the edit (current table), as many tokens as the target
-    target_logprob: float  # log p(target_new | prompt) after the edit, summed over target tokens
-    old_answer_logprob: float  # log p(old_answer | prompt) after the edit
-    paraphrases: list[tuple[str, bool]]  # (paraphrase, greedy continuation starts with target_new)
-    locality_top1_changed: float  # fraction of probes whose next-token argmax changed
-    locality_mean_kl: float  # mean KL(before || after) of the probes' next-token distributions
-    threshold: float  # cosine threshold of the (first) hook layer's entry
-    compute_seconds: float
-    passed: bool
-    message: str
-    layer_choice: str = ""  # which hook layers the edit went to, and why
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["paraphrases"] = [[p, bool(ok)] for p, ok in self.paraphrases]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> QualityReport:
-        d = dict(d)
-        d["paraphrases"] = [(str(p), bool(ok)) for p, ok in d.get("paraphrases", [])]
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
 class ComputedEdit:
     entries: list[HookEntry]  # one per hooked layer, edit_id "" until the caller names it
     report: QualityReport
 
     def with_id(self, edit_id: str) -> ComputedEdit:
         return ComputedEdit([e.with_id(edit_id) for e in self.entries], self.report)
-
-
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -135,19 +97,6 @@ class _Prepared:
     serving: list[Row]  # "{serving context}{prompt}" per EditSpec.serving_contexts: v* only
     paras: list[Row]
     kl: Row
-
-
-@dataclass
-class _Calib:
-    key: torch.Tensor
-    threshold: float
-    message: str
-    prev_key: torch.Tensor | None = None
-    prev_threshold: float = NO_PREV_CONDITION
-
-    def entry(self, layer: int, value: torch.Tensor) -> HookEntry:
-        return HookEntry("", layer, self.key, value, self.threshold, self.prev_key, self.prev_threshold)
-
 
 
 # (prompt, subject) -> (the edit's hook layer, why): the per-edit choice of `auto` edits, run with the
@@ -285,85 +234,10 @@ class Editor:
             self._probes.decisions(self.hooks.current, layer)
 
     # ---- key, value, threshold ---------------------------------------------------------------------------
-    def _acts(self, layer: int, rows: Sequence[Row], table: HookTable | None = None) -> list[torch.Tensor]:
-        ids, mask = pad_right([r.ids for r in rows], self.pad_id, self.hooks.device)
-        if table is None:
-            acts = self.hooks.keys_at([layer], ids, mask)[layer]
-        else:
-            with self.hooks.table_override(table):
-                acts = self.hooks.keys_at([layer], ids, mask)[layer]
-        return [acts[r, : len(row.ids)].float() for r, row in enumerate(rows)]
-
-    def _calibrate(self, prep: _Prepared, layer: int, table: HookTable | None) -> list[_Calib]:
-        """The entry keys of one layer: the main key from the rows where the subject ends past the first
-        SINK_POSITIONS tokens, and a second, "start of text" key from the rows where it ends inside them
-        (their activations are unlike mid-text ones, see SINK_POSITIONS; mixed into one key they
-        dragged its threshold down to where it fired on unrelated tokens). For a multi-token subject a
-        row also counts as start of text when the token before the last one, the previous-token key,
-        is inside them. The KL row ("{subject} is a") is always one of the rows: it is the subject at
-        the start of a text, the form a caller's later question often takes, even when no context of
-        the edit puts it there."""
-        rows = prep.ctx + prep.paras + [prep.kl]
-        acts = self._acts(layer, rows, table)
-        n_ctx = len(prep.ctx)
-
-        def at_start(r: Row) -> bool:
-            if r.subject is None:
-                return False
-            # a multi-token subject whose previous-token key would sit in the sink positions counts too
-            multi = int(r.subject[0] < r.subject[1])
-            return r.subject[1] < SINK_POSITIONS + multi
-
-        main_ctx = [i for i in range(n_ctx) if not at_start(rows[i])] or list(range(n_ctx))
-        start = [i for i, r in enumerate(rows) if at_start(r)]
-        neg = []
-        for a, r in zip(acts, rows, strict=True):  # every non-subject token of the edit's own prompts
-            if r.subject is None:
-                continue
-            keep = torch.ones(a.shape[0], dtype=torch.bool)
-            keep[r.subject[0] : r.subject[1] + 1] = False
-            if keep.any():
-                neg.append(F.normalize(a[keep], dim=-1))
-        neg_units = torch.cat(neg) if neg else None
-
-        def calib(key_rows: list[int], pos_rows: list[int]) -> _Calib:
-            key = compute_k_star([acts[i] for i in key_rows], [rows[i].subject[1] for i in key_rows])  # type: ignore[index]
-            kn = F.normalize(key, dim=0)
-            pos = []
-            for i in pos_rows:
-                cos = F.normalize(acts[i], dim=-1) @ kn
-                # a paraphrase without the literal subject: its best token must fire
-                pos.append(cos.max() if rows[i].subject is None else cos[rows[i].subject[1]])
-            negs = [] if neg_units is None else [(neg_units @ kn).max()]
-            probe_neg = self._probes.max_cos(layer, kn, prep.spec.subject)
-            if probe_neg is not None:
-                negs.append(probe_neg)
-            thr, msg = calibrate_threshold(torch.stack(pos), torch.stack(negs) if negs else torch.empty(0))
-            # The token before the last one, where it is still subject (a one-token subject has none).
-            multi = [i for i in key_rows if rows[i].subject[0] < rows[i].subject[1]]  # type: ignore[index]
-            if not multi:
-                return _Calib(key, thr, msg)
-            prev_pos = []
-            for i in pos_rows:
-                r = rows[i]
-                if r.subject is not None:
-                    if r.subject[0] < r.subject[1]:
-                        prev_pos.append(acts[i][r.subject[1] - 1])
-                else:  # no literal subject: the token before the one that fires
-                    t = int((F.normalize(acts[i], dim=-1) @ kn).argmax())
-                    if t > 0:
-                        prev_pos.append(acts[i][t - 1])
-            prev_key, prev_thr = previous_token_condition(
-                [acts[i][rows[i].subject[1] - 1] for i in multi],  # type: ignore[index]
-                prev_pos or [acts[i][rows[i].subject[1] - 1] for i in multi],  # type: ignore[index]
-            )
-            return _Calib(key, thr, msg, prev_key, prev_thr)
-
-        main_pos = [i for i in range(len(rows) - 1) if i not in start]
-        out = [calib(main_ctx, main_pos)]
-        if start:
-            out.append(calib(start, start))
-        return out
+    def _calibrate(self, prep: _Prepared, layer: int, table: HookTable | None) -> list[Calibration]:
+        """The edit's keys and thresholds at `layer` (hooks/calibration.py), read under `table`."""
+        return calibrate_layer(self.hooks, self._probes, layer, ctx=prep.ctx, paras=prep.paras, kl=prep.kl,
+                               subject=prep.spec.subject, pad_id=self.pad_id, table=table)
 
     def _edit_layers(self, prep: _Prepared, published: HookTable) -> tuple[list[int], str]:
         """The edit's hook layers and why: named in the request, chosen per edit, or the default."""
@@ -421,28 +295,6 @@ class Editor:
         return self.hooks.sites[layer].module
 
     # ---- quality gate -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _greedy(self, ids: list[int], n: int, table: HookTable) -> list[int]:
-        out: list[int] = []
-        x = torch.tensor([ids], device=self.hooks.device)
-        past = None
-        eos = self.tok.eos_token_id
-        prev: dict[int, torch.Tensor] | None = None
-        with self.hooks.table_override(table):
-            for _ in range(n):
-                with self.hooks.recording() as rec:  # carries the previous-token activations across steps
-                    rec.prev_keys = prev
-                    res = self.model(input_ids=x, past_key_values=past, use_cache=True)
-                prev = rec.last_keys
-                past = res.past_key_values
-                nxt = int(res.logits[0, -1].argmax())
-                if nxt == eos:
-                    break
-                out.append(nxt)
-                x = torch.tensor([[nxt]], device=self.hooks.device)
-        return out
-
-    @torch.no_grad()
     def _quality(
         self,
         prep: _Prepared,
@@ -454,62 +306,15 @@ class Editor:
         calib_msg: str,
         old_first: int | None = None,
     ) -> QualityReport:
-        tgt = prep.target_ids
+        """The edit's report (hooks/quality.py) on its bare prompt, paraphrases and this batch's locality."""
         prompt_ids = (
             prep.ctx[self.contexts.index("")].ids
             if "" in self.contexts
             else encode_row(self.tok, prep.prompt).ids
         )
-        # The old answer: the unedited greedy continuation, as many tokens as the target (so the two
-        # log-probabilities compare continuations of equal length). Its first token is known from v*.
-        if old_first is None:
-            old_ids = self._greedy(prompt_ids, len(tgt), published)
-        elif old_first == self.tok.eos_token_id:
-            old_ids = []
-        else:
-            old_ids = [old_first] + self._greedy(prompt_ids + [old_first], len(tgt) - 1, published)
-        old_answer = self.tok.decode(old_ids, skip_special_tokens=True).strip()
-        if not old_ids and self.tok.eos_token_id is not None:
-            old_ids = [int(self.tok.eos_token_id)]  # the old "answer" was to stop: score that instead
-        # One batched forward with the edit: prompt + target, paraphrases + target, prompt + old answer.
-        seqs = [(prompt_ids, tgt)] + [(p.ids, tgt) for p in prep.paras]
-        if old_ids:
-            seqs.append((prompt_ids, old_ids))  # (empty only for a tokenizer without an EOS token)
-        ids, mask = pad_right([a + b[:-1] for a, b in seqs], self.pad_id, self.hooks.device)
-        with self.hooks.table_override(override):
-            hs = base_model(self.model)(input_ids=ids, attention_mask=mask).last_hidden_state
-        hits, lps = [], []
-        for r, (a, b) in enumerate(seqs):
-            pos = torch.arange(len(a) - 1, len(a) - 1 + len(b), device=ids.device)
-            logp = torch.log_softmax(final_logits(self.model, hs[r, pos]).float(), dim=-1)
-            bt = torch.tensor(b, device=ids.device)
-            hits.append(bool((logp.argmax(-1) == bt).all()))
-            lps.append(float(logp.gather(1, bt[:, None]).sum()))
-        efficacy = hits[0]
-        n_para = len(prep.paras)
-        paraphrases = [(p, hits[1 + i]) for i, p in enumerate(prep.spec.paraphrases)]
-        old_lp = lps[1 + n_para] if old_ids else 0.0
-        msgs = [m for m in [calib_msg] if m]
-        if not efficacy:
-            msgs.append("efficacy failed: the prompt does not continue with the target")
-        if loc_top1 > self.locality_max_top1_changed:
-            msgs.append(
-                f"locality: {loc_top1:.3f} of probes changed top-1 (bound {self.locality_max_top1_changed})"
-            )
-        failed_p = [p for p, ok in paraphrases if not ok]
-        if failed_p:
-            msgs.append(f"{len(failed_p)} of {n_para} paraphrases do not continue with the target")
-        passed = efficacy and loc_top1 <= self.locality_max_top1_changed
-        return QualityReport(
-            efficacy=efficacy,
-            old_answer=old_answer,
-            target_logprob=lps[0],
-            old_answer_logprob=old_lp,
-            paraphrases=paraphrases,
-            locality_top1_changed=loc_top1,
-            locality_mean_kl=loc_kl,
-            threshold=float(entries[0].threshold),
-            compute_seconds=0.0,
-            passed=passed,
-            message="; ".join(msgs) if msgs else "ok",
+        return quality_report(
+            self.model, self.tok, self.hooks, pad_id=self.pad_id, prompt_ids=prompt_ids,
+            target_ids=prep.target_ids, paraphrases=prep.spec.paraphrases, paraphrase_rows=prep.paras,
+            entries=entries, published=published, override=override, loc_top1=loc_top1, loc_kl=loc_kl,
+            max_top1_changed=self.locality_max_top1_changed, calib_msg=calib_msg, old_first=old_first,
         )

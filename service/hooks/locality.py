@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.hooks.arch import base_model, final_logits
+from service.hooks.gate import gate_decisions
 from service.hooks.layer import HookEntry, HookManager, HookTable, LayerTable
 from service.hooks.rows import pad_right
 
@@ -37,7 +38,7 @@ class ProbeActs:
     prev_known: torch.Tensor  # [tokens] all True here
 
     def decisions(self, lt: LayerTable) -> tuple[torch.Tensor, torch.Tensor]:
-        return HookManager.gate_decisions(lt, self.unit, self.prev_unit, self.prev_known)
+        return gate_decisions(lt, self.unit, self.prev_unit, self.prev_known)
 
 
 class LocalityProbes:
