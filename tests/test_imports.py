@@ -12,10 +12,10 @@ SERVICE = Path(__file__).resolve().parents[1] / "service"
 
 # Each unit's rank: a unit may import units of a lower rank only (equal ranks do not import each other).
 RANKS = {
-    "errors": 0, "types": 0, "metrics": 0, "namespaces": 0, "kvcache": 1, "auth": 1,
-    "editlog": 2, "retrieval": 2, "hooks": 2,
+    "errors": 0, "types": 0, "metrics": 0, "namespaces": 1, "kvcache": 1, "auth": 2,
+    "editlog": 2, "retrieval": 2, "hooks": 2, "config": 3, "settings_args": 4,
     "locate": 3, "engine": 3, "router": 3, "edits": 4,
-    "dataplane": 5, "transport": 5, "config": 2, "settings_args": 3,
+    "dataplane": 5, "transport": 5,
     "compose": 6, "client": 7, "eval": 7, "cli": 8, "__main__": 9,
 }
 
