@@ -10,7 +10,7 @@ import pytest
 from service.errors import InvalidArgument
 from service.retrieval.encoder import DescriptorEncoder
 from service.retrieval.names import descriptor_names
-from service.retrieval.store import RetrievalStore
+from service.retrieval.store import Entry, Mention, RetrievalStore
 from service.router.calibration import FACTS, calibration_pairs
 from service.router.prompt import (
     BLOCK_CLOSE,
@@ -32,6 +32,7 @@ from service.router.scope import (
     ScopeHit,
     best_threshold,
     calibrate_scope_threshold,
+    named_subjects_first,
     pair_scores,
     query_views,
 )
@@ -151,6 +152,46 @@ def test_names_a_descriptor_mentions_lower_its_threshold(encoder: DescriptorEnco
     # a neighbour with the same kind of name, and a name the descriptor only passes by, stay out
     assert ScopeDetector(store).detect("Who cooks at Ostlis Bistro these days?") == []
     assert ScopeDetector(store).detect("What is the population of Osaka?") == []
+
+
+def test_a_named_subject_leaves_out_look_alike_edits(encoder: DescriptorEncoder) -> None:
+    # CounterFact's look-alikes: each scores near or over the plain threshold on wording alone, and each
+    # carries another answer to "who produces it?".
+    store = RetrievalStore(encoder)
+    store.add_many([
+        ("e-326", "BMW 326, produced by Sony.", None, "BMW 326"),
+        ("e-n54", "BMW N54 is produced by Nissan.", None, "BMW N54"),
+        ("e-501", "BMW 501 is developed by Dodge.", None, "BMW 501"),
+        ("e-clio", "Renault Clio, produced by BMW.", None, "Renault Clio"),
+    ])
+    without = ScopeDetector(store, subject_precedence=False).detect("BMW 326, produced by")
+    assert len(without) > 1 and without[0].edit_id == "e-326"
+    assert [h.edit_id for h in ScopeDetector(store).detect("BMW 326, produced by")] == ["e-326"]
+    assert [h.edit_id for h in ScopeDetector(store).detect("Who produces the Renault Clio?")] == ["e-clio"]
+    # no subject named ("BMW" is a name inside descriptors, not an edit's subject): nothing is dropped
+    query = "Which company produces cars for BMW?"
+    assert ScopeDetector(store).detect(query) == ScopeDetector(store, subject_precedence=False).detect(query)
+
+
+def _entry(edit_id: str, subject: str = "") -> Entry:
+    return Entry(edit_id, f"descriptor of {edit_id}", np.zeros(4, np.float32), subject)
+
+
+def test_named_subjects_first_rule() -> None:
+    named = _entry("named", "Aldogard Motors")
+    other = _entry("other", "Aldogard")  # its subject lies inside the named one's
+    loose = _entry("loose")  # no subject, no mention: the query only resembles it
+    shorter = _entry("shorter")  # no subject, mentioned only through a shorter name
+    passed = [(named, 0.9), (other, 0.8), (loose, 0.7), (shorter, 0.6)]
+    mentions = [Mention(named, 3, 5, True), Mention(other, 3, 4, True), Mention(shorter, 4, 5, False),
+                Mention(named, 0, 5, False)]  # "CEO of Aldogard Motors": a longer name of the same edit
+    assert [e.edit_id for e, _ in named_subjects_first(passed, mentions)] == ["named", "loose"]
+    # without a named subject the hits stay as they were
+    assert named_subjects_first(passed, [Mention(shorter, 4, 5, False)]) == passed
+    assert named_subjects_first(passed, []) == passed
+    # two subjects named side by side are both kept (and so are the hits without a subject or mention)
+    both = [Mention(named, 0, 2, True), Mention(other, 4, 5, True)]
+    assert named_subjects_first(passed, both) == passed
 
 
 def test_descriptor_names() -> None:

@@ -60,6 +60,22 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class Mention:
+    """An entry's subject (`subject` True) or a name its descriptor mentions, found in a query at words
+    [start, end) of subject_key(query)."""
+
+    entry: Entry
+    start: int
+    end: int
+    subject: bool
+
+    def inside(self, other: Mention) -> bool:
+        """True when `other` covers this span and more ("BMW" inside "BMW 326")."""
+        longer = other.end - other.start > self.end - self.start
+        return longer and other.start <= self.start and self.end <= other.end
+
+
+@dataclass(frozen=True)
 class StoreSnapshot:
     index: IndexSnapshot
     entries: Mapping[int, Entry]  # faiss id -> entry; never mutated after publication
@@ -112,31 +128,45 @@ class StoreSnapshot:
         """Entries whose descriptor mentions a name that occurs in the query as whole words."""
         return self._lookup(query, self.names)
 
+    def mentions(self, query: str) -> list[Mention]:
+        """Every whole-word occurrence in the query of an entry's subject or of a name its descriptor
+        mentions, with the word span it covers (the scope detector ranks overlapping ones by length)."""
+        return [Mention(e, s, n, True) for e, s, n in self._spans(query, self.subjects)] + [
+            Mention(e, s, n, False) for e, s, n in self._spans(query, self.names)
+        ]
+
     def _lookup(self, query: str, keys: Mapping[str, tuple[int, ...]]) -> list[Entry]:
+        return [entry for entry, _, _ in self._spans(query, keys)]
+
+    def _spans(self, query: str, keys: Mapping[str, tuple[int, ...]]) -> list[tuple[Entry, int, int]]:
         if not keys:
             return []
         words = subject_key(query).split()
-        found: list[Entry] = []
+        found: list[tuple[Entry, int, int]] = []
         for n in range(1, min(MAX_SUBJECT_WORDS, len(words)) + 1):
             for i in range(len(words) - n + 1):
                 for fid in keys.get(" ".join(words[i : i + n]), ()):
                     if self.allowed is None or fid in self.allowed:
-                        found.append(self.entries[fid])
+                        found.append((self.entries[fid], i, i + n))
         return found
 
     def search_vectors(self, queries: np.ndarray, k: int) -> list[list[tuple[str, str, float]]]:
         """Per query, up to k (edit_id, descriptor, score), best first."""
+        return [[(e.edit_id, e.descriptor, s) for e, s in row] for row in self.search_entries(queries, k)]
+
+    def search_entries(self, queries: np.ndarray, k: int) -> list[list[tuple[Entry, float]]]:
+        """Per query, up to k (entry, score), best first."""
         if len(self) == 0:
             return [[] for _ in range(len(np.atleast_2d(queries)))]
         k_eff = max(1, min(k, len(self)))
         scores, ids = self.index.search(queries, k_eff, self._selector[0] if self._selector else None)
-        out: list[list[tuple[str, str, float]]] = []
+        out: list[list[tuple[Entry, float]]] = []
         for row_s, row_i in zip(scores, ids, strict=True):
             hits = []
             for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True):
                 entry = self.entries.get(i) if i >= 0 else None
                 if entry is not None:
-                    hits.append((entry.edit_id, entry.descriptor, float(s)))
+                    hits.append((entry, float(s)))
             out.append(hits)
         return out
 
