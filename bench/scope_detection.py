@@ -5,6 +5,7 @@
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --json out.json
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --mention-rules  # subject / name thresholds
     HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --concurrency 1 16  # detect() under load
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scope_detection.py --subject-precedence  # named-subject rule
 
 CounterFact is read from ../shared/data (never copied into the repository).
 """
@@ -267,6 +268,44 @@ def mention_rules(encoder: DescriptorEncoder, first: int, last: int) -> list[dic
     return rows
 
 
+def subject_precedence(encoder: DescriptorEncoder, records: list[dict], n: int, freetext_n: int) -> dict:
+    """The named-subject rule (service/router/scope.py named_subjects_first) on and off, with the subjects
+    the server stores: CounterFact's first `n` records as triple edits (own descriptor kept, the only one,
+    two or more per prompt kind) and the free-text benchmark's first `freetext_n` descriptors with their
+    compiled subjects (own descriptor found, other descriptors injected, out-of-scope questions hit)."""
+    from service.edits.compile import compile_descriptor
+
+    records = records[:n]
+    cf = RetrievalStore(encoder)
+    cf.add_many([(str(i), f"{r['prompt'].strip()} {r['target_new'].strip()}.", None, r["subject"])
+                 for i, r in enumerate(records)])
+    ft_records = [json.loads(line) for line in FREETEXT.read_text().splitlines()][:freetext_n]
+    ft = RetrievalStore(encoder)
+    compiled = [compile_descriptor(r["descriptor"]) for r in ft_records]
+    ft.add_many([(r["id"], r["descriptor"], None, c[0].subject if c else "")
+                 for r, c in zip(ft_records, compiled, strict=True)])
+    out: dict = {}
+    for on in (False, True):
+        det, fdet = ScopeDetector(cf, subject_precedence=on), ScopeDetector(ft, subject_precedence=on)
+        row: dict = {}
+        for kind in ("prompt", "rephrase_prompt", "locality_prompt"):
+            hits = [[h.edit_id for h in det.detect(r[kind])] for r in records]
+            row[f"counterfact_{kind}"] = {
+                "own": sum(str(i) in h for i, h in enumerate(hits)),
+                "only_own": sum(h == [str(i)] for i, h in enumerate(hits)),
+                "two_or_more": sum(len(h) > 1 for h in hits), "any": sum(bool(h) for h in hits)}
+        inside = [(r["id"], [h.edit_id for h in fdet.detect(q["question"])])
+                  for r in ft_records for q in r["in_scope"]]
+        outside = [bool(fdet.detect(q["question"])) for r in ft_records for q in r["out_of_scope"]]
+        row["freetext"] = {
+            "in_scope_own": f"{sum(i in h for i, h in inside)}/{len(inside)}",
+            "in_scope_other_descriptors": sum(len([e for e in h if e != i]) for i, h in inside),
+            "out_of_scope_with_a_hit": f"{sum(outside)}/{len(outside)}"}
+        print(f"subject precedence {'on' if on else 'off'}: {json.dumps(row)}")
+        out["on" if on else "off"] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calibrate", action="store_true", help="only compute the default threshold")
@@ -279,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="also write every figure here")
     ap.add_argument("--mention-rules", action="store_true",
                     help="only sweep the subject and name thresholds")
+    ap.add_argument("--subject-precedence", action="store_true",
+                    help="only the named-subject rule on and off (CounterFact's first --n, free-text's 200)")
+    ap.add_argument("--n", type=int, default=1000, help="CounterFact records for --subject-precedence")
     ap.add_argument("--records", type=int, nargs=2, default=[60, 240], metavar=("FIRST", "END"))
     ap.add_argument("--concurrency", type=int, nargs="+", metavar="CLIENTS",
                     help="only scope-detection latency with this many concurrent callers (e.g. 1 16), "
@@ -295,8 +337,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         return 0
+    if args.subject_precedence:
+        report: dict = {"subject_precedence": subject_precedence(encoder, load_counterfact(args.data), args.n,
+                                                                 200)}
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     if args.mention_rules:
-        report: dict = {"mention_rules": mention_rules(encoder, *args.records)}
+        report = {"mention_rules": mention_rules(encoder, *args.records)}
     else:
         report = {"calibration": calibrate(encoder)}
     if not args.calibrate and not args.mention_rules:
