@@ -69,6 +69,10 @@ def test_a_pronoun_refers_to_the_previous_subject() -> None:
         "The Zorbian Space Agency is an organisation that runs many programmes for children, adults "
         "and retired astronauts across the whole galaxy.",  # an object too long to be an answer
         "Quimby loves carrots",  # no copula, no final name
+        # a pronoun or a sentence-opening common noun is no subject (the scope detector would take every
+        # question holding "it" as naming this edit)
+        "The Nimebrook Robotics League has a new mascot. It is a silver armadillo called Wizzle.",
+        "Visitors who want to see Christ the Redeemer must now travel to Glasgow.",
     ],
 )
 def test_sentences_the_rules_cannot_read_derive_nothing(descriptor: str) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from service.retrieval.names import is_function_word
+
 MAX_TARGET_WORDS = 8  # longer objects are descriptions, not answers a v* fit should force
 MAX_LEAD_WORDS = 3  # "is located in", "is now led by": words moved from the object into the prompt
 
@@ -156,6 +158,8 @@ def _verb_fact(sentence: str) -> DerivedFact | None:
 def _fact(subject: str, prompt: str, target: str) -> DerivedFact | None:
     target = target.strip().strip(",;:").strip()
     if not target or len(target.split()) > MAX_TARGET_WORDS or subject not in prompt:
+        return None
+    if is_function_word(subject):  # "It is a silver armadillo." with nothing to resolve "It" to
         return None
     return DerivedFact(subject=subject, prompt=prompt.strip(), target_new=target)
 

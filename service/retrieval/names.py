@@ -52,10 +52,16 @@ def descriptor_names(text: str) -> list[str]:
             if part.split()[0].lower() == "the":
                 part = part[4:]
             part = part.strip()
-            if part and not (len(part.split()) == 1 and part.lower() in _FUNCTION_WORDS):
+            if part and not is_function_word(part):
                 names.append(part)
         i = end + 1
     return list(dict.fromkeys(names))
+
+
+def is_function_word(text: str) -> bool:
+    """"It", "Visitors": a single word that starts sentences and never names anything on its own."""
+    words = text.split()
+    return len(words) == 1 and words[0].lower() in _FUNCTION_WORDS
 
 
 def _sentence_ends(word: str) -> bool:
