@@ -268,17 +268,28 @@ def mention_rules(encoder: DescriptorEncoder, first: int, last: int) -> list[dic
     return rows
 
 
-def subject_precedence(encoder: DescriptorEncoder, records: list[dict], n: int, freetext_n: int) -> dict:
+def subject_precedence(encoder: DescriptorEncoder, data_dir: Path, n: int, freetext_n: int) -> dict:
     """The named-subject rule (service/router/scope.py named_subjects_first) on and off, with the subjects
-    the server stores: CounterFact's first `n` records as triple edits (own descriptor kept, the only one,
-    two or more per prompt kind) and the free-text benchmark's first `freetext_n` descriptors with their
-    compiled subjects (own descriptor found, other descriptors injected, out-of-scope questions hit)."""
+    the server stores: CounterFact's and zsRE's first `n` records as triple edits (descriptor = the
+    evaluation's; per prompt kind: own descriptor kept, the only one, two or more) and the free-text
+    benchmark's first `freetext_n` descriptors with their compiled subjects (own descriptor found, other
+    descriptors injected, out-of-scope questions hit)."""
     from service.edits.compile import compile_descriptor
+    from service.eval.datasets import load_records
 
-    records = records[:n]
-    cf = RetrievalStore(encoder)
-    cf.add_many([(str(i), f"{r['prompt'].strip()} {r['target_new'].strip()}.", None, r["subject"])
-                 for i, r in enumerate(records)])
+    stores: dict[str, tuple[RetrievalStore, dict[str, list[tuple[str, str]]]]] = {}
+    for fmt, name in (("counterfact", "counterfact-val.json"), ("zsre", "zsre_mend_train-1k.json")):
+        if not (data_dir / name).is_file():
+            print(f"{data_dir / name} not found: {fmt} skipped")
+            continue
+        records = load_records(data_dir / name, fmt, n).records  # type: ignore[arg-type]
+        store = RetrievalStore(encoder)
+        store.add_many([(str(r.index), r.descriptor, None, r.subject) for r in records])
+        stores[fmt] = (store, {
+            "rewrite": [(str(r.index), r.prompt) for r in records],
+            "paraphrase": [(str(r.index), r.paraphrases[0]) for r in records if r.paraphrases],
+            "locality": [(str(r.index), r.locality[0].prompt) for r in records if r.locality],
+        })
     ft_records = [json.loads(line) for line in FREETEXT.read_text().splitlines()][:freetext_n]
     ft = RetrievalStore(encoder)
     compiled = [compile_descriptor(r["descriptor"]) for r in ft_records]
@@ -286,14 +297,15 @@ def subject_precedence(encoder: DescriptorEncoder, records: list[dict], n: int, 
                  for r, c in zip(ft_records, compiled, strict=True)])
     out: dict = {}
     for on in (False, True):
-        det, fdet = ScopeDetector(cf, subject_precedence=on), ScopeDetector(ft, subject_precedence=on)
         row: dict = {}
-        for kind in ("prompt", "rephrase_prompt", "locality_prompt"):
-            hits = [[h.edit_id for h in det.detect(r[kind])] for r in records]
-            row[f"counterfact_{kind}"] = {
-                "own": sum(str(i) in h for i, h in enumerate(hits)),
-                "only_own": sum(h == [str(i)] for i, h in enumerate(hits)),
-                "two_or_more": sum(len(h) > 1 for h in hits), "any": sum(bool(h) for h in hits)}
+        for fmt, (store, prompts) in stores.items():
+            det = ScopeDetector(store, subject_precedence=on)
+            for kind, pairs in prompts.items():
+                hits = [(own, [h.edit_id for h in det.detect(q)]) for own, q in pairs]
+                row[f"{fmt}_{kind}"] = {
+                    "own": sum(own in h for own, h in hits), "only_own": sum(h == [own] for own, h in hits),
+                    "two_or_more": sum(len(h) > 1 for _, h in hits), "any": sum(bool(h) for _, h in hits)}
+        fdet = ScopeDetector(ft, subject_precedence=on)
         inside = [(r["id"], [h.edit_id for h in fdet.detect(q["question"])])
                   for r in ft_records for q in r["in_scope"]]
         outside = [bool(fdet.detect(q["question"])) for r in ft_records for q in r["out_of_scope"]]
@@ -301,7 +313,9 @@ def subject_precedence(encoder: DescriptorEncoder, records: list[dict], n: int, 
             "in_scope_own": f"{sum(i in h for i, h in inside)}/{len(inside)}",
             "in_scope_other_descriptors": sum(len([e for e in h if e != i]) for i, h in inside),
             "out_of_scope_with_a_hit": f"{sum(outside)}/{len(outside)}"}
-        print(f"subject precedence {'on' if on else 'off'}: {json.dumps(row)}")
+        print(f"subject precedence {'on' if on else 'off'}:")
+        for key, value in row.items():
+            print(f"  {key}: {json.dumps(value)}")
         out["on" if on else "off"] = row
     return out
 
@@ -319,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mention-rules", action="store_true",
                     help="only sweep the subject and name thresholds")
     ap.add_argument("--subject-precedence", action="store_true",
-                    help="only the named-subject rule on and off (CounterFact's first --n, free-text's 200)")
-    ap.add_argument("--n", type=int, default=1000, help="CounterFact records for --subject-precedence")
+                    help="only the named-subject rule on and off (CounterFact's and zsRE's first --n, "
+                    "free-text's 200)")
+    ap.add_argument("--n", type=int, default=1000, help="CounterFact / zsRE records for --subject-precedence")
     ap.add_argument("--records", type=int, nargs=2, default=[60, 240], metavar=("FIRST", "END"))
     ap.add_argument("--concurrency", type=int, nargs="+", metavar="CLIENTS",
                     help="only scope-detection latency with this many concurrent callers (e.g. 1 16), "
@@ -338,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=2))
         return 0
     if args.subject_precedence:
-        report: dict = {"subject_precedence": subject_precedence(encoder, load_counterfact(args.data), args.n,
-                                                                 200)}
+        report: dict = {"subject_precedence": subject_precedence(encoder, args.data.parent, args.n, 200)}
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
         return 0
