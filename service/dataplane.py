@@ -232,22 +232,29 @@ class DataPlane:
         # table come from this snapshot, and its version is the one the response reports. The request sees
         # only the namespaces it names (views of the snapshot: masks, nothing copied).
         snap = self.manager.snapshot().scoped(namespaces)
-        route = await self._route(request, snap)
-        params = SamplingParams(
-            max_new_tokens=max_new,
-            temperature=request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p,
-            top_k=request.top_k,
-            seed=request.seed,
-            stop=list(request.stop),
-            min_new_tokens=effective_min_new_tokens(request),
-            logprobs=request.logprobs,
-        )
-        # The alignment adapter (if any) runs on this row only when descriptors were injected.
-        engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
-                                       deadline=request.deadline, hook_table=snap.hooks,
-                                       adapted=bool(route.hits))
-        stream = self.engine.stream(engine_request)
+        # The queue place is taken on arrival: scope detection then runs while the request would wait
+        # for a batch slot anyway, and a full queue answers before any encoder work.
+        ticket = self.engine.reserve()
+        try:
+            route = await self._route(request, snap)
+            params = SamplingParams(
+                max_new_tokens=max_new,
+                temperature=request.temperature,
+                top_p=1.0 if request.top_p is None else request.top_p,
+                top_k=request.top_k,
+                seed=request.seed,
+                stop=list(request.stop),
+                min_new_tokens=effective_min_new_tokens(request),
+                logprobs=request.logprobs,
+            )
+            # The alignment adapter (if any) runs on this row only when descriptors were injected.
+            engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
+                                           deadline=request.deadline, hook_table=snap.hooks,
+                                           adapted=bool(route.hits))
+        except BaseException:
+            self.engine.release(ticket)
+            raise
+        stream = self.engine.stream(engine_request, ticket)
         try:
             async for event in stream:
                 final = event.finish_reason is not None

@@ -319,6 +319,46 @@ async def test_full_queue_raises_resource_exhausted(tiny_llama):
             assert events[-1].finish_reason == "length"
 
 
+async def test_a_reserved_place_keeps_its_turn_and_counts_against_the_queue(tiny_llama):
+    """A request routed while it waits (Engine.reserve) joins the queue where it arrived: ahead of the
+    requests that came after it, though they were queued before its prompt was ready."""
+    async with running(tiny_llama, max_batch_size=1, max_queue=3) as eng:
+        first = eng.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+        await first.__anext__()  # it holds the only batch slot
+        ticket = eng.reserve()  # A arrives; its prompt is still being built
+        later = [eng.stream(greedy(tiny_llama, p, 4)) for p in PROMPTS[1:3]]  # B and C, queued at once
+        with pytest.raises(ResourceExhausted):  # two queued + one reserved place fill max_queue=3
+            eng.reserve()
+        with pytest.raises(ResourceExhausted):
+            eng.stream(greedy(tiny_llama, PROMPTS[4], 4))
+        reserved = eng.stream(greedy(tiny_llama, PROMPTS[3], 4), ticket)  # never refused: its place is held
+        assert eng.num_waiting == 3
+        order: list[str] = []
+
+        async def consume(name: str, stream) -> None:
+            async for ev in stream:
+                if ev.finish_reason is not None:
+                    order.append(name)
+
+        tasks = [asyncio.create_task(consume(n, s)) for n, s in zip("ABC", [reserved, *later], strict=True)]
+        await first.aclose()
+        await asyncio.gather(*tasks)
+        assert order == ["A", "B", "C"]
+
+
+async def test_a_released_or_failed_reservation_gives_its_place_back(tiny_llama):
+    async with running(tiny_llama, max_batch_size=1, max_queue=1) as eng:
+        first = eng.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+        await first.__anext__()
+        eng.release(eng.reserve())  # routing failed: the place is free again
+        ticket = eng.reserve()
+        with pytest.raises(InvalidArgument):  # the prompt turned out invalid: the ticket is used up
+            eng.stream(EngineRequest([], SamplingParams(max_new_tokens=4)), ticket)
+        queued = eng.stream(greedy(tiny_llama, PROMPTS[1], 4))  # would be ResourceExhausted on a leak
+        await first.aclose()
+        assert [ev async for ev in queued][-1].finish_reason == "length"
+
+
 async def test_a_burst_that_fits_the_free_batch_slots_is_not_refused(tiny_llama):
     """The queue bound counts requests beyond the free batch slots: 8 requests arriving together at an
     idle engine with 8 slots are all taken, even with max_queue=1."""

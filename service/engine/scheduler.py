@@ -21,11 +21,13 @@ delivery.py (results back to the event loops) and health.py (the failure streak)
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -55,6 +57,15 @@ DEFAULT_CONTEXT_TOKENS = 2048  # when the model config names no max_position_emb
 PREFILL_OVERHEAD_TOKENS = 32
 
 __all__ = ["MAX_CONSECUTIVE_FAILURES", "Engine"]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A place in the generation queue, held while the request is still being routed (scope detection
+    runs meanwhile): the request then joins the queue at that place, ahead of those that reserved after
+    it, so detection time overlaps the time it would have waited anyway (`Engine.reserve`)."""
+
+    order: int
 
 
 class Engine:
@@ -103,7 +114,9 @@ class Engine:
 
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
-        self._waiting: deque[SequenceState] = deque()  # guarded by _lock
+        self._waiting: deque[SequenceState] = deque()  # guarded by _lock; ascending `order`
+        self._reserved: set[Ticket] = set()  # guarded by _lock; places held by requests being routed
+        self._order = itertools.count(1)  # guarded by _lock
         self._scores: deque[ScoreJob] = deque()  # guarded by _lock
         self._accepting = False
         self._cancel_all = False  # shutdown past its grace: end everything with finish_reason "cancelled"
@@ -166,17 +179,40 @@ class Engine:
         if self.adapter is not None:  # its hooks leave the (possibly shared) model with the engine
             self.adapter.remove()
 
-    def stream(self, request: EngineRequest) -> TokenStream:
+    def reserve(self) -> Ticket:
+        """Hold a place in the queue for a generation whose prompt is not built yet. Raises Unavailable
+        when not serving and ResourceExhausted when the queue is full, before any routing work is done.
+        Pass the ticket to `stream`, or to `release` when the request fails before it."""
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable("the engine is not serving (not started or shutting down)")
+            self._check_queue_room()
+            ticket = Ticket(next(self._order))
+            self._reserved.add(ticket)
+            return ticket
+
+    def release(self, ticket: Ticket) -> None:
+        """Give back a reserved place unused (the request failed while being routed)."""
+        with self._lock:
+            self._reserved.discard(ticket)
+
+    def stream(self, request: EngineRequest, ticket: Ticket | None = None) -> TokenStream:
         """Queue a generation; iterate the result for its TokenEvents. Raises (synchronously) InvalidArgument,
-        Unavailable when not serving, ResourceExhausted when the queue is full."""
-        self._check_prompt(request.prompt_ids, "prompt_ids")
-        request.params.validate()
-        seq = SequenceState(
-            request, asyncio.get_running_loop(), self.loaded.tokenizer, self._eos_ids, self._max_context,
-            self.loaded.device,
-        )
-        seq.table = self._pinned(request.hook_table)
-        self._enqueue(self._waiting, seq)
+        Unavailable when not serving, ResourceExhausted when the queue is full (never with a `ticket`: its
+        place was reserved). The ticket is used up either way."""
+        try:
+            self._check_prompt(request.prompt_ids, "prompt_ids")
+            request.params.validate()
+            seq = SequenceState(
+                request, asyncio.get_running_loop(), self.loaded.tokenizer, self._eos_ids, self._max_context,
+                self.loaded.device,
+            )
+            seq.table = self._pinned(request.hook_table)
+            self._enqueue(self._waiting, seq, ticket)
+        except BaseException:
+            if ticket is not None:
+                self.release(ticket)
+            raise
         return TokenStream(seq)
 
     def _pinned(self, table: Any) -> Any:
@@ -223,18 +259,33 @@ class Engine:
         if len(ids) >= self._max_context:
             raise InvalidArgument(f"{len(ids)} tokens; the context holds {self._max_context}", field=field)
 
-    def _enqueue(self, queue: deque, item: SequenceState | ScoreJob) -> None:
+    def _enqueue(self, queue: deque, item: SequenceState | ScoreJob, ticket: Ticket | None = None) -> None:
         with self._lock:
             if not self._accepting:
                 raise Unavailable("the engine is not serving (not started or shutting down)")
-            # Admission runs once per engine step: requests that free batch slots will take at the next
-            # step are not queued behind anything, so only those beyond the free slots count.
-            free = max(0, self._max_batch_size - self._num_running)
-            if max(0, len(self._waiting) - free) + len(self._scores) >= self._max_queue:
-                raise ResourceExhausted(f"the request queue is full ({self._max_queue} waiting)")
-            queue.append(item)
+            if ticket is None:
+                self._check_queue_room()
+            else:
+                self._reserved.discard(ticket)  # the place becomes this queue entry
+            if isinstance(item, SequenceState):
+                # In order of arrival (a ticket's order when reserved): usually the end of the queue.
+                item.order = ticket.order if ticket is not None else next(self._order)
+                at = len(self._waiting)
+                while at > 0 and self._waiting[at - 1].order > item.order:
+                    at -= 1
+                self._waiting.insert(at, item)
+            else:
+                queue.append(item)
             self._wakeup.notify()
             metrics.WAITING.set(len(self._waiting))
+
+    def _check_queue_room(self) -> None:
+        """Raise ResourceExhausted when the queue is full (caller holds _lock). Admission runs once per
+        engine step: requests that free batch slots will take at the next step are not queued behind
+        anything, so only those beyond the free slots count; reserved places count as queued."""
+        free = max(0, self._max_batch_size - self._num_running)
+        if max(0, len(self._waiting) + len(self._reserved) - free) + len(self._scores) >= self._max_queue:
+            raise ResourceExhausted(f"the request queue is full ({self._max_queue} waiting)")
 
     def _count_running(self) -> None:
         """Rows holding a batch slot: decoding, or prefilling chunk by chunk."""

@@ -86,6 +86,7 @@ class SequenceState:
         self.fires: dict[str, float] = {}
         self.edit_version = 0
         self.submitted_at = time.monotonic()
+        self.order = 0  # place in the queue: a Ticket's when the request reserved one (Engine.reserve)
         self.last_token_at: float | None = None
 
     @property
