@@ -86,6 +86,9 @@ class PlaneOptions:
 
     log_poll_s: float  # how often to apply edits other replicas appended to a shared log; 0 = never
     max_batch_size: int  # the engine's bound, as GetServerInfo reports it
+    # Take the queue place before routing (detection overlaps the wait for a batch slot); False routes
+    # first and queues after, the order bench/queue_overlap.py compares against.
+    reserve_queue_place: bool = True
 
 
 class DataPlane:
@@ -234,7 +237,7 @@ class DataPlane:
         snap = self.manager.snapshot().scoped(namespaces)
         # The queue place is taken on arrival: scope detection then runs while the request would wait
         # for a batch slot anyway, and a full queue answers before any encoder work.
-        ticket = self.engine.reserve()
+        ticket = self.engine.reserve() if self.options.reserve_queue_place else None
         try:
             route = await self._route(request, snap)
             params = SamplingParams(
@@ -252,7 +255,8 @@ class DataPlane:
                                            deadline=request.deadline, hook_table=snap.hooks,
                                            adapted=bool(route.hits))
         except BaseException:
-            self.engine.release(ticket)
+            if ticket is not None:
+                self.engine.release(ticket)
             raise
         stream = self.engine.stream(engine_request, ticket)
         try:
