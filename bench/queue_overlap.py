@@ -2,8 +2,9 @@
 
 A Generate reserves its place in the engine's queue on arrival and is routed (scope detection: the
 sentence encoder over the query, a search of the descriptors) while it waits for a batch slot
-(`Engine.reserve`, service/dataplane.py). This compares, side by side in one process and one run, the same
-data plane with `PlaneOptions.reserve_queue_place` on (the default) and off (route first, then queue):
+(`Engine.reserve`, service/dataplane.py), so requests are served in arrival order. This compares, side
+by side in one process and one run, the same data plane with `PlaneOptions.reserve_queue_place` on (the
+default) and off (route first, then queue):
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/queue_overlap.py
     HF_HUB_OFFLINE=1 .venv/bin/python bench/queue_overlap.py --clients 16 --batch 4 --requests 4 --rounds 2

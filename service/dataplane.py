@@ -235,8 +235,8 @@ class DataPlane:
         # table come from this snapshot, and its version is the one the response reports. The request sees
         # only the namespaces it names (views of the snapshot: masks, nothing copied).
         snap = self.manager.snapshot().scoped(namespaces)
-        # The queue place is taken on arrival: scope detection then runs while the request would wait
-        # for a batch slot anyway, and a full queue answers before any encoder work.
+        # The queue place is taken on arrival: requests are served in arrival order however long their
+        # scope detection takes, and a full queue answers before any encoder work.
         ticket = self.engine.reserve() if self.options.reserve_queue_place else None
         try:
             route = await self._route(request, snap)

@@ -63,7 +63,7 @@ __all__ = ["MAX_CONSECUTIVE_FAILURES", "Engine"]
 class Ticket:
     """A place in the generation queue, held while the request is still being routed (scope detection
     runs meanwhile): the request then joins the queue at that place, ahead of those that reserved after
-    it, so detection time overlaps the time it would have waited anyway (`Engine.reserve`)."""
+    it, so requests are served in arrival order however long their routing takes (`Engine.reserve`)."""
 
     order: int
 
