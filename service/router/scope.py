@@ -221,13 +221,13 @@ def named_subjects_first(
     """When the query names an edit's subject, drop the hits that are about something else.
 
     "BMW 326, produced by" names the subject of "BMW 326, produced by Sony."; "BMW N54 is produced by
-    Nissan." (0.71) and "Renault Clio, produced by BMW." (0.68, through the name "BMW" inside "BMW 326")
-    score as high on wording alone, and an extra descriptor with another answer for the same question is
-    what most often turns a rewrite wrong at 1,000 edits (docs/evaluation.md). Only the longest mentions
-    count: a mention inside a longer one of another edit ("BMW" in "BMW 326") names nothing. Dropped, once
-    some edit's subject is named: an edit with no longest mention of its own that has a subject (the query
-    names something else) or whose mentions all lie inside longer ones. Kept: edits with a longest
-    mention, and edits without a subject that the query only resembles."""
+    Nissan." (0.71) and "Renault Clio, produced by BMW." (0.68; it mentions "BMW", inside "BMW 326") pass
+    the plain threshold on wording alone, and an extra descriptor with another answer for the same
+    question is what most often turns a rewrite wrong at 1,000 edits (docs/evaluation.md). Only the
+    longest mentions count: a mention inside a longer one of another edit ("BMW" in "BMW 326") names
+    nothing. Dropped, once some edit's subject is named: an edit with no longest mention of its own that
+    has a subject (the query names something else) or whose mentions all lie inside longer ones. Kept:
+    edits with a longest mention, and edits without a subject that the query only resembles."""
     longest = [m for m in mentions
                if not any(m.inside(o) for o in mentions if o.entry.edit_id != m.entry.edit_id)]
     if not any(m.subject for m in longest):
