@@ -83,6 +83,8 @@ class Record:
     target: str
     portability: tuple[str, str, str] | None  # (question, answer, sentence) from Reasoning
     locality: str | None  # a question about the same subject, another relation
+    other_questions: tuple[str, ...] = ()  # more in-scope forms: one of them is asked per format
+    statement: str | None = None  # the chat answer; KnowEdit records answer with their descriptor
 
 
 @dataclass
@@ -122,6 +124,17 @@ def load_records(data_dir: Path, rng: random.Random) -> list[Record]:
                 )
             )
     return records
+
+
+def synthetic_records(n: int, seed: int) -> list[Record]:
+    """Chat-style records of scripts/alignment_data.py: varied question forms and city-to-country hops."""
+    from scripts.alignment_data import generate
+
+    return [
+        Record(descriptor=r.descriptor, question=r.questions[0], target=r.answer, portability=r.reasoning,
+               locality=None, other_questions=r.questions[1:], statement=r.statement)
+        for r in generate(n, seed)
+    ]
 
 
 def render(fmt: str, question: str, descriptors: list[str], tokenizer: Any) -> str:
@@ -195,8 +208,9 @@ def build_examples(records: list[Record], tokenizer: Any, base: dict[str, list[i
     for i, r in enumerate(records):
         for fmt in FORMATS:
             descs = block(r.descriptor, i)
-            answer = f"{r.descriptor}{eos}" if fmt == "chat" else f" {r.target}{eos}"
-            out.append(Example("in_scope", fmt, render(fmt, r.question, descs, tokenizer), answer, group=i))
+            answer = f"{r.statement or r.descriptor}{eos}" if fmt == "chat" else f" {r.target}{eos}"
+            question = rng.choice((r.question, *r.other_questions))
+            out.append(Example("in_scope", fmt, render(fmt, question, descs, tokenizer), answer, group=i))
             if r.portability:
                 q, a, s = r.portability
                 descs = block(r.descriptor, i)
@@ -287,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-minutes", type=float, default=15.0, help="stop training cleanly after this long")
     ap.add_argument("--records", type=int, default=300,
                     help="KnowEdit records sampled (bounds the base-answer generation and the epoch)")
+    ap.add_argument("--synthetic", type=int, default=0,
+                    help="chat-style records of scripts/alignment_data.py added to the KnowEdit ones")
     ap.add_argument("--same-subject-oos", type=float, default=0.0,
                     help="share of out-of-scope blocks holding the asked subject's own fact (other relation)")
     ap.add_argument("--kinds", default="in_scope,portability,out_scope",
@@ -314,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     n_all = len(records)
     rng.shuffle(records)
     records = records[: args.records]
+    if args.synthetic:  # (without it the draws stay those the served adapter was trained with)
+        records += synthetic_records(args.synthetic, args.seed)
+        rng.shuffle(records)
     kinds = set(args.kinds.split(","))
     if "out_scope" not in kinds:  # no base answers needed
         for r in records:
@@ -408,6 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         "kinds": sorted(kinds),
         "records_convertible": n_all,
         "records_used": len(records),
+        "synthetic_records": args.synthetic,
         "examples": count,
         "steps": step,
         "steps_planned": args.steps,
