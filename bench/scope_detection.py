@@ -247,7 +247,9 @@ def mention_rules(encoder: DescriptorEncoder, first: int, last: int) -> list[dic
     cal.add_many([(f"c-{n}", f.descriptor, None, subject(f.descriptor)) for n, f in enumerate(FACTS)])
     owner = {f.descriptor: f"c-{n}" for n, f in enumerate(FACTS)}
     rows = []
-    for subject_t, name_t in [(0, 0), (0.5, 0), (0.5, 0.5), (0.5, 0.55), (0.5, 0.6), (0.5, 0.65)]:
+    sweep = [(0, 0), (0.5, 0), (0.5, 0.5), (0.5, 0.55), (0.5, 0.6), (0.5, 0.65), (0.45, 0.55), (0.4, 0.55),
+             (0.3, 0.55), (0.4, 0.45)]
+    for subject_t, name_t in sweep:
         det = ScopeDetector(free, None, 4, subject_t, name_t)
         cdet = ScopeDetector(cal, None, 4, subject_t, name_t)
         hits = {q: det.detect_embedding(embedded[q], q) for q in embedded}

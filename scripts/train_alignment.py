@@ -16,10 +16,12 @@ Examples, from the KnowEdit train splits (never the benchmark sets), each in cha
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_alignment.py --out alignment-adapter
 
 The served adapter (service/assets/alignment-smollm2-135m-instruct, used by --alignment-adapter auto) is
-trained on in-scope and reasoning examples only, as measured in docs/free-text-edits.md:
+trained on in-scope and reasoning examples only, from 300 KnowEdit records and 700 synthetic chat-style
+records (scripts/alignment_data.py: varied question forms, city-to-country hops), as measured in
+docs/free-text-edits.md (14 minutes on one CPU thread):
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/train_alignment.py --kinds in_scope,portability --fp32 \
-        --steps 60 --max-minutes 60 --out /tmp/alignment \
+        --records 300 --synthetic 700 --steps 200 --max-minutes 40 --out /tmp/alignment \
         --ship-to service/assets/alignment-smollm2-135m-instruct
 """
 
