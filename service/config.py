@@ -111,7 +111,7 @@ class Settings:
     scope_threshold: float = setting(0.0, "similarity a descriptor needs to be in scope; 0 = the "
                                      "calibrated default")
     # service/router/scope.py
-    subject_scope_threshold: float = setting(0.5, "similarity needed when the request names the edit's "
+    subject_scope_threshold: float = setting(0.4, "similarity needed when the request names the edit's "
                                              "subject; 0 = no subject rule")
     # service/retrieval/names.py
     name_scope_threshold: float = setting(0.55, "similarity needed when the request names a name the "

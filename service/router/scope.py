@@ -44,7 +44,7 @@ __all__ = [
 DEFAULT_SCOPE_THRESHOLD = 0.6785
 # For edits whose subject the query names; 0 turns the subject rule off. Chosen on the free-text
 # benchmark (docs/free-text-edits.md), where it is measured against the plain threshold.
-DEFAULT_SUBJECT_THRESHOLD = 0.5
+DEFAULT_SUBJECT_THRESHOLD = 0.4
 
 # For edits whose descriptor mentions a name the query names (service/retrieval/names.py), when that name
 # is not the edit's subject: a name in the object position ("Tokyo is located in South Korea.") is weaker
