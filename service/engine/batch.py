@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicLayer
 from service.engine.adapter import RowAdapter
 from service.engine.gate import GateRecorder, HookGate
 from service.engine.loader import LoadedModel
+from service.engine.packed_weights import PackedLinears
 from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
 from service.kvcache import full_width_cache, left_padded, pad_columns_left
 
@@ -182,7 +183,10 @@ class ModelRunner:
         hooks: HookGate | None,
         prefix_cache: PrefixCache | None = None,
         adapter: RowAdapter | None = None,
+        packed_weights: bool = True,
     ) -> None:
+        """`packed_weights`: on a CPU, forwards of several rows use oneDNN-packed Linear weights
+        (engine/packed_weights.py)."""
         self.model = loaded.model
         self.adapter = adapter  # applied to the rows flagged `adapted` (injected descriptors) only
         self.config = loaded.model.config
@@ -195,6 +199,12 @@ class ModelRunner:
         # CPU a read costs nothing and lets a step where nothing fired skip the value add.
         self.defer_fires = self.device.type != "cpu"
         self._row_flags: dict[tuple[bool, ...], torch.Tensor] = {}  # hooks on/off per batch, on the device
+        self.packed = PackedLinears(self.model) if packed_weights and self.device.type == "cpu" else None
+
+    def _forward(self, **kwargs: Any) -> Any:
+        """The model's forward; on a CPU with the packed Linear weights switched on for it."""
+        with self.packed.active() if self.packed else nullcontext():
+            return self.model(**kwargs)
 
     # ---- hooks --------------------------------------------------------------------------------
     @contextmanager
@@ -287,7 +297,7 @@ class ModelRunner:
             self._hook_scope(hooks_enabled, [-p for p in pads], None, tables) as (rec, versions),
             self._adapter_scope(adapted),
         ):
-            out = self.model(
+            out = self._forward(
                 input_ids=input_ids.to(self.device),
                 attention_mask=mask.to(self.device),
                 position_ids=positions.to(self.device),
@@ -325,7 +335,7 @@ class ModelRunner:
             self._hook_scope([use_hooks], [start], prev_keys, [table]) as (rec, versions),
             self._adapter_scope(self._adapted([adapted], 1)),
         ):
-            out = self.model(
+            out = self._forward(
                 input_ids=torch.tensor([list(chunk)], dtype=torch.long, device=self.device),
                 attention_mask=torch.ones((1, start + n), dtype=torch.long, device=self.device),
                 position_ids=torch.arange(start, start + n, device=self.device)[None, :],
@@ -466,7 +476,7 @@ class ModelRunner:
             self._hook_scope(hooks_enabled, state.lengths, state.hook_keys, tables) as (rec, versions),
             self._adapter_scope(self._adapted(adapted, len(last_tokens))),
         ):
-            out = self.model(
+            out = self._forward(
                 input_ids=torch.tensor(list(last_tokens), dtype=torch.long)[:, None].to(self.device),
                 attention_mask=mask,
                 position_ids=lengths[:, None],
@@ -514,7 +524,7 @@ class ModelRunner:
                     rec.key_columns = [width - n - 1 for n in n_cont]
             else:
                 kwargs["use_cache"] = False
-            out = self.model(input_ids=input_ids.to(self.device), logits_to_keep=keep, **kwargs)
+            out = self._forward(input_ids=input_ids.to(self.device), logits_to_keep=keep, **kwargs)
         fires, _ = self._collect(rec, len(seqs))
         if keeping:
             prompts = [list(p) for p, _, _, _ in jobs]

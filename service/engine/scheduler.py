@@ -82,9 +82,12 @@ class Engine:
         prefix_cache_bytes: int = 0,
         adapter: RowAdapter | None = None,
         prefill_chunk_tokens: int = 256,
+        packed_weights: bool = True,
     ) -> None:
         """`adapter`: the alignment adapter, applied to requests with `adapted` set (engine/adapter.py).
-        `prefill_chunk_tokens`: longer prompts are prefilled one chunk of this many tokens per step."""
+        `prefill_chunk_tokens`: longer prompts are prefilled one chunk of this many tokens per step.
+        `packed_weights`: on a CPU, batched forwards use oneDNN-packed Linear weights
+        (engine/packed_weights.py)."""
         if min(max_batch_size, max_queue, max_prefill_tokens, prefill_chunk_tokens) < 1:
             raise ValueError(
                 "max_batch_size, max_queue, max_prefill_tokens and prefill_chunk_tokens must be at least 1"
@@ -94,7 +97,7 @@ class Engine:
         configure_cuda_attention(loaded.device)  # also for a model loaded without load_model
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self.adapter = adapter
-        self._runner = ModelRunner(loaded, hooks, self.prefix_cache, adapter)
+        self._runner = ModelRunner(loaded, hooks, self.prefix_cache, adapter, packed_weights)
         self._config = loaded.model.config
         # Default: the generation config's end tokens and the tokenizer's EOS (chat models can have several)
         self._eos_ids = (
