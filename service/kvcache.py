@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from service.errors import ModelNotServable
 
@@ -23,7 +24,9 @@ __all__ = [
     "SERVABLE_ATTENTION",
     "LeftPadded",
     "check_cache_layout",
+    "GrowingLayer",
     "full_width_cache",
+    "growing_cache",
     "left_padded",
     "pad_columns_left",
 ]
@@ -53,11 +56,85 @@ def check_cache_layout(model: nn.Module) -> None:
         )
 
 
-def full_width_cache() -> Any:
+def full_width_cache() -> DynamicCache:
     """An empty KV cache whose every layer keeps all its columns."""
-    from transformers import DynamicCache
-
     return DynamicCache()
+
+
+# Spare columns a growing cache layer keeps to the right of its last one: at least GROW_MIN_COLUMNS, or
+# 1/GROW_FRACTION of its width, so a decode of n tokens re-allocates O(log n) times, not n times.
+GROW_MIN_COLUMNS = 32
+GROW_FRACTION = 4
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-width cache layer whose keys and values are views of buffers with spare columns on the right.
+
+    DynamicLayer appends a decode step's column with torch.cat, copying the whole cache of every layer at
+    every step (6 ms of a 115 ms 16-row SmolLM2 step on the CPU, 16 ms of 234 at 64 rows); here the new
+    columns are written in place. `keys`/`values` may be replaced from outside (the engine adopts merged or
+    selected tensors): a layer whose tensors are not views of its own buffers copies them into new
+    buffers at its next update. Under autograd it appends as DynamicLayer does (an in-place write would
+    invalidate tensors saved for the backward pass)."""
+
+    _key_buffer: torch.Tensor | None = None
+    _value_buffer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._key_buffer = self._value_buffer = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        width = self.keys.shape[-2] if self.keys.numel() else 0
+        need = width + key_states.shape[-2]
+        if not (_backs(self._key_buffer, self.keys, width, key_states, need)
+                and _backs(self._value_buffer, self.values, width, value_states, need)):
+            capacity = need + max(GROW_MIN_COLUMNS, need // GROW_FRACTION)
+            self._key_buffer = _regrown(self.keys, width, key_states, capacity)
+            self._value_buffer = _regrown(self.values, width, value_states, capacity)
+        self._key_buffer[:, :, width:need].copy_(key_states)
+        self._value_buffer[:, :, width:need].copy_(value_states)
+        self.keys = self._key_buffer[:, :, :need]
+        self.values = self._value_buffer[:, :, :need]
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
+
+
+def _backs(buffer: torch.Tensor | None, current: torch.Tensor, width: int, new: torch.Tensor,
+           need: int) -> bool:
+    """Whether `current` (the layer's `width` columns) is the front of `buffer`, which has room for `need`
+    columns of `new`'s rows, heads, head size, dtype and device."""
+    return (
+        buffer is not None
+        and buffer.shape[2] >= need
+        and buffer.shape[:2] == new.shape[:2]
+        and buffer.shape[3] == new.shape[3]
+        and buffer.dtype == new.dtype
+        and buffer.device == new.device
+        and (width == 0 or (current.data_ptr() == buffer.data_ptr() and current.stride() == buffer.stride()))
+    )
+
+
+def _regrown(current: torch.Tensor, width: int, new: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A buffer of `capacity` columns holding `current`'s `width` columns at its front."""
+    rows, heads, _, dim = new.shape
+    buffer = torch.empty((rows, heads, capacity, dim), dtype=new.dtype, device=new.device)
+    if width:
+        buffer[:, :, :width].copy_(current)
+    return buffer
+
+
+def growing_cache() -> DynamicCache:
+    """An empty full-width KV cache whose layers append new columns in place (the engine's forwards)."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = GrowingLayer  # DynamicCache() replicates DynamicLayer per layer
+    return cache
 
 
 @dataclass(frozen=True)

@@ -224,12 +224,19 @@ def test_ten_thousand_entries_build_and_gate_in_one_matmul(tiny, hooks):
     assert [(f.row, f.position, f.edit_id) for f in rec.fires] == [(0, 4, "e1234")]
 
 
-def test_decode_prefilter_picks_the_exact_gate_decisions():
-    """Large tables rank keys in int8 for decode-sized inputs, then score the best exactly: the fired row
-    and its score equal the full float32 gate's, also after extending the table and removing rows."""
+@pytest.mark.parametrize("bfloat16", [False, True], ids=["int8", "bfloat16"])
+def test_decode_prefilter_picks_the_exact_gate_decisions(bfloat16, monkeypatch):
+    """Large tables rank keys in low precision (int8, or packed bfloat16 on a CPU that multiplies it
+    natively) for decode-sized inputs, then score the best exactly: the fired row and its score equal the
+    full float32 gate's, also after extending the table and removing rows."""
     from service.edits.convert import without
+    from service.hooks import table as table_module
     from service.hooks.gate import best_keys
     from service.hooks.table import PREFILTER_MAX_TOKENS, PREFILTER_MIN_ENTRIES
+
+    if bfloat16 and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(table_module, "native_bfloat16", lambda: bfloat16)  # either kind runs on any CPU
 
     gen = torch.Generator().manual_seed(0)
     n, d = PREFILTER_MIN_ENTRIES + 500, 128
@@ -239,7 +246,10 @@ def test_decode_prefilter_picks_the_exact_gate_decisions():
     assert small is not None and small.prefilter is None  # small tables: the exact matmul only
     table = HookTable.build(entries[:-10]).extended(entries[-10:])
     lt = table.layer(LAYER)
-    assert lt is not None and lt.prefilter is not None and lt.prefilter[0].shape == (n, d)
+    assert lt is not None and lt.prefilter is not None
+    assert (lt.prefilter.packed is not None) == bfloat16 and (lt.prefilter.int8 is not None) != bfloat16
+    approx = lt.prefilter.scores(torch.nn.functional.normalize(keys[:4], dim=-1))
+    assert approx.shape == (4, n) and (approx.float().diagonal() - 1).abs().max() < 1e-2
     # queries near planted keys (fire), between two keys (near-tie) and random (no fire)
     queries = torch.cat(
         [

@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from service.engine.adapter import RowAdapter
 from service.engine.gate import GateRecorder, HookGate
 from service.engine.loader import LoadedModel
 from service.engine.packed_weights import PackedLinears
 from service.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
-from service.kvcache import full_width_cache, left_padded, pad_columns_left
+from service.kvcache import GrowingLayer, growing_cache, left_padded, pad_columns_left
 
 # Batch compositions whose per-row hook switch stays on the device; past it the cache starts over
 # (compositions come and go, a handful is live at once).
@@ -35,12 +34,12 @@ def _layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor
 
 
 def _cache_from(config: object, kv: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A full-width cache adopting `kv` (every layer a DynamicLayer: see hooks/arch.py
-    SERVABLE_ATTENTION for why sliding-window layers get one too)."""
-    cache = full_width_cache()
+    """A full-width cache adopting `kv` (every layer a GrowingLayer: see service/kvcache.py for why
+    sliding-window layers get one too)."""
+    cache = growing_cache()
     for i, (k, v) in enumerate(kv):
         while len(cache.layers) <= i:
-            cache.layers.append(DynamicLayer())
+            cache.layers.append(GrowingLayer())
         layer = cache.layers[i]
         layer.lazy_initialization(k, v)
         layer.keys, layer.values = k, v  # adopt the tensors: `update` would copy them once more
@@ -292,7 +291,7 @@ class ModelRunner:
         batch = left_padded(prompts, self.pad_id)
         input_ids, mask, positions = batch.input_ids, batch.attention_mask, batch.position_ids
         pads = batch.pads
-        cache = full_width_cache()
+        cache = growing_cache()
         with (
             self._hook_scope(hooks_enabled, [-p for p in pads], None, tables) as (rec, versions),
             self._adapter_scope(adapted),
@@ -339,7 +338,7 @@ class ModelRunner:
                 input_ids=torch.tensor([list(chunk)], dtype=torch.long, device=self.device),
                 attention_mask=torch.ones((1, start + n), dtype=torch.long, device=self.device),
                 position_ids=torch.arange(start, start + n, device=self.device)[None, :],
-                past_key_values=full_width_cache() if state is None else state.cache,
+                past_key_values=growing_cache() if state is None else state.cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -519,7 +518,7 @@ class ModelRunner:
             if len(seqs) > 1:  # a lone row needs no mask: the plain causal forward, as before batching
                 kwargs = {"attention_mask": mask.to(self.device), "position_ids": positions.to(self.device)}
             if keeping:
-                kwargs |= {"past_key_values": full_width_cache(), "use_cache": True}
+                kwargs |= {"past_key_values": growing_cache(), "use_cache": True}
                 if rec is not None:
                     rec.key_columns = [width - n - 1 for n in n_cont]
             else:

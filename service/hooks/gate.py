@@ -7,9 +7,10 @@ layer (`LayerTable`, hooks/table.py):
     best = argmax(cos); fire = cos[best] >= threshold[best]; out[fire] += values[best]
 
 with the previous-token condition (an entry is a candidate at token t only where the activation at t-1
-matches its `prev_key`), per-row namespace masks, and the int8 decode prefilter of large tables. These are
-module functions over tensors: the forward hook (`HookManager`, hooks/layer.py) calls `apply_gate`, and the
-locality probes (hooks/locality.py) call `gate_decisions` on cached activations without a forward.
+matches its `prev_key`), per-row namespace masks, and the low-precision decode prefilter of large tables.
+These are module functions over tensors: the forward hook (`HookManager`, hooks/layer.py) calls
+`apply_gate`, and the locality probes (hooks/locality.py) call `gate_decisions` on cached activations
+without a forward.
 
 `Recorder` is the per-forward context the gate reads (row switches, per-row tables and scopes, previous
 activations) and writes (its `Fire`s, the last activations for the next decode step).
@@ -156,8 +157,7 @@ def candidate_keys(
     if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
         exact, cand = masked_scores(unit @ lt.keys.T, allowed).topk(k, dim=-1)
         return cand, exact
-    q, scales = lt.prefilter
-    approx = torch._weight_int8pack_mm(unit.to(torch.bfloat16).contiguous(), q, scales)
+    approx = lt.prefilter.scores(unit)
     cand = masked_scores(approx, allowed).topk(k, dim=-1).indices  # [tokens, k]
     exact = torch.einsum("td,tkd->tk", unit, lt.keys[cand])
     if allowed is not None:  # fewer than k allowed entries: the rest of the candidates are refused

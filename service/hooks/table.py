@@ -1,7 +1,7 @@
 """Hook tables: the immutable, stacked snapshot of every active edit's entries that the hook layers read
 (hooks/layer.py). One `LayerTable` per hooked layer holds unit keys, values, thresholds, the optional
-previous-token conditions and, for large tables on a CPU, an int8 copy of the keys for the decode
-prefilter. Publishing a new table is a reference swap; nothing here runs a model."""
+previous-token conditions and, for large tables on a CPU, a bfloat16 or int8 copy of the keys for the
+decode prefilter. Publishing a new table is a reference swap; nothing here runs a model."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ __all__ = [
     "PREFILTER_TOP_K",
     "PREV_CHECK_TOP_K",
     "HookEntry",
+    "Prefilter",
     "HookTable",
     "LayerTable",
+    "native_bfloat16",
     "quantize_keys",
 ]
 
@@ -61,13 +63,15 @@ PREV_CHECK_TOP_K = 8
 
 # Decode-time prefilter for large tables. The exact gate reads every key (N x d_ff float32: 61 MB at
 # 10,000 SmolLM2 edits) for every generated token, and that read, not arithmetic, is its cost on a CPU.
-# Above PREFILTER_MIN_ENTRIES an int8 copy of the keys (per-row scales, 4x fewer bytes) ranks the keys
-# for forwards of at most PREFILTER_MAX_TOKENS tokens (decode steps); the PREFILTER_TOP_K best are then
-# scored exactly in float32 and the gate rule below applies to those exact scores. The int8 score is
-# within ~1e-3 of the exact cosine (bf16 query, 8-bit keys), so the decision can differ from the exact
-# gate only when more than TOP_K keys lie within that distance of the best one: a near-tie between
-# edits, never a fire where no key passes its threshold. Prefill (many tokens at once) is compute-bound
-# and keeps the exact matmul.
+# Above PREFILTER_MIN_ENTRIES a low-precision copy of the keys ranks them for forwards of at most
+# PREFILTER_MAX_TOKENS tokens (decode steps); the PREFILTER_TOP_K best are then scored exactly in float32
+# and the gate rule below applies to those exact scores. The copy is bfloat16 in oneDNN's blocked layout
+# on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX), else int8 rows with per-row scales;
+# at 10,000 keys and 16 tokens it ranks in 1.5 ms (bfloat16) against 6.6 ms (int8) on the benchmark CPU
+# (docs/benchmarks.md). The approximate score is within ~5e-4 (bfloat16) or ~1e-3 (int8) of the exact
+# cosine, so the decision can differ from the exact gate only when more than TOP_K keys lie within that
+# distance of the best one: a near-tie between edits, never a fire where no key passes its threshold.
+# Prefill (many tokens at once) is compute-bound and keeps the exact matmul.
 # Cached per table: row masks of batch compositions (which come and go), and namespace views (a few
 # live at once); past the bound the cache starts over.
 MASK_CACHE = 64
@@ -84,6 +88,61 @@ def quantize_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scales.to(torch.bfloat16)
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX) and torch has oneDNN's packed
+    linear: then the prefilter ranks in bfloat16, else in int8."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+    ops = torch.ops.mkldnn
+    return (native and torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))
+
+
+@dataclass(frozen=True, eq=False)
+class Prefilter:
+    """A low-precision copy of a layer's unit keys that ranks them for decode-sized inputs (PREFILTER_*):
+    bfloat16 keys in oneDNN's blocked layout (`packed`), or int8 rows and bf16 per-row scales."""
+
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None
+    packed: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, bfloat16: bool | None = None) -> Prefilter:
+        """The prefilter of unit keys [N, d] (`bfloat16`: None = what this CPU does best)."""
+        if bfloat16 if bfloat16 is not None else native_bfloat16():
+            return cls(packed=torch.ops.mkldnn._reorder_linear_weight(keys.to(torch.bfloat16).contiguous()))
+        return cls(int8=quantize_keys(keys))
+
+    def scores(self, unit: torch.Tensor) -> torch.Tensor:
+        """Approximate cosines [tokens, N] of unit rows against every key."""
+        query = unit.to(torch.bfloat16).contiguous()
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(query, self.packed, None, "none", [], "")
+        assert self.int8 is not None
+        return torch._weight_int8pack_mm(query, *self.int8)
+
+    def select(self, rows: torch.Tensor, keys: torch.Tensor) -> Prefilter:
+        """The prefilter of `keys` (this one's rows `rows`)."""
+        if self.int8 is None:
+            return Prefilter.of(keys, bfloat16=True)
+        return Prefilter(int8=(self.int8[0].index_select(0, rows), self.int8[1].index_select(0, rows)))
+
+    def extended(self, other_keys: torch.Tensor, keys: torch.Tensor) -> Prefilter:
+        """The prefilter of `keys`: this one's rows then `other_keys`."""
+        if self.int8 is None:
+            return Prefilter.of(keys, bfloat16=True)
+        # per-row scales: quantizing only the new rows gives the same bytes as quantizing all
+        q, scales = quantize_keys(other_keys.to(self.int8[0].device))
+        return Prefilter(int8=(torch.cat([self.int8[0], q]), torch.cat([self.int8[1], scales])))
+
+    @property
+    def nbytes(self) -> int:
+        if self.packed is not None:
+            return self.packed.numel() * self.packed.element_size()
+        assert self.int8 is not None
+        return sum(t.numel() * t.element_size() for t in self.int8)
+
+
 @dataclass(frozen=True, eq=False)  # tensor fields: compare by identity
 class LayerTable:
     """The stacked entries of one layer: row i of every field belongs to the same entry."""
@@ -92,8 +151,8 @@ class LayerTable:
     values: torch.Tensor  # [N, d_model] in the model dtype
     thresholds: torch.Tensor  # [N] float32
     ids: tuple[str, ...]
-    # (int8 keys, bf16 scales) for the decode prefilter; filled in for large CPU tables
-    prefilter: tuple[torch.Tensor, torch.Tensor] | None = None
+    # the decode prefilter's low-precision keys; filled in for large CPU tables
+    prefilter: Prefilter | None = None
     # [N, d_ff] unit rows (zero where an entry has no condition) and [N] thresholds (NO_PREV_CONDITION
     # there); both None when no entry of the layer has a previous-token condition
     prev_keys: torch.Tensor | None = None
@@ -106,7 +165,7 @@ class LayerTable:
 
     def __post_init__(self) -> None:
         if self.prefilter is None and self.wants_prefilter(len(self.ids), self.keys.device):
-            object.__setattr__(self, "prefilter", quantize_keys(self.keys))
+            object.__setattr__(self, "prefilter", Prefilter.of(self.keys))
         if self.namespaces is not None:
             if len(self.namespaces) != len(self.ids):
                 raise ValueError("one namespace per entry")
@@ -171,14 +230,15 @@ class LayerTable:
     def select(self, rows: torch.Tensor) -> LayerTable:
         """The rows `rows` (long indices), in that order."""
         rows = rows.to(self.keys.device)
+        keys = self.keys.index_select(0, rows)
         pre = None
         if self.prefilter is not None and self.wants_prefilter(len(rows), self.keys.device):
-            pre = (self.prefilter[0].index_select(0, rows), self.prefilter[1].index_select(0, rows))
+            pre = self.prefilter.select(rows, keys)
         prev = None
         if self.prev_keys is not None and self.prev_thresholds is not None:
             prev = (self.prev_keys.index_select(0, rows), self.prev_thresholds.index_select(0, rows))
         return LayerTable(
-            keys=self.keys.index_select(0, rows),
+            keys=keys,
             values=self.values.index_select(0, rows.to(self.values.device)),
             thresholds=self.thresholds.index_select(0, rows.to(self.thresholds.device)),
             ids=tuple(self.ids[int(n)] for n in rows.tolist()),
@@ -192,9 +252,7 @@ class LayerTable:
         keys = torch.cat([self.keys, other.keys.to(self.keys.device)])
         pre = None
         if self.prefilter is not None and self.wants_prefilter(len(keys), keys.device):
-            # per-row scales: quantizing only the new rows gives the same bytes as quantizing all
-            oq, os_ = other.prefilter if other.prefilter is not None else quantize_keys(other.keys)
-            pre = (torch.cat([self.prefilter[0], oq.to(keys.device)]), torch.cat([self.prefilter[1], os_]))
+            pre = self.prefilter.extended(other.keys, keys)
         prev_keys = prev_thresholds = None
         if self.prev_keys is not None or other.prev_keys is not None:
             (pk1, pt1), (pk2, pt2) = self._prev(), other._prev()
@@ -300,14 +358,14 @@ class HookTable:
         total = 0
         for t in self._layers.values():
             parts = [t.keys, t.values, t.thresholds, t.prev_keys, t.prev_thresholds]
-            parts += list(t.prefilter) if t.prefilter is not None else []
             total += sum(x.numel() * x.element_size() for x in parts if x is not None)
+            total += t.prefilter.nbytes if t.prefilter is not None else 0
         return total
 
     def entry_nbytes(self, entry: HookEntry) -> int:
         """An upper bound of what `entry` adds to a table like this one (as `nbytes` counts it)."""
         d_ff, d_model = entry.key.shape[-1], entry.value.shape[-1]
-        return 3 * 4 * d_ff + d_model * torch.empty(0, dtype=self.dtype).element_size() + d_ff + 16
+        return 3 * 4 * d_ff + d_model * torch.empty(0, dtype=self.dtype).element_size() + 2 * d_ff + 16
 
     @classmethod
     def build(
