@@ -201,7 +201,19 @@ class MatmulShapes(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_ten_thousand_entries_build_and_gate_in_one_matmul(tiny, hooks):
+@pytest.mark.parametrize("bfloat16", [False, True], ids=["int8", "bfloat16"])
+def test_ten_thousand_entries_build_and_gate_in_one_matmul(tiny, hooks, bfloat16, monkeypatch):
+    """One ranking matmul per hooked layer over all 10,000 keys: the exact float32 one for a prefill when
+    the prefilter is int8, the bfloat16 prefilter's when it is bfloat16 (it ranks prefills too)."""
+    from service.hooks import table as table_module
+
+    if bfloat16 and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(table_module, "native_bfloat16", lambda: bfloat16)
+    ranked: list[tuple[int, ...]] = []
+    scores = table_module.Prefilter.scores
+    monkeypatch.setattr(table_module.Prefilter, "scores",
+                        lambda self, unit: ranked.append(tuple(unit.shape)) or scores(self, unit))
     model, tok = tiny
     ids, mask = batch(tok, ["The Eiffel Tower is located in the city of", "Hi"])
     acts = hooks.keys_at([LAYER], ids, mask)[LAYER]
@@ -220,7 +232,10 @@ def test_ten_thousand_entries_build_and_gate_in_one_matmul(tiny, hooks):
     with torch.no_grad(), hooks.recording() as rec, mode:
         model(input_ids=ids, attention_mask=mask)
     gate = [s for s in mode.shapes if s[1] == (128, n)]
-    assert gate == [((ids.numel(), 128), (128, n))]  # one matmul per hooked layer with entries
+    if bfloat16:  # one matmul per hooked layer with entries
+        assert gate == [] and ranked == [(ids.numel(), 128)]
+    else:
+        assert gate == [((ids.numel(), 128), (128, n))] and ranked == []
     assert [(f.row, f.position, f.edit_id) for f in rec.fires] == [(0, 4, "e1234")]
 
 

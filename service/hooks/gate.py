@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from service.hooks.table import (
-    PREFILTER_MAX_TOKENS,
     PREFILTER_TOP_K,
     PREV_CHECK_TOP_K,
     HookTable,
@@ -140,7 +139,7 @@ def best_keys(
     lt: LayerTable, unit: torch.Tensor, allowed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: the best key's exact cosine and its row (see PREFILTER_* for large tables)."""
-    if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
+    if lt.prefilter is None or not lt.prefilter.ranks(unit.shape[0]):
         # [tokens, N]: one matmul for all edits (and all namespaces: `allowed` masks per row)
         return masked_scores(unit @ lt.keys.T, allowed).max(dim=-1)
     cand, exact = candidate_keys(lt, unit, PREFILTER_TOP_K, allowed)
@@ -154,7 +153,7 @@ def candidate_keys(
     """Per token: the rows of (about) the k best keys and their exact cosines, [tokens, k] each; an
     entry `allowed` ([rows, N]) refuses to a token's row scores -inf."""
     k = min(k, len(lt))
-    if lt.prefilter is None or unit.shape[0] > PREFILTER_MAX_TOKENS:
+    if lt.prefilter is None or not lt.prefilter.ranks(unit.shape[0]):
         exact, cand = masked_scores(unit @ lt.keys.T, allowed).topk(k, dim=-1)
         return cand, exact
     approx = lt.prefilter.scores(unit)

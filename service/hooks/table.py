@@ -61,17 +61,18 @@ class HookEntry:
 # does not fire at that token: a near-tie of more than this many edits, never a fire the gate refuses.
 PREV_CHECK_TOP_K = 8
 
-# Decode-time prefilter for large tables. The exact gate reads every key (N x d_ff float32: 61 MB at
-# 10,000 SmolLM2 edits) for every generated token, and that read, not arithmetic, is its cost on a CPU.
-# Above PREFILTER_MIN_ENTRIES a low-precision copy of the keys ranks them for forwards of at most
-# PREFILTER_MAX_TOKENS tokens (decode steps); the PREFILTER_TOP_K best are then scored exactly in float32
-# and the gate rule below applies to those exact scores. The copy is bfloat16 in oneDNN's blocked layout
-# on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX), else int8 rows with per-row scales;
-# at 10,000 keys and 16 tokens it ranks in 1.5 ms (bfloat16) against 6.6 ms (int8) on the benchmark CPU
-# (docs/benchmarks.md). The approximate score is within ~5e-4 (bfloat16) or ~1e-3 (int8) of the exact
-# cosine, so the decision can differ from the exact gate only when more than TOP_K keys lie within that
-# distance of the best one: a near-tie between edits, never a fire where no key passes its threshold.
-# Prefill (many tokens at once) is compute-bound and keeps the exact matmul.
+# Prefilter for large tables. The exact gate reads every key (N x d_ff float32: 61 MB at 10,000 SmolLM2
+# edits) for every token, and on a CPU that read, not arithmetic, is its cost at decode. Above
+# PREFILTER_MIN_ENTRIES a low-precision copy of the keys ranks them; the PREFILTER_TOP_K best are then
+# scored exactly in float32 and the gate rule applies to those exact scores. The copy is bfloat16 in
+# oneDNN's blocked layout on a CPU with native bfloat16 arithmetic (AVX512-BF16 or AMX), else int8 rows
+# with per-row scales. At 10,000 SmolLM2 keys on the benchmark CPU, 16 tokens (a decode step) rank in
+# 1.6 ms (bfloat16) or 6.6 ms (int8) against 10 ms for the exact matmul, and 480 tokens (a prefill) in
+# 12 ms (bfloat16) against 94 ms: bfloat16 ranks every forward, int8 only forwards of at most
+# PREFILTER_MAX_TOKENS tokens (its kernel is slower than the exact matmul on many). The approximate score
+# is within ~5e-4 (bfloat16) or ~1e-3 (int8) of the exact cosine, so the decision can differ from the
+# exact gate only when more than TOP_K keys lie within that distance of the best one: a near-tie between
+# edits, never a fire where no key passes its threshold.
 # Cached per table: row masks of batch compositions (which come and go), and namespace views (a few
 # live at once); past the bound the cache starts over.
 MASK_CACHE = 64
@@ -112,6 +113,11 @@ class Prefilter:
         if bfloat16 if bfloat16 is not None else native_bfloat16():
             return cls(packed=torch.ops.mkldnn._reorder_linear_weight(keys.to(torch.bfloat16).contiguous()))
         return cls(int8=quantize_keys(keys))
+
+    def ranks(self, tokens: int) -> bool:
+        """Whether it ranks a forward of `tokens` tokens: bfloat16 always (4-8x faster than the exact
+        float32 matmul at any size), int8 decode-sized inputs only (PREFILTER_MAX_TOKENS)."""
+        return self.packed is not None or tokens <= PREFILTER_MAX_TOKENS
 
     def scores(self, unit: torch.Tensor) -> torch.Tensor:
         """Approximate cosines [tokens, N] of unit rows against every key."""
