@@ -72,7 +72,7 @@ class Settings:
     prefix_cache_mb: int = setting(512, "prompt KV states kept after Score and prefill forwards, so a "
                                    "Generate from the same prompt under the same edit-set version skips "
                                    "its prefill; 0 = off")
-    # service/engine/packed_weights.py; measured in docs/benchmarks.md (16-row decode step 152 -> 110 ms).
+    # service/engine/packed_weights.py; measured in docs/benchmarks.md (16-row decode step 161.8 -> 123.4 ms).
     packed_cpu_weights: bool = setting(True, "on a CPU, forwards of 4 or more rows use a second copy of each "
                                        "Linear weight in oneDNN's blocked layout (faster batched decode; the "
                                        "Linear weights' memory once more)")

@@ -2,11 +2,11 @@
 
 On a CPU, `nn.Linear` runs MKL's GEMM on the weight as stored. For the small-row shapes of batched decoding
 (SmolLM2 at 16 rows: [16, 576] @ [576, 1536], and [16, 576] @ [576, 49152] for the LM head) oneDNN's linear
-on a weight reordered once into its blocked layout is much faster: a 16-row decode step of SmolLM2 in
-float32 took 110 ms against 152 ms on the 2-core benchmark CPU, 64 rows 230 against 255 ms. For one to three
-rows it is slower (68 against 60 ms at one row, where the step is bound by reading the weights, which MKL's
-matrix-vector product does well), so forwards of fewer than PACKED_MIN_ROWS rows keep torch's kernel
-(docs/benchmarks.md#packed-cpu-weights).
+on a weight reordered once into its blocked layout is much faster: the engine's 16-row decode step of
+SmolLM2 in float32 took 123.4 ms against 161.8 ms on the 2-core benchmark CPU, 64 rows 249.1 against
+276.4 ms. For one to three rows it is slower (a forward of one row 67.9 against 60.5 ms, where the step is
+bound by reading the weights, which MKL's matrix-vector product does well), so forwards of fewer than
+PACKED_MIN_ROWS rows keep torch's kernel (docs/benchmarks.md#packed-cpu-weights).
 
 The packed copy is a second copy of each Linear weight: the base weights are never written. It is used
 only where `PackedLinears.active()` holds, on the thread that entered it (the engine's forwards; not the
