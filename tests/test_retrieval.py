@@ -247,3 +247,42 @@ def test_a_search_runs_search_threads_and_leaves_the_threads_count_as_it_was(mon
     idx.search(np.eye(4, dtype=np.float32)[:1], 1)
     assert set_to == [1, before]
     assert torch.get_num_threads() == before
+
+
+def test_a_large_flat_index_ranks_in_float16_and_returns_the_exact_top_k() -> None:
+    """At RANKED_MIN_VECTORS vectors and more a flat index ranks with a float16 copy and re-scores the best
+    exactly: the same ids and (float32) scores as an exact search, with a namespace selector too, and the
+    copy follows removals."""
+    import faiss
+
+    from service.retrieval.index import RANKED_MIN_VECTORS
+
+    rng = np.random.default_rng(3)
+    d, n = 32, RANKED_MIN_VECTORS + 100
+    vecs = rng.standard_normal((n, d)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ids = np.arange(n, dtype=np.int64) * 7 + 5
+    small = DescriptorIndex(d)
+    small.add(ids[: RANKED_MIN_VECTORS - 1], vecs[: RANKED_MIN_VECTORS - 1])
+    assert small.snapshot().ranking is None  # small indexes search exactly
+    idx = DescriptorIndex(d)
+    idx.add(ids, vecs)
+    assert idx.snapshot().ranking is not None
+    exact = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    exact.add_with_ids(vecs, ids)
+    queries = np.concatenate([vecs[[11, 2000]] + 0.05, rng.standard_normal((6, d))]).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for k in (1, 4, 10):
+        got_scores, got_ids = idx.search(queries, k)
+        want_scores, want_ids = exact.search(queries, k)
+        assert np.array_equal(got_ids, want_ids)
+        np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+    every_other = faiss.IDSelectorBatch(ids[::2])
+    got_scores, got_ids = idx.snapshot().search(queries, 4, only=every_other)
+    want_scores, want_ids = exact.search(queries, 4, params=faiss.SearchParameters(sel=every_other))
+    assert np.array_equal(got_ids, want_ids)
+    gone = want_ids[:, 0]
+    idx.remove(gone)
+    _, after = idx.search(queries, 4)
+    assert not set(gone.tolist()) & set(after.ravel().tolist())
+    assert idx.snapshot().ranking.ntotal == n - len(set(gone.tolist()))
