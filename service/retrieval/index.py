@@ -55,11 +55,12 @@ def _search_threads() -> Iterator[None]:
 # Exact (flat) indexes of at least RANKED_MIN_VECTORS vectors also keep a float16 copy that ranks them;
 # the best RANK_FACTOR x k of each query are then scored exactly from the float32 vectors. A flat search
 # reads every vector: 15 MB at 10,000 x 384, which the decoding engine keeps evicting from the CPU's
-# cache, so under load the read, not the arithmetic, is its cost (a 10,000-vector search took 0.67 ms
-# alone and 1.48 ms beside the engine decoding 16 streams; the float16 ranking 0.41 and 0.84 ms,
-# docs/benchmarks.md#serving-throughput). The float16 score is within about 1e-3 of the exact one, so
-# the result can differ from the exact top-k only when more than (RANK_FACTOR - 1) x k vectors lie within
-# that distance of the k-th: a near-tie, and the scores returned are always the exact ones.
+# cache, so under load the read, not the arithmetic, is its cost (a 10,000-vector search took 0.69 ms
+# alone and 1.37 ms beside the engine decoding 16 streams; the float16 ranking 0.47 and 0.97 ms,
+# bench/search_under_load.py, docs/benchmarks.md#serving-throughput). The float16 score is within about
+# 1e-3 of the exact one, so the result can differ from the exact top-k only when more than
+# (RANK_FACTOR - 1) x k vectors lie within that distance of the k-th: a near-tie, and the scores
+# returned are always the exact ones.
 RANKED_MIN_VECTORS = 4096
 RANK_FACTOR = 4
 
