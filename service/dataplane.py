@@ -281,12 +281,16 @@ class DataPlane:
     async def _route(self, request: GenerateInput, snap: EditSnapshot) -> Route:
         if request.deadline is not None and time.monotonic() >= request.deadline:
             raise DeadlineExceeded("the deadline passed before the request was routed")
-        # Scope detection runs the sentence encoder: keep it off the event loop. Threads that ran torch
-        # give their OpenMP workers back (service/engine/cpu_threads.py), or every team sleeps between
-        # kernels on a 2-core host.
+        args = (request.prompt, request.messages, request.use_edits, request.edit_paths)
+        if not self.router.needs_encoder(*args, snap.retrieval):
+            # Tokenising and an index search (the query's embedding is cached): about a millisecond, less
+            # than a hand-off to a worker thread costs on a busy host, so it runs here.
+            return self.router.route_generate(*args, None, snap.retrieval)
+        # The sentence encoder runs: keep it off the event loop. Threads that ran torch give their OpenMP
+        # workers back (service/engine/cpu_threads.py), or every team sleeps between kernels on a 2-core
+        # host.
         return await asyncio.to_thread(
-            released_after(self.router.route_generate), request.prompt, request.messages, request.use_edits,
-            request.edit_paths, None, snap.retrieval,
+            released_after(self.router.route_generate), *args, None, snap.retrieval
         )
 
     async def score(self, request: ScoreInput) -> ScoreResult:

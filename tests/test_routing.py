@@ -122,3 +122,22 @@ def test_score_route_splits_prompt_and_continuation(tokenizer) -> None:
     route, cont = router.route_score("The capital of France is", " Paris", True, ("hook",))
     joint = list(tokenizer("The capital of France is Paris")["input_ids"])
     assert route.prompt_ids + cont == joint
+
+
+def test_only_a_query_without_a_cached_embedding_needs_the_encoder(tokenizer, store: RetrievalStore) -> None:
+    """The data plane routes on the event loop unless the sentence encoder would run (dataplane._route):
+    a new query with edits in the store needs it; the same query again, the hook path only, edits off,
+    retrieval switched off or an empty store do not."""
+    router = Router(tokenizer, ScopeDetector(store), LIMITS)
+    both = ("hook", "retrieval")
+    question = "Which city is the Eiffel Tower in, exactly?"
+    assert router.needs_encoder(question, [], True, both)
+    router.route_generate(question, [], True, both)
+    assert not router.needs_encoder(question, [], True, both)  # its embedding is cached now
+    chat = [ChatMessage("user", "Some context first. " + question)]  # another text: two new views
+    assert router.needs_encoder("", chat, True, both)
+    assert not router.needs_encoder("A new question?", [], True, ("hook",))
+    assert not router.needs_encoder("A new question?", [], False, both)
+    assert not Router(tokenizer, None, LIMITS).needs_encoder("A new question?", [], True, both)
+    empty = ScopeDetector(RetrievalStore(store.encoder))
+    assert not Router(tokenizer, empty, LIMITS).needs_encoder("A new question?", [], True, both)

@@ -53,6 +53,11 @@ class QueryEncoder:
         self.misses = 0
         self.forwards = 0
 
+    def cached(self, texts: list[str]) -> bool:
+        """Whether every text's embedding is in the cache (encode would run no encoder forward)."""
+        with self._cache_lock:
+            return all(t in self._cache for t in texts)
+
     def encode(self, texts: list[str]) -> np.ndarray:
         """[n, dim] float32 unit rows, the same as the wrapped encoder's."""
         out = np.empty((len(texts), self.dim), np.float32)

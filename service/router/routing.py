@@ -62,6 +62,22 @@ class Router:
                 metrics.SCOPE_IN_SCOPE.inc()
         return hits
 
+    def needs_encoder(
+        self,
+        prompt: str,
+        messages: Sequence[ChatMessage],
+        use_edits: bool,
+        edit_paths: Sequence[str],
+        retrieval: StoreSnapshot | None = None,
+    ) -> bool:
+        """Whether routing this request would run the sentence encoder (else it only tokenises and
+        searches the index: about a millisecond at 10,000 descriptors)."""
+        _, use_retrieval = self.paths(use_edits, edit_paths)
+        if not use_retrieval or self.scope is None:
+            return False
+        pairs = [(m.role, m.content) for m in messages] or None
+        return self.scope.needs_encoder(query_text(None if pairs else prompt, pairs), retrieval)
+
     def route_generate(
         self,
         prompt: str,

@@ -174,6 +174,13 @@ class ScopeDetector:
             return np.zeros((0, self.store.dim), np.float32)
         return self.queries.encode(views)
 
+    def needs_encoder(self, query: str, snapshot: StoreSnapshot | None = None) -> bool:
+        """Whether `detect` would run the sentence encoder (a query not in the cache, edits in the store)."""
+        snap = snapshot if snapshot is not None else self.store.snapshot()
+        if len(snap) == 0 or not query or not query.strip():
+            return False
+        return not self.queries.cached(query_views(query))
+
     def detect(self, query: str, snapshot: StoreSnapshot | None = None) -> list[ScopeHit]:
         """In-scope descriptors for this query, best first; [] for an empty query or an empty store.
         `snapshot`: the published store to search (a request's pinned edit set); default the current."""
