@@ -112,3 +112,14 @@ def test_the_scope_detector_embeds_through_the_cache() -> None:
     calls = len(slow.calls)
     assert scope.detect(query) == first
     assert len(slow.calls) == calls
+
+
+def test_cached_says_whether_encode_would_run_the_encoder_and_keeps_found_rows() -> None:
+    queries = QueryEncoder(HashEncoder(), cache_entries=2)
+    assert not queries.cached(["a"])
+    queries.encode(["a", "b"])
+    assert queries.cached(["a"]) and queries.cached(["a", "b"]) and not queries.cached(["a", "c"])
+    assert queries.cached(["a"])  # "a" is now the most recently used: adding "c" evicts "b"
+    queries.encode(["c"])
+    assert queries.cached(["a"]) and not queries.cached(["b"])
+    assert queries.misses == 3  # cached() itself never counts a hit or a miss, nor encodes

@@ -54,9 +54,14 @@ class QueryEncoder:
         self.forwards = 0
 
     def cached(self, texts: list[str]) -> bool:
-        """Whether every text's embedding is in the cache (encode would run no encoder forward)."""
+        """Whether every text's embedding is in the cache (encode would run no encoder forward). Found
+        entries count as used, so the `encode` that follows finds them even while others are added."""
         with self._cache_lock:
-            return all(t in self._cache for t in texts)
+            if not all(t in self._cache for t in texts):
+                return False
+            for text in texts:
+                self._cache.move_to_end(text)
+            return True
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """[n, dim] float32 unit rows, the same as the wrapped encoder's."""
