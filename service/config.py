@@ -80,6 +80,10 @@ class Settings:
     prefill_chunk_tokens: int = setting(256, "a longer prompt is prefilled over several engine steps, one "
                                         "chunk of this many tokens per step, while running rows keep "
                                         "decoding")
+    # service/engine/scheduler.py `_await_routing`; measured in docs/benchmarks.md.
+    admission_wait_ms: float = setting(20.0, "an idle engine waits up to this long for requests that "
+                                       "arrived together and are still being routed, so they share one "
+                                       "prefill forward; 0 = prefill at once")
 
     # edit log
     edit_log_url: str = setting("", "SQLAlchemy URL of the edit log (postgresql+psycopg://...); empty = "
@@ -122,7 +126,8 @@ class Settings:
                                           "edit's descriptor mentions; 0 = no name rule")
     retrieval_enabled: bool = setting(True, "use the retrieval path (--no-retrieval: hook layers only)")
     # service/retrieval/query_encoder.py
-    query_cache_entries: int = setting(4096, "query embeddings kept for repeated prompts; 0 = no cache")
+    query_cache_entries: int = setting(4096, "query embeddings, and scope detections per edit-set version, "
+                                      "kept for repeated prompts; 0 = no cache")
     # So hook and descriptor agree when both fire. Off by default: measured side by side
     # (docs/design.md), it lifts zsRE's "both" Rel/Gen .957/.882 -> .981/.935 but lowers CounterFact's PS
     # .947 -> .920 and costs 20-25 % more time per edit, and the T=1000 time target is the one still open.
@@ -206,6 +211,8 @@ class Settings:
                      "max_batch_edits", "prefill_chunk_tokens"):
             if getattr(self, name) < 1:
                 raise SettingsError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.admission_wait_ms < 0:
+            raise SettingsError(f"--admission-wait-ms must be >= 0, got {self.admission_wait_ms}")
         if self.query_cache_entries < 0:
             raise SettingsError(f"--query-cache-entries must be >= 0, got {self.query_cache_entries}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:

@@ -36,6 +36,10 @@ GENERATION_TOKENS = Counter("editserve_generation_tokens", "Tokens generated")
 QUEUE_CAPACITY = Gauge(
     "editserve_queue_capacity", "Most requests that may wait for a batch slot (--max-queue)"
 )
+ADMISSION_WAITS = Counter(
+    "editserve_admission_waits", "Prefills an idle engine held for requests still being routed, by how "
+    "the wait ended (routed: all of them arrived; timeout: --admission-wait-ms passed)", ["outcome"]
+)
 RUNNING = Gauge("editserve_num_requests_running", "Sequences in the running batch")
 WAITING = Gauge("editserve_num_requests_waiting", "Requests queued for admission")
 BATCH_SIZE = Histogram("editserve_batch_size", "Rows per forward pass", buckets=BATCH_SIZE_BUCKETS)

@@ -73,8 +73,8 @@ async def wait_until(predicate, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def metric(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def reference_greedy(loaded, prompt_ids: list[int], n: int) -> list[int]:
@@ -357,6 +357,86 @@ async def test_a_released_or_failed_reservation_gives_its_place_back(tiny_llama)
         queued = eng.stream(greedy(tiny_llama, PROMPTS[1], 4))  # would be ResourceExhausted on a leak
         await first.aclose()
         assert [ev async for ev in queued][-1].finish_reason == "length"
+
+
+def record_admissions(eng: Engine) -> list[int]:
+    """How many requests each engine step admitted (one prefill per step for prompts of one length)."""
+    sizes: list[int] = []
+    admit = eng._admit
+
+    def recording() -> list:
+        taken = admit()
+        if taken:
+            sizes.append(len(taken))
+        return taken
+
+    eng._admit = recording
+    return sizes
+
+
+async def test_an_idle_engine_holds_its_prefill_for_requests_still_being_routed(tiny_llama):
+    """Three requests arrive together; one is routed at once, two take a few ms more: all three share the
+    first prefill forward instead of the two waiting for the first one's."""
+    before = metric("editserve_admission_waits_total", outcome="routed")
+    async with running(tiny_llama, max_batch_size=8, admission_wait_s=5.0) as eng:
+        sizes = record_admissions(eng)
+        tickets = [eng.reserve() for _ in range(3)]
+        streams = [eng.stream(greedy(tiny_llama, PROMPTS[1], 3), tickets[0])]
+        await asyncio.sleep(0.05)  # the engine would have taken the first one alone by now
+        streams += [eng.stream(greedy(tiny_llama, PROMPTS[1], 3), t) for t in tickets[1:]]
+        for stream in streams:
+            assert [ev async for ev in stream][-1].finish_reason == "length"
+        assert sizes == [3]
+    assert metric("editserve_admission_waits_total", outcome="routed") == before + 1
+
+
+async def test_the_prefill_hold_is_bounded_and_ends_when_routing_fails(tiny_llama):
+    before = metric("editserve_admission_waits_total", outcome="timeout")
+    async with running(tiny_llama, max_batch_size=8, admission_wait_s=0.2) as eng:
+        sizes = record_admissions(eng)
+        stuck = eng.reserve()  # a request whose routing never ends within the hold
+        started = time.monotonic()
+        events = [ev async for ev in eng.stream(greedy(tiny_llama, PROMPTS[1], 2))]
+        assert events[-1].finish_reason == "length"
+        assert 0.2 <= time.monotonic() - started < 10
+        assert sizes == [1]
+        assert metric("editserve_admission_waits_total", outcome="timeout") == before + 1
+        # A place given back (its routing failed) ends the hold at once.
+        eng._admission_wait_s = 30.0
+        ticket = eng.reserve()
+        queued = eng.stream(greedy(tiny_llama, PROMPTS[2], 2))
+        await asyncio.sleep(0.05)
+        eng.release(ticket)
+        eng.release(stuck)
+        assert [ev async for ev in queued][-1].finish_reason == "length"
+        assert sizes == [1, 1]
+
+
+async def test_running_rows_never_wait_for_requests_being_routed(tiny_llama):
+    """The hold applies to an idle engine only: a running stream keeps decoding while a place is
+    reserved, and a request queued meanwhile joins at the next step."""
+    async with running(tiny_llama, max_batch_size=8, admission_wait_s=30.0) as eng:
+        first = eng.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+        await first.__anext__()
+        ticket = eng.reserve()
+        queued = eng.stream(greedy(tiny_llama, PROMPTS[1], 3))
+        started = time.monotonic()
+        for _ in range(5):
+            await first.__anext__()
+        assert [ev async for ev in queued][-1].finish_reason == "length"
+        assert time.monotonic() - started < 10
+        eng.release(ticket)
+        await first.aclose()
+
+
+async def test_no_hold_with_admission_wait_zero(tiny_llama):
+    async with running(tiny_llama, max_batch_size=8, admission_wait_s=0.0) as eng:
+        sizes = record_admissions(eng)
+        ticket = eng.reserve()
+        events = [ev async for ev in eng.stream(greedy(tiny_llama, PROMPTS[1], 2))]
+        assert events[-1].finish_reason == "length"
+        assert sizes == [1]
+        eng.release(ticket)
 
 
 async def test_a_burst_that_fits_the_free_batch_slots_is_not_refused(tiny_llama):

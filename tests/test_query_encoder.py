@@ -123,3 +123,93 @@ def test_cached_says_whether_encode_would_run_the_encoder_and_keeps_found_rows()
     queries.encode(["c"])
     assert queries.cached(["a"]) and not queries.cached(["b"])
     assert queries.misses == 3  # cached() itself never counts a hit or a miss, nor encodes
+
+
+class CountingSnapshotSearches:
+    """Counts index searches through StoreSnapshot.search_entries (the work a cached detection skips)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from service.retrieval.store import StoreSnapshot
+
+        self.count = 0
+        search = StoreSnapshot.search_entries
+
+        def counting(snap, queries, k):
+            self.count += 1
+            return search(snap, queries, k)
+
+        monkeypatch.setattr(StoreSnapshot, "search_entries", counting)
+
+
+def test_a_repeated_query_under_the_same_edit_set_reuses_its_detection(monkeypatch) -> None:
+    from service.retrieval.store import RetrievalStore
+
+    searches = CountingSnapshotSearches(monkeypatch)
+    store = RetrievalStore(HashEncoder())
+    store.add("e1", "The mascot of the Zorbian Space Agency is a purple llama named Quimby.",
+              subject="Zorbian Space Agency")
+    scope = ScopeDetector(store, query_cache_entries=16)
+    query = "What is the mascot of the Zorbian Space Agency?"
+    first = scope.detect(query)
+    assert [h.edit_id for h in first] == ["e1"] and searches.count == 1
+    assert not scope.needs_encoder(query)
+    again = scope.detect(query)
+    assert again == first and searches.count == 1
+    again.clear()  # a caller's list is its own
+    assert scope.detect(query) == first
+
+    # A new edit set is searched afresh, and a request pinned to the old one still gets the old hits.
+    old = store.snapshot()
+    store.add("e2", "The mascot of the Zorbian Space Agency is now a green yak named Bolt.",
+              subject="Zorbian Space Agency")
+    assert {h.edit_id for h in scope.detect(query)} == {"e1", "e2"} and searches.count == 2
+    assert [h.edit_id for h in scope.detect(query, old)] == ["e1"] and searches.count == 2
+    store.remove("e1")
+    assert [h.edit_id for h in scope.detect(query)] == ["e2"] and searches.count == 3
+
+    # Other thresholds are another detection.
+    scope.threshold = scope.subject_threshold = scope.name_threshold = 0.9999
+    assert scope.detect(query) == [] and searches.count == 4
+
+
+def test_namespace_views_keep_their_own_detections(monkeypatch) -> None:
+    from service.retrieval.store import RetrievalStore
+
+    store = RetrievalStore(HashEncoder())
+    store.add_many([
+        ("a1", "The mascot of the Zorbian Space Agency is a purple llama named Quimby.", None,
+         "Zorbian Space Agency", "team-a"),
+        ("b1", "The mascot of the Zorbian Space Agency is a green yak named Bolt.", None,
+         "Zorbian Space Agency", "team-b"),
+    ])
+    scope = ScopeDetector(store, query_cache_entries=16)
+    query = "What is the mascot of the Zorbian Space Agency?"
+    snap = store.snapshot()
+    for _ in range(2):
+        assert [h.edit_id for h in scope.detect(query, snap.scoped(frozenset({"team-a"})))] == ["a1"]
+        assert [h.edit_id for h in scope.detect(query, snap.scoped(frozenset({"team-b"})))] == ["b1"]
+        assert {h.edit_id for h in scope.detect(query, snap)} == {"a1", "b1"}
+
+
+def test_no_detection_cache_with_the_query_cache_off(monkeypatch) -> None:
+    from service.retrieval.store import RetrievalStore
+
+    searches = CountingSnapshotSearches(monkeypatch)
+    store = RetrievalStore(HashEncoder())
+    store.add("e1", "The mascot of the Zorbian Space Agency is a purple llama named Quimby.")
+    scope = ScopeDetector(store, query_cache_entries=0)
+    query = "What is the mascot of the Zorbian Space Agency?"
+    assert scope.detect(query) == scope.detect(query)
+    assert searches.count == 2 and scope.needs_encoder(query)
+
+
+def test_the_detection_cache_is_bounded(monkeypatch) -> None:
+    from service.retrieval.store import RetrievalStore
+
+    searches = CountingSnapshotSearches(monkeypatch)
+    store = RetrievalStore(HashEncoder())
+    store.add("e1", "The mascot of the Zorbian Space Agency is a purple llama named Quimby.")
+    scope = ScopeDetector(store, query_cache_entries=2)
+    for query in ("one?", "two?", "three?", "one?"):
+        scope.detect(query)
+    assert searches.count == 4 and len(scope._detections) == 2

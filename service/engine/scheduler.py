@@ -55,6 +55,10 @@ DEFAULT_CONTEXT_TOKENS = 2048  # when the model config names no max_position_emb
 # 2-core CPU a forward over 1 token of SmolLM2-135M costs about as much as 8-16 tokens' worth of compute in
 # a larger one; erring high keeps forwards few.
 PREFILL_OVERHEAD_TOKENS = 32
+# How long an idle engine holds a prefill for requests that reserved a queue place and are still being
+# routed (a burst arriving together): folding them into one forward costs them at most this, splitting
+# them costs the later ones a whole prefill forward (docs/benchmarks.md, "Admission of a burst").
+DEFAULT_ADMISSION_WAIT_S = 0.02
 
 __all__ = ["MAX_CONSECUTIVE_FAILURES", "Engine"]
 
@@ -83,15 +87,20 @@ class Engine:
         adapter: RowAdapter | None = None,
         prefill_chunk_tokens: int = 256,
         packed_weights: bool = True,
+        admission_wait_s: float = DEFAULT_ADMISSION_WAIT_S,
     ) -> None:
         """`adapter`: the alignment adapter, applied to requests with `adapted` set (engine/adapter.py).
         `prefill_chunk_tokens`: longer prompts are prefilled one chunk of this many tokens per step.
         `packed_weights`: on a CPU, batched forwards use oneDNN-packed Linear weights
-        (engine/packed_weights.py)."""
+        (engine/packed_weights.py). `admission_wait_s`: the longest an idle engine waits for requests
+        still being routed (reserved places) before prefilling those already queued (0 = never)."""
         if min(max_batch_size, max_queue, max_prefill_tokens, prefill_chunk_tokens) < 1:
             raise ValueError(
                 "max_batch_size, max_queue, max_prefill_tokens and prefill_chunk_tokens must be at least 1"
             )
+        if admission_wait_s < 0:
+            raise ValueError("admission_wait_s must be >= 0")
+        self._admission_wait_s = admission_wait_s
         self.loaded = loaded
         self.hooks = hooks
         configure_cuda_attention(loaded.device)  # also for a model loaded without load_model
@@ -198,6 +207,7 @@ class Engine:
         """Give back a reserved place unused (the request failed while being routed)."""
         with self._lock:
             self._reserved.discard(ticket)
+            self._wakeup.notify()  # an idle engine may be holding its prefill for this place
 
     def stream(self, request: EngineRequest, ticket: Ticket | None = None) -> TokenStream:
         """Queue a generation; iterate the result for its TokenEvents. Raises (synchronously) InvalidArgument,
@@ -315,6 +325,7 @@ class Engine:
                         self._wakeup.wait()
                     if self._exit and not (self._waiting or self._scores or self._rows or self._prefilling):
                         break
+                    self._await_routing()
                 try:
                     self._step()
                 except Exception as exc:  # a bug outside the forwards: fail what it touched, keep serving
@@ -332,6 +343,22 @@ class Engine:
                 self._count_running()
                 metrics.RUNNING.set(self._num_running)
                 metrics.WAITING.set(len(self._waiting))
+
+    def _await_routing(self) -> None:
+        """Hold the prefill of an idle engine (caller holds _lock) while requests that reserved a place
+        are still being routed, up to `admission_wait_s`: requests that arrive together then share one
+        prefill forward instead of the later ones waiting for the first one's. Never while rows run (their
+        next token would wait) or when the queue already fills every free slot."""
+        if not (self._waiting and self._reserved) or self._rows or self._prefilling:
+            return
+        end = time.monotonic() + self._admission_wait_s
+        while self._reserved and not self._exit and len(self._waiting) < self._max_batch_size:
+            left = end - time.monotonic()
+            if left <= 0:
+                metrics.ADMISSION_WAITS.labels("timeout").inc()
+                return
+            self._wakeup.wait(left)
+        metrics.ADMISSION_WAITS.labels("routed").inc()
 
     def _step(self) -> None:
         outbox = Outbox()

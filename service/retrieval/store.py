@@ -10,6 +10,7 @@ taken). Reads are lock-free and consistent: the store publishes an immutable `St
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import threading
 import unicodedata
@@ -21,6 +22,10 @@ import numpy as np
 
 from service.retrieval.index import DescriptorIndex, IndexSnapshot
 from service.retrieval.names import descriptor_names
+
+# Every snapshot and namespace view gets its own serial: results derived from one (the scope detector's
+# cached detections) are keyed by it, so they can never be served for another edit set.
+_SNAPSHOT_SERIALS = itertools.count(1)
 
 # Stored embeddings must be unit vectors from the configured encoder; a wrong norm means another encoder.
 _NORM_TOLERANCE = 1e-3
@@ -89,6 +94,7 @@ class StoreSnapshot:
     _selector: tuple[object, ...] = field(default=(), repr=False, compare=False)
     _views: dict[frozenset[str], StoreSnapshot] = field(default_factory=dict, repr=False, compare=False)
     _namespaces: list[frozenset[str]] = field(default_factory=list, repr=False, compare=False)  # made once
+    serial: int = field(default_factory=_SNAPSHOT_SERIALS.__next__, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.entries) if self.allowed is None else len(self.allowed)

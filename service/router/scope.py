@@ -11,11 +11,18 @@ keeps its best score over the views. An edit whose subject the query names ("Who
 Requests often put context before the question ("We are moving
 to Australia next year. What is its capital?"); the context dilutes the whole-text embedding and
 MiniLM truncates at 256 tokens. max() over views never lowers a score, so it can only add hits.
+
+Detections are cached beside the query embeddings: the hits of a query depend only on its text, the
+published edit set the request sees (a snapshot, immutable) and the thresholds, so a repeated query under
+an unchanged edit set skips the index search and the subject lookup too. The key holds the snapshot's
+serial: a new edit set (or another namespace view) never finds an older one's hits.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -158,6 +165,9 @@ class ScopeDetector:
         self.top_k = top_k
         self.query_cache_entries = query_cache_entries
         self._queries: QueryEncoder | None = None
+        # (snapshot serial, query, thresholds) -> hits; least recently used first, query_cache_entries long
+        self._detections: OrderedDict[tuple, tuple[ScopeHit, ...]] = OrderedDict()
+        self._detections_lock = threading.Lock()
 
     @property
     def queries(self) -> QueryEncoder:
@@ -179,6 +189,8 @@ class ScopeDetector:
         snap = snapshot if snapshot is not None else self.store.snapshot()
         if len(snap) == 0 or not query or not query.strip():
             return False
+        if self._cached_detection(self._detection_key(query, snap)) is not None:
+            return False
         return not self.queries.cached(query_views(query))
 
     def detect(self, query: str, snapshot: StoreSnapshot | None = None) -> list[ScopeHit]:
@@ -187,7 +199,34 @@ class ScopeDetector:
         snap = snapshot if snapshot is not None else self.store.snapshot()
         if len(snap) == 0 or not query or not query.strip():
             return []  # no encoder call: requests cost nothing extra while no edit is live
-        return self.detect_embedding(self.embed(query), query, snap)
+        key = self._detection_key(query, snap)
+        hits = self._cached_detection(key)
+        if hits is None:
+            hits = tuple(self.detect_embedding(self.embed(query), query, snap))
+            self._remember_detection(key, hits)
+        return list(hits)
+
+    def _detection_key(self, query: str, snap: StoreSnapshot) -> tuple:
+        return (snap.serial, query, self.threshold, self.subject_threshold, self.name_threshold, self.top_k,
+                self.subject_precedence)
+
+    def _cached_detection(self, key: tuple) -> tuple[ScopeHit, ...] | None:
+        if not self.query_cache_entries:
+            return None
+        with self._detections_lock:
+            hits = self._detections.get(key)
+            if hits is not None:
+                self._detections.move_to_end(key)
+            return hits
+
+    def _remember_detection(self, key: tuple, hits: tuple[ScopeHit, ...]) -> None:
+        if not self.query_cache_entries:
+            return
+        with self._detections_lock:
+            self._detections[key] = hits
+            self._detections.move_to_end(key)
+            while len(self._detections) > self.query_cache_entries:
+                self._detections.popitem(last=False)
 
     def detect_embedding(
         self, vectors: np.ndarray, query: str = "", snapshot: StoreSnapshot | None = None
