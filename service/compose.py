@@ -178,7 +178,8 @@ def build_engine(
                   prefix_cache_bytes=settings.prefix_cache_mb << 20, adapter=adapter,
                   prefill_chunk_tokens=settings.prefill_chunk_tokens,
                   packed_weights=settings.packed_cpu_weights,
-                  admission_wait_s=settings.admission_wait_ms / 1000)
+                  admission_wait_s=settings.admission_wait_ms / 1000,
+                  arrival_gap_s=settings.admission_gap_ms / 1000)
 
 
 def build_router(loaded: LoadedModel, manager: EditManager, settings: Settings) -> Router:

@@ -37,8 +37,9 @@ QUEUE_CAPACITY = Gauge(
     "editserve_queue_capacity", "Most requests that may wait for a batch slot (--max-queue)"
 )
 ADMISSION_WAITS = Counter(
-    "editserve_admission_waits", "Prefills an idle engine held for requests still being routed, by how "
-    "the wait ended (routed: all of them arrived; timeout: --admission-wait-ms passed)", ["outcome"]
+    "editserve_admission_waits", "Prefills an idle engine held for a burst still arriving, by how the hold "
+    "ended (arrived: none being routed and none new for --admission-gap-ms; full: the batch is full; "
+    "timeout: --admission-wait-ms passed)", ["outcome"]
 )
 RUNNING = Gauge("editserve_num_requests_running", "Sequences in the running batch")
 WAITING = Gauge("editserve_num_requests_waiting", "Requests queued for admission")

@@ -377,7 +377,7 @@ def record_admissions(eng: Engine) -> list[int]:
 async def test_an_idle_engine_holds_its_prefill_for_requests_still_being_routed(tiny_llama):
     """Three requests arrive together; one is routed at once, two take a few ms more: all three share the
     first prefill forward instead of the two waiting for the first one's."""
-    before = metric("editserve_admission_waits_total", outcome="routed")
+    before = metric("editserve_admission_waits_total", outcome="arrived")
     async with running(tiny_llama, max_batch_size=8, admission_wait_s=5.0) as eng:
         sizes = record_admissions(eng)
         tickets = [eng.reserve() for _ in range(3)]
@@ -387,7 +387,7 @@ async def test_an_idle_engine_holds_its_prefill_for_requests_still_being_routed(
         for stream in streams:
             assert [ev async for ev in stream][-1].finish_reason == "length"
         assert sizes == [3]
-    assert metric("editserve_admission_waits_total", outcome="routed") == before + 1
+    assert metric("editserve_admission_waits_total", outcome="arrived") == before + 1
 
 
 async def test_the_prefill_hold_is_bounded_and_ends_when_routing_fails(tiny_llama):
@@ -429,8 +429,40 @@ async def test_running_rows_never_wait_for_requests_being_routed(tiny_llama):
         await first.aclose()
 
 
+async def test_requests_arriving_within_the_gap_share_the_first_prefill(tiny_llama):
+    """Without reserved places too (requests queued straight into the engine): a request arriving within
+    `arrival_gap_s` of the last one joins the held prefill; a lone request waits the gap, once."""
+    before = metric("editserve_admission_waits_total", outcome="arrived")
+    async with running(tiny_llama, max_batch_size=8, admission_wait_s=5.0, arrival_gap_s=0.3) as eng:
+        sizes = record_admissions(eng)
+        started = time.monotonic()
+        streams = [eng.stream(greedy(tiny_llama, PROMPTS[1], 3))]
+        for _ in range(2):
+            await asyncio.sleep(0.05)
+            streams.append(eng.stream(greedy(tiny_llama, PROMPTS[1], 3)))
+        first = await streams[0].__anext__()
+        assert first.token_ids and time.monotonic() - started >= 0.1 + 0.3
+        for stream in streams:
+            assert [ev async for ev in stream][-1].finish_reason == "length"
+        assert sizes == [3]
+        assert metric("editserve_admission_waits_total", outcome="arrived") == before + 1
+
+
+async def test_a_full_batch_ends_the_hold(tiny_llama):
+    before = metric("editserve_admission_waits_total", outcome="full")
+    async with running(tiny_llama, max_batch_size=2, admission_wait_s=30.0, arrival_gap_s=30.0) as eng:
+        sizes = record_admissions(eng)
+        ticket = eng.reserve()  # a third request still being routed: it would not fit this step anyway
+        streams = [eng.stream(greedy(tiny_llama, PROMPTS[1], 2)) for _ in range(2)]
+        for stream in streams:
+            assert [ev async for ev in stream][-1].finish_reason == "length"
+        assert sizes == [2]
+        assert metric("editserve_admission_waits_total", outcome="full") == before + 1
+        eng.release(ticket)
+
+
 async def test_no_hold_with_admission_wait_zero(tiny_llama):
-    async with running(tiny_llama, max_batch_size=8, admission_wait_s=0.0) as eng:
+    async with running(tiny_llama, max_batch_size=8, admission_wait_s=0.0, arrival_gap_s=30.0) as eng:
         sizes = record_admissions(eng)
         ticket = eng.reserve()
         events = [ev async for ev in eng.stream(greedy(tiny_llama, PROMPTS[1], 2))]

@@ -55,10 +55,12 @@ DEFAULT_CONTEXT_TOKENS = 2048  # when the model config names no max_position_emb
 # 2-core CPU a forward over 1 token of SmolLM2-135M costs about as much as 8-16 tokens' worth of compute in
 # a larger one; erring high keeps forwards few.
 PREFILL_OVERHEAD_TOKENS = 32
-# How long an idle engine holds a prefill for requests that reserved a queue place and are still being
-# routed (a burst arriving together): folding them into one forward costs them at most this, splitting
-# them costs the later ones a whole prefill forward (docs/benchmarks.md, "Admission of a burst").
+# An idle engine holds its first prefill while a burst is still arriving (requests being routed, or the
+# last one less than the gap ago), up to the wait: folding a burst into one forward costs its first
+# requests at most the wait, splitting it costs the later ones a whole prefill forward. A lone request
+# at an idle engine pays the gap. Measured in docs/benchmarks.md ("Admission of a burst").
 DEFAULT_ADMISSION_WAIT_S = 0.02
+DEFAULT_ARRIVAL_GAP_S = 0.002
 
 __all__ = ["MAX_CONSECUTIVE_FAILURES", "Engine"]
 
@@ -88,19 +90,23 @@ class Engine:
         prefill_chunk_tokens: int = 256,
         packed_weights: bool = True,
         admission_wait_s: float = DEFAULT_ADMISSION_WAIT_S,
+        arrival_gap_s: float = DEFAULT_ARRIVAL_GAP_S,
     ) -> None:
         """`adapter`: the alignment adapter, applied to requests with `adapted` set (engine/adapter.py).
         `prefill_chunk_tokens`: longer prompts are prefilled one chunk of this many tokens per step.
         `packed_weights`: on a CPU, batched forwards use oneDNN-packed Linear weights
-        (engine/packed_weights.py). `admission_wait_s`: the longest an idle engine waits for requests
-        still being routed (reserved places) before prefilling those already queued (0 = never)."""
+        (engine/packed_weights.py). `admission_wait_s`: the longest an idle engine holds its prefill for
+        a burst still arriving (0 = never); `arrival_gap_s`: the burst has arrived once this long passed
+        without a new request and none is still being routed (`_hold_for_arrivals`)."""
         if min(max_batch_size, max_queue, max_prefill_tokens, prefill_chunk_tokens) < 1:
             raise ValueError(
                 "max_batch_size, max_queue, max_prefill_tokens and prefill_chunk_tokens must be at least 1"
             )
-        if admission_wait_s < 0:
-            raise ValueError("admission_wait_s must be >= 0")
+        if admission_wait_s < 0 or arrival_gap_s < 0:
+            raise ValueError("admission_wait_s and arrival_gap_s must be >= 0")
         self._admission_wait_s = admission_wait_s
+        self._arrival_gap_s = arrival_gap_s
+        self._last_arrival = float("-inf")  # guarded by _lock: the last reserve() or ticketless stream()
         self.loaded = loaded
         self.hooks = hooks
         configure_cuda_attention(loaded.device)  # also for a model loaded without load_model
@@ -201,6 +207,7 @@ class Engine:
             self._check_queue_room()
             ticket = Ticket(next(self._order))
             self._reserved.add(ticket)
+            self._last_arrival = time.monotonic()
             return ticket
 
     def release(self, ticket: Ticket) -> None:
@@ -278,6 +285,7 @@ class Engine:
                 raise Unavailable("the engine is not serving (not started or shutting down)")
             if ticket is None:
                 self._check_queue_room()
+                self._last_arrival = time.monotonic()
             else:
                 self._reserved.discard(ticket)  # the place becomes this queue entry
             if isinstance(item, SequenceState):
@@ -325,7 +333,7 @@ class Engine:
                         self._wakeup.wait()
                     if self._exit and not (self._waiting or self._scores or self._rows or self._prefilling):
                         break
-                    self._await_routing()
+                    self._hold_for_arrivals()
                 try:
                     self._step()
                 except Exception as exc:  # a bug outside the forwards: fail what it touched, keep serving
@@ -344,21 +352,29 @@ class Engine:
                 metrics.RUNNING.set(self._num_running)
                 metrics.WAITING.set(len(self._waiting))
 
-    def _await_routing(self) -> None:
-        """Hold the prefill of an idle engine (caller holds _lock) while requests that reserved a place
-        are still being routed, up to `admission_wait_s`: requests that arrive together then share one
-        prefill forward instead of the later ones waiting for the first one's. Never while rows run (their
-        next token would wait) or when the queue already fills every free slot."""
-        if not (self._waiting and self._reserved) or self._rows or self._prefilling:
+    def _hold_for_arrivals(self) -> None:
+        """Hold the prefill of an idle engine (caller holds _lock) while a burst is still arriving: while
+        requests that reserved a place are being routed, and until `arrival_gap_s` passed without a new
+        arrival, up to `admission_wait_s` in all. Requests that arrive together then share one prefill
+        forward instead of the later ones waiting for the first one's. Never while rows run (their next
+        token would wait) or once the queue fills every free slot."""
+        if not self._waiting or self._rows or self._prefilling or self._admission_wait_s <= 0:
             return
-        end = time.monotonic() + self._admission_wait_s
-        while self._reserved and not self._exit and len(self._waiting) < self._max_batch_size:
-            left = end - time.monotonic()
-            if left <= 0:
+        now = time.monotonic()
+        if not self._reserved and now >= self._last_arrival + self._arrival_gap_s:
+            return
+        end = now + self._admission_wait_s
+        while len(self._waiting) < self._max_batch_size and not self._exit:
+            now = time.monotonic()
+            quiet_at = self._last_arrival + self._arrival_gap_s
+            if not self._reserved and now >= quiet_at:
+                metrics.ADMISSION_WAITS.labels("arrived").inc()
+                return
+            if now >= end:
                 metrics.ADMISSION_WAITS.labels("timeout").inc()
                 return
-            self._wakeup.wait(left)
-        metrics.ADMISSION_WAITS.labels("routed").inc()
+            self._wakeup.wait((end if self._reserved else min(end, quiet_at)) - now)
+        metrics.ADMISSION_WAITS.labels("full").inc()
 
     def _step(self) -> None:
         outbox = Outbox()

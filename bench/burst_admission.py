@@ -1,0 +1,118 @@
+"""A burst at an idle engine, over gRPC: TTFT with the first prefill held while the burst arrives, or not.
+
+When many requests arrive together at an idle engine, the first one routed wakes it. Without a hold it is
+prefilled alone, and the others, arriving and routed meanwhile, wait for that forward before theirs.
+With `--admission-wait-ms` / `--admission-gap-ms` (service/engine/scheduler.py `_hold_for_arrivals`) the
+engine holds its first prefill while requests are still being routed and until no new one arrived for
+the gap, up to the wait, and the burst shares one prefill forward. A lone request at an idle engine
+waits the gap.
+
+    HF_HUB_OFFLINE=1 EDITSERVE_TORCH_THREADS=1 .venv/bin/python bench/burst_admission.py
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/burst_admission.py --holds 0:0,20:2,20:5 --rounds 6
+
+The embedded model in this process behind the real gRPC server (bench/serve_throughput.py `Service`: no
+edits, prefix cache off); the clients in a second process (serve_throughput's client plan: each run
+warms up with every prompt, then its clients start together). Each hold setting (`wait:gap` in ms) gets
+`--rounds` bursts of `--clients` Generates (one per client, `--new-tokens` each) and one run of a single
+client sending the 16 prompts one after another; rounds rotate the order of the settings. Printed per
+setting: the burst's TTFT p50 per round and their median, TTFT p99 over all its burst requests, the
+prefill forwards per burst (the engine's admissions, counted by wrapping its `_admit`), and the single
+client's TTFT p50.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serve_throughput import Service, percentile, run_plan  # noqa: E402
+
+WARM_UP_TOKENS = 2  # serve_throughput's client plan warms up with this many new tokens per prompt
+
+
+def parse_holds(text: str) -> list[tuple[float, float]]:
+    return [(float(w), float(g)) for w, g in (item.split(":") for item in text.split(","))]
+
+
+async def main_async(args: argparse.Namespace) -> dict:
+    from service.engine import load_model
+
+    holds = parse_holds(args.holds)
+    loaded = load_model("embedded", device="cpu", dtype="float32")
+    async with Service(loaded, args.new_tokens, args.clients) as service:
+        engine = service.server.plane.engine
+        # bench instrumentation: the engine's admissions (prefill forwards), its method called unchanged
+        admissions: list[int] = []
+        admit = engine._admit
+
+        def counting_admit() -> list:
+            taken = admit()
+            measured = [s for s in taken if s.request.params.max_new_tokens != WARM_UP_TOKENS]
+            if measured:
+                admissions.append(len(measured))
+            return taken
+
+        engine._admit = counting_admit
+
+        def use(hold: tuple[float, float]) -> None:  # the settings --admission-wait-ms / --admission-gap-ms
+            engine._admission_wait_s, engine._arrival_gap_s = hold[0] / 1000, hold[1] / 1000
+
+        bursts: dict[tuple[float, float], list[dict]] = {h: [] for h in holds}
+        for r in range(args.rounds):
+            for i in range(len(holds)):
+                hold = holds[(i + r) % len(holds)]
+                use(hold)
+                admissions.clear()
+                plan = [{"address": service.address, "clients": args.clients}]
+                [row] = await run_plan(plan, args.new_tokens)
+                bursts[hold].append({"ttfts": row.ttfts, "prefills": len(admissions)})
+                print(f"round {r + 1}/{args.rounds}, hold {hold[0]:g}:{hold[1]:g} ms: TTFT p50 "
+                      f"{1e3 * percentile(row.ttfts, 50):.1f} ms, {len(admissions)} prefills", flush=True)
+        single: dict[tuple[float, float], float] = {}
+        for hold in holds:
+            use(hold)
+            [row] = await run_plan([{"address": service.address, "clients": 1}], args.new_tokens)
+            single[hold] = percentile(row.ttfts, 50)
+    report: dict = {"clients": args.clients, "new_tokens": args.new_tokens, "holds": []}
+    print(f"\n{'wait:gap ms':<12} {'burst TTFT p50 per round (ms)':<44} {'median':>7} {'p99':>7} "
+          f"{'prefills/burst':>15} {'1 client p50':>13}")
+    for hold, runs in bursts.items():
+        p50s = [1e3 * percentile(b["ttfts"], 50) for b in runs]
+        p99 = 1e3 * percentile([t for b in runs for t in b["ttfts"]], 99)
+        prefills = statistics.mean(b["prefills"] for b in runs)
+        entry = {"wait_ms": hold[0], "gap_ms": hold[1], "burst_ttft_p50_ms": [round(x, 1) for x in p50s],
+                 "burst_ttft_p50_median_ms": round(statistics.median(p50s), 1),
+                 "burst_ttft_p99_ms": round(p99, 1), "prefills_per_burst": round(prefills, 2),
+                 "single_client_ttft_p50_ms": round(1e3 * single[hold], 1)}
+        report["holds"].append(entry)
+        print(f"{hold[0]:g}:{hold[1]:g}{'':<8} {' '.join(f'{x:.0f}' for x in p50s):<44} "
+              f"{entry['burst_ttft_p50_median_ms']:>7.1f} {entry['burst_ttft_p99_ms']:>7.1f} "
+              f"{prefills:>15.2f} {entry['single_client_ttft_p50_ms']:>13.1f}")
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=16, help="requests per burst (and batch slots)")
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--holds", default="0:0,20:2,20:5",
+                    help="comma-separated wait:gap pairs in ms (--admission-wait-ms:--admission-gap-ms)")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    report = asyncio.run(main_async(args))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
