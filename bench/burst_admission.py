@@ -9,15 +9,17 @@ waits the gap.
 
     HF_HUB_OFFLINE=1 EDITSERVE_TORCH_THREADS=1 .venv/bin/python bench/burst_admission.py
     HF_HUB_OFFLINE=1 .venv/bin/python bench/burst_admission.py --holds 0:0,20:2,20:5 --rounds 6
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/burst_admission.py --edits 10000 --query-cache-off
 
-The embedded model in this process behind the real gRPC server (bench/serve_throughput.py `Service`: no
-edits, prefix cache off); the clients in a second process (serve_throughput's client plan: each run
-warms up with every prompt, then its clients start together). Each hold setting (`wait:gap` in ms) gets
-`--rounds` bursts of `--clients` Generates (one per client, `--new-tokens` each) and one run of a single
-client sending the 16 prompts one after another; rounds rotate the order of the settings. Printed per
-setting: the burst's TTFT p50 per round and their median, TTFT p99 over all its burst requests, the
-prefill forwards per burst (the engine's admissions, counted by wrapping its `_admit`), and the single
-client's TTFT p50.
+The embedded model in this process behind the real gRPC server (bench/serve_throughput.py `Service`: prefix
+cache off; with `--edits`, that many synthetic edits, none in scope, so every request runs scope detection;
+with `--query-cache-off`, through the sentence encoder); the clients in a second process (serve_throughput's
+client plan: each run warms up with every prompt, then its clients start together). Each hold setting
+(`wait:gap` in ms) gets `--rounds` bursts of `--clients` Generates (one per client, `--new-tokens` each) and
+one run of a single client sending the 16 prompts one after another; rounds rotate the order of the
+settings. Printed per setting: the burst's TTFT p50 per round and their median, TTFT p99 over all its burst
+requests, the prefill forwards per burst (the engine's admissions, counted by wrapping its `_admit`), and
+the single client's TTFT p50.
 """
 
 from __future__ import annotations
@@ -48,7 +50,9 @@ async def main_async(args: argparse.Namespace) -> dict:
 
     holds = parse_holds(args.holds)
     loaded = load_model("embedded", device="cpu", dtype="float32")
-    async with Service(loaded, args.new_tokens, args.clients) as service:
+    cache = 0 if args.query_cache_off else 4096
+    async with Service(loaded, args.new_tokens, args.clients, edits=args.edits,
+                       query_cache_entries=cache) as service:
         engine = service.server.plane.engine
         # bench instrumentation: the engine's admissions (prefill forwards), its method called unchanged
         admissions: list[int] = []
@@ -82,7 +86,8 @@ async def main_async(args: argparse.Namespace) -> dict:
             use(hold)
             [row] = await run_plan([{"address": service.address, "clients": 1}], args.new_tokens)
             single[hold] = percentile(row.ttfts, 50)
-    report: dict = {"clients": args.clients, "new_tokens": args.new_tokens, "holds": []}
+    report: dict = {"clients": args.clients, "new_tokens": args.new_tokens, "edits": args.edits,
+                    "query_cache": bool(cache), "holds": []}
     print(f"\n{'wait:gap ms':<12} {'burst TTFT p50 per round (ms)':<44} {'median':>7} {'p99':>7} "
           f"{'prefills/burst':>15} {'1 client p50':>13}")
     for hold, runs in bursts.items():
@@ -105,8 +110,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=16, help="requests per burst (and batch slots)")
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--holds", default="0:0,20:2,20:5",
+    ap.add_argument("--holds", default="0:0,20:2,100:2",
                     help="comma-separated wait:gap pairs in ms (--admission-wait-ms:--admission-gap-ms)")
+    ap.add_argument("--edits", type=int, default=0,
+                    help="synthetic edits on the server (serve_throughput's: hook entries and descriptors, "
+                    "none in scope); with them every request runs scope detection")
+    ap.add_argument("--query-cache-off", action="store_true",
+                    help="no query cache: every request's query goes through the sentence encoder")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report = asyncio.run(main_async(args))

@@ -24,14 +24,15 @@ Edits. Two more servers (each on its own copy of the model) hold `--edits` (10,0
 one hook entry at the server's default hook layer(s) (a random key whose threshold 0.999 no activation
 reaches: every token is gated against every key, the text does not change) and one descriptor in the
 retrieval store (a synthetic sentence naming a made-up subject, with a random unit embedding, so nothing is
-encoded at start). They are written to the server's edit log and loaded by the edit manager's restore(),
-as a restarting server loads its log. The scope detector runs on every request that has the retrieval path
-on: it embeds the query (or finds it in the query-embedding cache), searches the 10,000 descriptors and
-looks the query's words up among the subjects and names. One server keeps the query cache (the default;
-the bench's prompts repeat, so after the warm-up every query is a cache hit), the other runs with it off
-(every query goes through the sentence encoder, micro-batched across concurrent requests: prompts never
-seen before). No synthetic descriptor is in scope of any prompt (the client counts applied edits to show
-it). At 16 clients, in `--edit-rounds` (4) paired blocks per round (order rotated), four runs:
+encoded at start). They are written to the server's edit log and loaded by the edit manager's restore(), as
+a restarting server loads its log. The scope detector runs on every request that has the retrieval path on:
+it embeds the query (or finds it in the query-embedding cache), searches the 10,000 descriptors and looks
+the query's words up among the subjects and names. One server keeps the query cache (the default; the
+bench's prompts repeat and the edit set does not change, so after the warm-up every query's embedding and
+detection come from the cache: no encoder forward, no index search), the other runs with it off (every query
+goes through the sentence encoder, micro-batched across concurrent requests, and the index search: prompts
+never seen before). No synthetic descriptor is in scope of any prompt (the client counts applied edits to
+show it). At 16 clients, in `--edit-rounds` (4) paired blocks per round (order rotated), four runs:
   no edits          the plain server;
   10,000 edits      the edits server with the query cache, default requests (hook and retrieval paths);
   hook path only    the same server, requests with edit_paths=[HOOK]: routed the same way (same thread

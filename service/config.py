@@ -81,13 +81,13 @@ class Settings:
                                         "chunk of this many tokens per step, while running rows keep "
                                         "decoding")
     # service/engine/scheduler.py `_hold_for_arrivals`; measured in docs/benchmarks.md (a burst of 16 at
-    # an idle engine: TTFT p50 264 -> 123 ms on the 2-core CPU).
-    admission_wait_ms: float = setting(20.0, "an idle engine holds its first prefill up to this long while a "
-                                       "burst of requests is still arriving, so they share one prefill "
+    # an idle engine over gRPC: TTFT p50 253 -> 127 ms on the 2-core CPU, 241 -> 169 ms with the encoder).
+    admission_wait_ms: float = setting(100.0, "an idle engine holds its first prefill up to this long while "
+                                       "a burst of requests is still arriving, so they share one prefill "
                                        "forward; 0 = prefill at once")
-    admission_gap_ms: float = setting(2.0, "the burst has arrived once this long passed without a new request "
-                                      "and none is still being routed (a lone request at an idle engine "
-                                      "waits this long)")
+    admission_gap_ms: float = setting(2.0, "the burst has arrived once this long passed without a new "
+                                      "request and none is still being routed (a lone request at an idle "
+                                      "engine waits this long)")
 
     # edit log
     edit_log_url: str = setting("", "SQLAlchemy URL of the edit log (postgresql+psycopg://...); empty = "

@@ -59,7 +59,7 @@ PREFILL_OVERHEAD_TOKENS = 32
 # last one less than the gap ago), up to the wait: folding a burst into one forward costs its first
 # requests at most the wait, splitting it costs the later ones a whole prefill forward. A lone request
 # at an idle engine pays the gap. Measured in docs/benchmarks.md ("Admission of a burst").
-DEFAULT_ADMISSION_WAIT_S = 0.02
+DEFAULT_ADMISSION_WAIT_S = 0.1
 DEFAULT_ARRIVAL_GAP_S = 0.002
 
 __all__ = ["MAX_CONSECUTIVE_FAILURES", "Engine"]
