@@ -206,7 +206,8 @@ def build_router(loaded: LoadedModel, manager: EditManager, settings: Settings) 
 def plane_options(settings: Settings) -> PlaneOptions:
     from service.dataplane import PlaneOptions
 
-    return PlaneOptions(log_poll_s=settings.log_poll_s, max_batch_size=settings.max_batch_size)
+    return PlaneOptions(log_poll_s=settings.log_poll_s, max_batch_size=settings.max_batch_size,
+                        speculative_prefill=settings.speculative_prefill)
 
 
 def assemble_plane(

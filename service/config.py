@@ -89,6 +89,11 @@ class Settings:
                                       "request and none is still being routed (a lone request at an idle "
                                       "engine waits this long)")
 
+    # service/dataplane.py `_route_speculatively`; measured in docs/benchmarks.md.
+    speculative_prefill: bool = setting(True, "a request whose query the sentence encoder must embed is "
+                                        "prefilled with its plain prompt meanwhile; kept when no "
+                                        "descriptor is in scope, queued again with them otherwise")
+
     # edit log
     edit_log_url: str = setting("", "SQLAlchemy URL of the edit log (postgresql+psycopg://...); empty = "
                                 "SQLite in --data-dir")

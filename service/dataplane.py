@@ -58,6 +58,8 @@ if TYPE_CHECKING:
     from service.edits import EditManager, EditSnapshot
     from service.engine import Engine
     from service.engine.loader import LoadedModel
+    from service.engine.scheduler import Ticket
+    from service.engine.sequence import TokenStream
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +91,8 @@ class PlaneOptions:
     # Take the queue place before routing (detection overlaps the wait for a batch slot); False routes
     # first and queues after, the order bench/queue_overlap.py compares against.
     reserve_queue_place: bool = True
+    # Prefill a request's plain prompt while the sentence encoder routes it (`_route_speculatively`).
+    speculative_prefill: bool = True
 
 
 class DataPlane:
@@ -238,8 +242,8 @@ class DataPlane:
         # The queue place is taken on arrival: requests are served in arrival order however long their
         # scope detection takes, and a full queue answers before any encoder work.
         ticket = self.engine.reserve() if self.options.reserve_queue_place else None
+        args = (request.prompt, request.messages, request.use_edits, request.edit_paths)
         try:
-            route = await self._route(request, snap)
             params = SamplingParams(
                 max_new_tokens=max_new,
                 temperature=request.temperature,
@@ -250,15 +254,31 @@ class DataPlane:
                 min_new_tokens=effective_min_new_tokens(request),
                 logprobs=request.logprobs,
             )
-            # The alignment adapter (if any) runs on this row only when descriptors were injected.
-            engine_request = EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks,
-                                           deadline=request.deadline, hook_table=snap.hooks,
-                                           adapted=bool(route.hits))
+            speculate = self.options.speculative_prefill and self.router.needs_encoder(*args, snap.retrieval)
+            plain = self.router.plain_route(*args) if speculate else None
         except BaseException:
             if ticket is not None:
                 self.engine.release(ticket)
             raise
-        stream = self.engine.stream(engine_request, ticket)
+
+        def queued(route: Route, place: Ticket | None) -> TokenStream:
+            # The alignment adapter (if any) runs on this row only when descriptors were injected.
+            return self.engine.stream(
+                EngineRequest(route.prompt_ids, params, use_hooks=route.use_hooks, deadline=request.deadline,
+                              hook_table=snap.hooks, adapted=bool(route.hits)),
+                place,
+            )
+
+        if plain is None:
+            try:
+                route = await self._route(request, snap)
+            except BaseException:
+                if ticket is not None:
+                    self.engine.release(ticket)
+                raise
+            stream = queued(route, ticket)
+        else:
+            route, stream = await self._route_speculatively(request, snap, plain, queued, ticket)
         try:
             async for event in stream:
                 final = event.finish_reason is not None
@@ -277,6 +297,34 @@ class DataPlane:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def _route_speculatively(
+        self,
+        request: GenerateInput,
+        snap: EditSnapshot,
+        plain: Route,
+        queued: Callable[[Route, Ticket | None], TokenStream],
+        ticket: Ticket | None,
+    ) -> tuple[Route, TokenStream]:
+        """Queue the request with its plain prompt at once and route it meanwhile (the sentence encoder
+        runs): most requests have no descriptor in scope, and for them the prefill that ran during scope
+        detection is the one they need, so detection costs their first token nothing. A request that does
+        get descriptors is queued again at the same turn with its real prompt; the speculative row is
+        cancelled and its tokens, held back until now, are never sent."""
+        stream = queued(plain, ticket)
+        try:
+            route = await self._route(request, snap)
+            if route.hits:
+                place = self.engine.keep_place(stream)
+                await stream.aclose()
+                stream = queued(route, place)
+                metrics.SPECULATIVE_PREFILLS.labels("discarded").inc()
+            else:
+                metrics.SPECULATIVE_PREFILLS.labels("kept").inc()
+        except BaseException:
+            await stream.aclose()
+            raise
+        return route, stream
 
     async def _route(self, request: GenerateInput, snap: EditSnapshot) -> Route:
         if request.deadline is not None and time.monotonic() >= request.deadline:

@@ -41,6 +41,11 @@ ADMISSION_WAITS = Counter(
     "ended (arrived: none being routed and none new for --admission-gap-ms; full: the batch is full; "
     "timeout: --admission-wait-ms passed)", ["outcome"]
 )
+SPECULATIVE_PREFILLS = Counter(
+    "editserve_speculative_prefills", "Generates queued with their plain prompt while the sentence encoder "
+    "routed them, by outcome (kept: no descriptor in scope; discarded: queued again with descriptors)",
+    ["outcome"],
+)
 RUNNING = Gauge("editserve_num_requests_running", "Sequences in the running batch")
 WAITING = Gauge("editserve_num_requests_waiting", "Requests queued for admission")
 BATCH_SIZE = Histogram("editserve_batch_size", "Rows per forward pass", buckets=BATCH_SIZE_BUCKETS)

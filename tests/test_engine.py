@@ -346,6 +346,33 @@ async def test_a_reserved_place_keeps_its_turn_and_counts_against_the_queue(tiny
         assert order == ["A", "B", "C"]
 
 
+async def test_a_request_queued_again_keeps_its_turn(tiny_llama):
+    """keep_place: a queued request closed and queued again with another prompt (a speculative prefill
+    whose scope detection found descriptors) is served before those that arrived after it, even when the
+    queue is full."""
+    async with running(tiny_llama, max_batch_size=1, max_queue=2) as eng:
+        first = eng.stream(greedy(tiny_llama, PROMPTS[0], 1000))
+        await first.__anext__()  # it holds the only batch slot
+        speculative = eng.stream(greedy(tiny_llama, PROMPTS[1], 4))  # A
+        later = eng.stream(greedy(tiny_llama, PROMPTS[2], 4))  # B: the queue is full now
+        with pytest.raises(ResourceExhausted):
+            eng.reserve()
+        place = eng.keep_place(speculative)
+        await speculative.aclose()
+        again = eng.stream(greedy(tiny_llama, PROMPTS[3], 4), place)
+        order: list[str] = []
+
+        async def consume(name: str, stream) -> None:
+            async for ev in stream:
+                if ev.finish_reason is not None:
+                    order.append(name)
+
+        tasks = [asyncio.create_task(consume(n, s)) for n, s in (("A", again), ("B", later))]
+        await first.aclose()
+        await asyncio.gather(*tasks)
+        assert order == ["A", "B"]
+
+
 async def test_a_released_or_failed_reservation_gives_its_place_back(tiny_llama):
     async with running(tiny_llama, max_batch_size=1, max_queue=1) as eng:
         first = eng.stream(greedy(tiny_llama, PROMPTS[0], 1000))

@@ -210,6 +210,18 @@ class Engine:
             self._last_arrival = time.monotonic()
             return ticket
 
+    def keep_place(self, stream: TokenStream) -> Ticket:
+        """A reserved place with the turn of `stream`'s request, which the caller closes next to queue the
+        request again with another prompt (the speculative prefill of a request whose scope detection
+        found descriptors, service/dataplane.py): it keeps its turn, and no queue-room check refuses it,
+        since it gives back the place it held. Raises Unavailable when not serving."""
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable("the engine is not serving (not started or shutting down)")
+            ticket = Ticket(stream.order)
+            self._reserved.add(ticket)
+            return ticket
+
     def release(self, ticket: Ticket) -> None:
         """Give back a reserved place unused (the request failed while being routed)."""
         with self._lock:

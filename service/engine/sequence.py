@@ -160,6 +160,11 @@ class TokenStream(AsyncIterator[TokenEvent]):
     def __aiter__(self) -> TokenStream:
         return self
 
+    @property
+    def order(self) -> int:
+        """The request's place in the engine's queue (arrival order)."""
+        return self._seq.order
+
     async def __anext__(self) -> TokenEvent:
         if self._done:
             raise StopAsyncIteration

@@ -89,20 +89,30 @@ class Router:
     ) -> Route:
         """The prompt ids for a request; `retrieval` is the published store snapshot of the request's edit
         set (None: the current one)."""
-        use_hooks, use_retrieval = self.paths(use_edits, edit_paths)
+        plain = self.plain_route(prompt, messages, use_edits, edit_paths)
+        _, use_retrieval = self.paths(use_edits, edit_paths)
         pairs = [(m.role, m.content) for m in messages] or None
         raw = None if pairs else prompt
-        field = "messages" if pairs else "prompt"
+        hits = self.detect(query_text(raw, pairs), use_retrieval, retrieval)
+        if not hits:
+            return plain
+        styled = build_prompt(raw, pairs, hits, self.tokenizer, style or self.style)
+        return Route(self._encode(styled, pairs is None), hits, plain.use_hooks)
+
+    def plain_route(
+        self, prompt: str, messages: Sequence[ChatMessage], use_edits: bool, edit_paths: Sequence[str]
+    ) -> Route:
+        """The route of a request with no descriptor in scope: tokenising only, the request's limits
+        checked. `route_generate` returns exactly this whenever scope detection finds nothing."""
+        use_hooks, _ = self.paths(use_edits, edit_paths)
+        pairs = [(m.role, m.content) for m in messages] or None
+        raw = None if pairs else prompt
         # A rendered chat already holds the template's special tokens; a raw prompt gets the tokenizer's
         # usual ones (BOS for models that want it; SmolLM2 adds none).
-        special = pairs is None
-        plain_ids = self._encode(build_prompt(raw, pairs, [], self.tokenizer), special)
+        plain_ids = self._encode(build_prompt(raw, pairs, [], self.tokenizer), pairs is None)
         # The limit applies to what the caller sent; injected descriptors are ours to pay for.
-        check_prompt_tokens(len(plain_ids), self.limits, field)
-        hits = self.detect(query_text(raw, pairs), use_retrieval, retrieval)
-        styled = build_prompt(raw, pairs, hits, self.tokenizer, style or self.style)
-        ids = self._encode(styled, special) if hits else plain_ids
-        return Route(ids, hits, use_hooks)
+        check_prompt_tokens(len(plain_ids), self.limits, "messages" if pairs else "prompt")
+        return Route(plain_ids, [], use_hooks)
 
     def route_score(
         self,
