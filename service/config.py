@@ -89,8 +89,10 @@ class Settings:
                                       "request and none is still being routed (a lone request at an idle "
                                       "engine waits this long)")
 
-    # service/dataplane.py `_route_speculatively`; measured in docs/benchmarks.md.
-    speculative_prefill: bool = setting(True, "a request whose query the sentence encoder must embed is "
+    # service/dataplane.py `_route_speculatively`. Off: on the 2-core CPU it took a 16-request burst of new
+    # out-of-scope queries from 167.5 to 161.0 ms TTFT p50 but in-scope ones from 657 to 870 ms
+    # (docs/benchmarks.md, "Speculative prefill").
+    speculative_prefill: bool = setting(False, "a request whose query the sentence encoder must embed is "
                                         "prefilled with its plain prompt meanwhile; kept when no "
                                         "descriptor is in scope, queued again with them otherwise")
 

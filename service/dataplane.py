@@ -92,7 +92,7 @@ class PlaneOptions:
     # first and queues after, the order bench/queue_overlap.py compares against.
     reserve_queue_place: bool = True
     # Prefill a request's plain prompt while the sentence encoder routes it (`_route_speculatively`).
-    speculative_prefill: bool = True
+    speculative_prefill: bool = False
 
 
 class DataPlane:
