@@ -32,7 +32,9 @@ bench's prompts repeat and the edit set does not change, so after the warm-up ev
 detection come from the cache: no encoder forward, no index search), the other runs with it off (every query
 goes through the sentence encoder, micro-batched across concurrent requests, and the index search: prompts
 never seen before). No synthetic descriptor is in scope of any prompt (the client counts applied edits to
-show it). At 16 clients, in `--edit-rounds` (4) paired blocks per round (order rotated), four runs:
+show it). At 16 clients, in `--edit-rounds` (4) paired blocks per round (orders of a Williams square: over
+four blocks each run comes first once and follows each other run once, so none always runs first after the
+client switches servers), four runs:
   no edits          the plain server;
   10,000 edits      the edits server with the query cache, default requests (hook and retrieval paths);
   hook path only    the same server, requests with edit_paths=[HOOK]: routed the same way (same thread
@@ -606,6 +608,10 @@ async def plan_process(plan: list[dict[str, Any]], new_tokens: int) -> None:
 
 
 EDIT_CLIENTS = 16  # the client count of the edit comparison (the issue's)
+# The four runs' order per block: a Williams square (balanced for the run before: over four blocks each run
+# is first once and comes right after each other run once). A plain rotation always put "10,000 edits"
+# first on its server after a run on another server, and "hook path only" right after it on the same one.
+BLOCK_ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
 
 
 @torch.inference_mode()
@@ -628,9 +634,9 @@ async def measure(
 ) -> tuple[list[Row], list[float], dict[str, float], dict[str, list[float]]]:
     """Every mode once per round (`--repeats`), each round's service runs in one client process: the client
     counts against the plain server, then `--edit-rounds` blocks of the four 16-client runs of the edit
-    comparison, in rotated order. Returns every run (tagged with its round and block), each round's matmul
-    GFLOP/s, the router's own time per request alone (median ms) and every measured request's routing time
-    (ms) inside the edits servers under load."""
+    comparison, in the orders of BLOCK_ORDERS. Returns every run (tagged with its round and block), each
+    round's matmul GFLOP/s, the router's own time per request alone (median ms) and every measured
+    request's routing time (ms) inside the edits servers under load."""
     runs: list[Row] = []
     gflops: list[float] = []
     routing: dict[str, float] = {}
@@ -664,7 +670,7 @@ async def measure(
             ]
             for b in range(args.edit_rounds if variants else 0):
                 k = r * args.edit_rounds + b
-                for address, paths, setup in variants[k % len(variants):] + variants[: k % len(variants)]:
+                for address, paths, setup in [variants[i] for i in BLOCK_ORDERS[k % len(BLOCK_ORDERS)]]:
                     plan.append({"address": address, "clients": EDIT_CLIENTS, "paths": paths, "setup": setup,
                                  "block": k})
             print(f"round {r + 1}/{args.repeats}: {len(plan)} service runs", flush=True)
