@@ -32,14 +32,17 @@ bench's prompts repeat and the edit set does not change, so after the warm-up ev
 detection come from the cache: no encoder forward, no index search), the other runs with it off (every query
 goes through the sentence encoder, micro-batched across concurrent requests, and the index search: prompts
 never seen before). No synthetic descriptor is in scope of any prompt (the client counts applied edits to
-show it). At 16 clients, in `--edit-rounds` (4) paired blocks per round (orders of a Williams square: over
-four blocks each run comes first once and follows each other run once, so none always runs first after the
-client switches servers), four runs:
+show it). At 16 clients, in `--edit-rounds` (10) paired blocks per round (the orders of a Williams design:
+over ten blocks each run comes first twice and right after each other run twice, so none always runs first
+after the client switches servers), five runs:
   no edits          the plain server;
   10,000 edits      the edits server with the query cache, default requests (hook and retrieval paths);
   hook path only    the same server, requests with edit_paths=[HOOK]: routed the same way (same thread
                     hop, same tokenisation), the same hook gating, no scope detection;
-  query cache off   the other edits server, default requests.
+  query cache off   the other edits server, default requests;
+  hook path only, 2nd client
+                    the hook-path-only requests again, from a second client channel: the A/A control,
+                    what the TTFT comparison reads when nothing differs.
 Throughput with edits / no edits is the median of the per-block ratios; the retrieval-path TTFT overhead
 is TTFT p50 (edits) - TTFT p50 (hook path only) per block, median over blocks: it isolates the scope
 detector. The router alone (route_generate, one request at a time, no generation running) is also timed
@@ -304,6 +307,9 @@ async def engine_in_process(loaded: LoadedModel, new_tokens: int, streams: int =
 
 NO_EDITS, WITH_EDITS, HOOK_ONLY = "no edits", "edits", "edits, hook path only"
 NO_QUERY_CACHE = "edits, query cache off"
+# The A/A control: the hook-path-only requests again, from a second client channel. Its TTFT difference to
+# HOOK_ONLY is what the client's TTFT comparison reads when nothing differs: its resolution.
+HOOK_ONLY_AGAIN = "edits, hook path only, second client"
 
 
 def synthetic_edits(layers: list[int], d_ff: int, d_model: int, dim: int, n: int, seed: int = 0) -> list[Any]:
@@ -586,17 +592,17 @@ async def client_process(
 
 async def plan_process(plan: list[dict[str, Any]], new_tokens: int) -> None:
     """The --client-plan mode: the runs of `plan` in order, each against its server; rows as JSON."""
-    loads: dict[tuple[str, tuple[str, ...]], LoadGenerator] = {}
+    loads: dict[tuple[str, tuple[str, ...], int], LoadGenerator] = {}  # one channel each
     try:
         for run in plan:
-            key = (run["address"], tuple(run.get("paths") or ()))
+            key = (run["address"], tuple(run.get("paths") or ()), run.get("channel", 0))
             if key not in loads:
                 loads[key] = LoadGenerator(run["address"], new_tokens, paths=list(key[1]))
                 for prompt in PROMPTS:  # warm-up: connection, first-call paths, the query cache if on
                     await loads[key].one(prompt, new_tokens=2)
         rows = []
         for run in plan:
-            load = loads[(run["address"], tuple(run.get("paths") or ()))]
+            load = loads[(run["address"], tuple(run.get("paths") or ()), run.get("channel", 0))]
             rows.append(await load.clients(run["clients"], run.get("setup", "")))
     finally:
         for load in loads.values():
@@ -608,10 +614,21 @@ async def plan_process(plan: list[dict[str, Any]], new_tokens: int) -> None:
 
 
 EDIT_CLIENTS = 16  # the client count of the edit comparison (the issue's)
-# The four runs' order per block: a Williams square (balanced for the run before: over four blocks each run
-# is first once and comes right after each other run once). A plain rotation always put "10,000 edits"
-# first on its server after a run on another server, and "hook path only" right after it on the same one.
-BLOCK_ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
+
+
+def williams_orders(n: int) -> list[list[int]]:
+    """Orders of n runs balanced for the run before (a Williams design): over the orders, each run comes
+    first equally often and right after each other run equally often (n orders for even n, 2n for odd)."""
+    first = [0]
+    for i in range(1, n):
+        first.append((i + 1) // 2 if i % 2 else n - i // 2)
+    orders = [[(x + r) % n for x in first] for r in range(n)]
+    return orders if n % 2 == 0 else orders + [o[::-1] for o in orders]
+
+
+# The five runs' order per block (10 orders). A plain rotation always put "10,000 edits" first on its server
+# after a run on another server, and "hook path only" right after it on the same one.
+BLOCK_ORDERS = williams_orders(5)
 
 
 @torch.inference_mode()
@@ -657,7 +674,8 @@ async def measure(
                   f"{list(cached.server.plane.manager.hooks.default_layers)} and descriptors) loaded "
                   f"through the edit log in {cached.load_s:.1f} s and {uncached.load_s:.1f} s", flush=True)
             variants = [(plain.address, [], NO_EDITS), (cached.address, [], WITH_EDITS),
-                        (cached.address, ["hook"], HOOK_ONLY), (uncached.address, [], NO_QUERY_CACHE)]
+                        (cached.address, ["hook"], HOOK_ONLY), (uncached.address, [], NO_QUERY_CACHE),
+                        (cached.address, ["hook"], HOOK_ONLY_AGAIN)]
         for r in range(args.repeats):
             gflops.append(matmul_gflops(loaded, widest))
             print(f"round {r + 1}/{args.repeats}: matmul {gflops[-1]:.1f} GFLOP/s; transformers", flush=True)
@@ -672,7 +690,7 @@ async def measure(
                 k = r * args.edit_rounds + b
                 for address, paths, setup in [variants[i] for i in BLOCK_ORDERS[k % len(BLOCK_ORDERS)]]:
                     plan.append({"address": address, "clients": EDIT_CLIENTS, "paths": paths, "setup": setup,
-                                 "block": k})
+                                 "block": k, "channel": int(setup == HOOK_ONLY_AGAIN)})
             print(f"round {r + 1}/{args.repeats}: {len(plan)} service runs", flush=True)
             for run, row in zip(plan, await run_plan(plan, args.new_tokens), strict=True):
                 row.round, row.block = r, run.get("block", -1)
@@ -742,7 +760,8 @@ def summarise(runs: list[Row], edits: int, clients: list[int]) -> list[Summary]:
         if kind == "service":
             where = {NO_EDITS: "", WITH_EDITS: f", {edits:,} hook edits + {edits:,} descriptors",
                      HOOK_ONLY: f", {edits:,} edits, hook path only",
-                     NO_QUERY_CACHE: f", {edits:,} edits, query cache off"}[setup]
+                     NO_QUERY_CACHE: f", {edits:,} edits, query cache off",
+                     HOOK_ONLY_AGAIN: f", {edits:,} edits, hook path only, 2nd client"}[setup]
             label = f"service, {streams} client{'s' if streams > 1 else ''}{where}"
         else:
             label = rows[0].mode
@@ -767,7 +786,8 @@ def paired_blocks(runs: list[Row]) -> list[dict[str, float]]:
         b = blocks[k]
         p50 = {s: percentile(b[s].ttfts, 50) or 0.0 for s in b}
         entry: dict[str, float] = {"block": k}
-        for setup, name in ((WITH_EDITS, "edits"), (HOOK_ONLY, "hook_only"), (NO_QUERY_CACHE, "no_cache")):
+        for setup, name in ((WITH_EDITS, "edits"), (HOOK_ONLY, "hook_only"), (NO_QUERY_CACHE, "no_cache"),
+                            (HOOK_ONLY_AGAIN, "hook_only_again")):
             entry[f"throughput_{name}_over_none"] = b[setup].tokens_per_s / b[NO_EDITS].tokens_per_s
             entry[f"ttft_p50_{name}_minus_none_ms"] = 1000 * (p50[setup] - p50[NO_EDITS])
             entry[f"ttft_p50_{name}_minus_hook_only_ms"] = 1000 * (p50[setup] - p50[HOOK_ONLY])
@@ -822,6 +842,8 @@ def report(runs: list[Row], gflops: list[float], routing: dict[str, float],
         print(f"  TTFT p50 - hook path only (ms): {n} edits "
               f"{per_block('ttft_p50_edits_minus_hook_only_ms', '+.1f')}; query cache off "
               f"{per_block('ttft_p50_no_cache_minus_hook_only_ms', '+.1f')}")
+        print(f"  A/A control, TTFT p50 hook path only from a second client - hook path only (ms): "
+              f"{per_block('ttft_p50_hook_only_again_minus_hook_only_ms', '+.1f')}")
         print(f"  TTFT p50 - no edits (ms): {n} edits {per_block('ttft_p50_edits_minus_none_ms', '+.1f')}; "
               f"hook path only {per_block('ttft_p50_hook_only_minus_none_ms', '+.1f')}")
         print("  routing inside the server under this load (thread hop + router), p50 / p99 ms: "
@@ -856,6 +878,9 @@ def report(runs: list[Row], gflops: list[float], routing: dict[str, float],
         over = med(f"ttft_p50_{key}_minus_hook_only_ms") if blocks else None
         target(f"retrieval-path TTFT overhead p50 <= 3 ms ({EDIT_CLIENTS} clients{what}): TTFT", over, 3.0,
                False, f"{over or 0:+.1f} ms")
+        if blocks and key == "edits":
+            control = med("ttft_p50_hook_only_again_minus_hook_only_ms")
+            print(f"  (the A/A control reads {control:+.1f} ms: the same requests, another client channel)")
         p50 = percentile(loaded_routing.get(routed, []), 50)
         extra = p50 - hook_p50 if p50 is not None and hook_p50 is not None else None
         target(f"retrieval-path TTFT overhead p50 <= 3 ms ({EDIT_CLIENTS} clients{what}): routing", extra,
@@ -881,7 +906,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="rounds of every mode")
     parser.add_argument("--edits", type=int, default=10_000,
                         help="synthetic edits (hook entry + descriptor each) on a second server; 0: none")
-    parser.add_argument("--edit-rounds", type=int, default=4,
+    parser.add_argument("--edit-rounds", type=int, default=10,
                         help="paired blocks of the 16-client edit comparison per round")
     parser.add_argument(
         "--threads",

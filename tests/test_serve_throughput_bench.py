@@ -1,9 +1,10 @@
-"""bench/serve_throughput.py's arithmetic: nearest-rank percentiles and FLOPs per generated token (the
-benchmark itself is run by hand, see docs/benchmarks.md)."""
+"""bench/serve_throughput.py's arithmetic: nearest-rank percentiles, FLOPs per generated token and the
+block orders of the edit comparison (the benchmark itself is run by hand, see docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +13,18 @@ import transformers as tf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from serve_throughput import flops_per_token, percentile  # noqa: E402
+from serve_throughput import flops_per_token, percentile, williams_orders  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_block_orders_are_balanced_for_the_run_before(n: int) -> None:
+    orders = williams_orders(n)
+    assert len(orders) == (n if n % 2 == 0 else 2 * n)
+    assert all(sorted(o) == list(range(n)) for o in orders)
+    repeats = len(orders) // n
+    assert Counter(o[0] for o in orders) == {i: repeats for i in range(n)}
+    after = Counter((o[i], o[i + 1]) for o in orders for i in range(n - 1))
+    assert after == {(a, b): repeats for a in range(n) for b in range(n) if a != b}
 
 
 def test_percentile_is_nearest_rank() -> None:
